@@ -1,0 +1,146 @@
+"""Shared machinery of the activation norms: affine parameters, running buffers, input checks.
+
+The subclasses differ only in which axes they reduce over (as torch's ``_NormBase``). Parameter and
+buffer names follow torch (``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``), so a state dict moves between a normzoo layer and its native reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RunningStatsMixin", "_NormBase"]
+
+
+class _NormBase(nn.Module):
+    """Base of every activation norm: ``Layer(num_features, *, eps=1e-5, affine=True)``.
+
+    Owns the per-channel affine parameters ``weight`` (gamma, ones) and ``bias`` (beta, zeros) and the
+    input checks. Channels are at dim 1 of an input of rank >= 2: (N, C, *S).
+    """
+
+    #: the smallest input rank the layer accepts (InstanceNorm needs spatial dims: 3)
+    min_rank: int = 2
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        factory = {"device": device, "dtype": dtype}
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """gamma <- 1, beta <- 0 (and running statistics reset, where the layer has them)."""
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        """Raise a clear error for input the layer cannot normalise."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} expects a floating-point input, got dtype {x.dtype}"
+            )
+        if x.dim() < self.min_rank:
+            need = "(N, C, *S) with at least one spatial dim" if self.min_rank > 2 else "(N, C, *S)"
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape {need}, "
+                f"got {x.dim()}-D input of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels "
+                f"at dim 1, got input of shape {tuple(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
+class RunningStatsMixin:
+    """Running mean/variance buffers with torch's update rule.
+
+    ``running = (1 - momentum) * running + momentum * batch``; ``momentum=None`` gives the cumulative
+    moving average (factor ``1 / num_batches_tracked``). ``running_var`` holds the *unbiased* variance.
+    """
+
+    num_features: int
+    momentum: float | None
+    track_running_stats: bool
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def _init_running_stats(
+        self,
+        momentum: float | None,
+        track_running_stats: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        self.momentum = momentum
+        self.track_running_stats = bool(track_running_stats)
+        module: nn.Module = self  # type: ignore[assignment]
+        if self.track_running_stats:
+            module.register_buffer(
+                "running_mean", torch.zeros(self.num_features, device=device, dtype=dtype)
+            )
+            module.register_buffer(
+                "running_var", torch.ones(self.num_features, device=device, dtype=dtype)
+            )
+            module.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            module.register_buffer("running_mean", None)
+            module.register_buffer("running_var", None)
+            module.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        """running_mean <- 0, running_var <- 1, num_batches_tracked <- 0."""
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def _momentum_factor(self) -> float:
+        """Increment ``num_batches_tracked`` and return this step's averaging factor."""
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked.item())
+        return self.momentum
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
+        """Blend this batch's per-channel mean and unbiased variance into the running buffers."""
+        assert self.running_mean is not None and self.running_var is not None
+        factor = self._momentum_factor()
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(var_unbiased.to(self.running_var.dtype), factor)
