@@ -1,0 +1,272 @@
+"""Mismatch diagnostics on hand-built models whose answer is known."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normzoo
+from normzoo.diagnostics import find_norm_layers, population_stats, run_diagnostics
+from normzoo.norms.native import NativeBatchNorm
+
+
+def _data(n_train: int = 64, n_test: int = 37, features: int = 6, classes: int = 3, shape=()):
+    g = torch.Generator().manual_seed(1)
+    return SimpleNamespace(
+        train_x=torch.randn(n_train, features, *shape, generator=g) * 2 + 1,
+        train_y=torch.randint(0, classes, (n_train,), generator=g),
+        test_x=torch.randn(n_test, features, *shape, generator=g) * 2 + 1,
+        test_y=torch.randint(0, classes, (n_test,), generator=g),
+    )
+
+
+def _build(norm: str, channels: int) -> nn.Module:
+    kw = {"num_groups": 2} if "num_groups" in normzoo.get_norm(norm).options() else {}
+    return normzoo.build_norm(norm, channels, **kw)
+
+
+def _dense(norm: str, features: int = 6, hidden: int = 16, classes: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(features, hidden),
+        _build(norm, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )
+
+
+def _conv(norm: str, channels: int = 4, classes: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1),
+        _build(norm, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    )
+
+
+def _train(model: nn.Module, data: SimpleNamespace, steps: int = 20, batch: int = 4) -> None:
+    """A few SGD steps so running statistics are an (imperfect) EMA, as after real training."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    g = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        idx = torch.randint(0, data.train_x.shape[0], (batch,), generator=g)
+        loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, {n: m.training for n, m in model.named_modules()}
+
+
+def _assert_bitwise_same(model: nn.Module, snap) -> None:
+    state, flags = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+    assert {n: m.training for n, m in model.named_modules()} == flags
+
+
+def _activation_norms(spatial: bool) -> list[str]:
+    names = []
+    for name in normzoo.list_norms(kind="activation"):
+        if normzoo.get_norm(name).needs_spatial == spatial:
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("norm", ["none", "native_layernorm", *_activation_norms(spatial=False)])
+def test_no_batch_stats_means_zero_mismatch_dense(norm: str) -> None:
+    spec = normzoo.get_norm(norm)
+    data = _data()
+    model = _dense(norm)
+    _train(model, data)
+    out = run_diagnostics(model, data, batch_size=4, precise_samples=64)
+    if spec.uses_batch_stats:
+        assert out["batch_dependence"] > 1e-3
+        assert out["ema_mean_gap"] is not None
+    else:
+        # measured, not assumed: the same batches through eval and train mode give identical logits
+        assert out["test_error_batch_stats"] == out["test_error"]
+        assert out["test_loss_batch_stats"] == out["test_loss"]
+        assert out["test_loss_precise"] == out["test_loss"]
+        assert out["kl_batch_vs_ema"] == 0.0
+        assert out["batch_dependence"] <= 1e-6
+        assert out["ema_mean_gap"] is None and out["brn_clip_r"] is None
+    assert [layer["norm"] for layer in out["layers"]] == [spec.name]
+
+
+@pytest.mark.parametrize("norm", ["native_groupnorm", *_activation_norms(spatial=True)])
+def test_no_batch_stats_means_zero_mismatch_conv(norm: str) -> None:
+    data = _data(n_train=32, n_test=11, features=4, shape=(5, 5))
+    model = _conv(norm)
+    _train(model, data, steps=5)
+    out = run_diagnostics(model, data, batch_size=3, precise_samples=32)
+    if not normzoo.get_norm(norm).uses_batch_stats:
+        assert out["kl_batch_vs_ema"] == 0.0
+        assert out["test_loss_batch_stats"] == out["test_loss"]
+        assert out["batch_dependence"] <= 1e-6
+
+
+def test_weight_norm_is_found_and_has_no_mismatch() -> None:
+    data = _data()
+    model = nn.Sequential(
+        normzoo.build_norm("native_weightnorm", nn.Linear(6, 16)), nn.ReLU(), nn.Linear(16, 3)
+    )
+    _train(model, data, steps=5)
+    out = run_diagnostics(model, data, batch_size=4, precise_samples=64)
+    assert [layer["norm"] for layer in out["layers"]] == ["native_weightnorm"]
+    assert out["kl_batch_vs_ema"] == 0.0
+    assert out["batch_dependence"] <= 1e-6
+
+
+def test_batchnorm_has_batch_dependence_and_a_mismatch() -> None:
+    data = _data()
+    model = _dense("native_batchnorm")
+    _train(model, data)
+    out = run_diagnostics(model, data, batch_size=4, precise_samples=64)
+    assert out["batch_dependence"] > 0.05
+    assert out["batch_dependence_floor"] <= 1e-6  # eval mode: no companion effect
+    assert out["layers"][0]["batch_dependence"] > 0.05
+    assert out["kl_batch_vs_ema"] > 0.0
+    assert out["ema_mean_gap"] > 0.0 and out["ema_log_std_gap"] > 0.0
+    assert out["test_loss_batch_stats"] != out["test_loss"]
+    json.dumps(out)  # serialisable as it is stored in metrics.json
+
+
+def test_batch_dependence_grows_as_the_batch_shrinks() -> None:
+    data = _data()
+    model = _dense("native_batchnorm")
+    _train(model, data)
+    small = run_diagnostics(model, data, batch_size=2, precise_samples=64)["batch_dependence"]
+    large = run_diagnostics(model, data, batch_size=32, precise_samples=64)["batch_dependence"]
+    assert small > 2 * large
+
+
+def test_state_is_bitwise_unchanged() -> None:
+    data = _data()
+    model = nn.Sequential(
+        nn.Linear(6, 16),
+        NativeBatchNorm(16, momentum=None),  # cumulative average: num_batches_tracked matters
+        nn.Dropout(0.5),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+        NativeBatchNorm(3),
+    )
+    _train(model, data)
+    model[2].eval()  # mixed training flags must come back as they were
+    snap = _snapshot(model)
+    assert int(model[1].num_batches_tracked) == 20
+    run_diagnostics(model, data, batch_size=4, precise_samples=64)
+    _assert_bitwise_same(model, snap)
+    model.eval()
+    snap = _snapshot(model)
+    run_diagnostics(model, data, batch_size=5, precise_samples=50)
+    _assert_bitwise_same(model, snap)
+
+
+class _FakeRenorm(NativeBatchNorm):
+    """BatchNorm that, like Batch Renorm, records clip fractions in 0-dim tensors each step."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.clip_fraction_r = torch.tensor(0.25)
+        self.clip_fraction_d = torch.tensor(0.5)
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.clip_fraction_r.fill_(1.0)
+            self.clip_fraction_d = torch.tensor(1.0)
+            self.steps += 1
+        return super().forward(x)
+
+
+def test_clip_fractions_are_read_before_and_restored_after() -> None:
+    data = _data()
+    model = nn.Sequential(nn.Linear(6, 8), _FakeRenorm(8), nn.Linear(8, 3))
+    model.eval()
+    out = run_diagnostics(model, data, batch_size=4, precise_samples=16)
+    assert out["brn_clip_r"] == 0.25 and out["brn_clip_d"] == 0.5
+    assert out["layers"][0]["clip_fraction_r"] == 0.25
+    assert float(model[1].clip_fraction_r) == 0.25 and float(model[1].clip_fraction_d) == 0.5
+    assert model[1].steps == 0
+
+
+@pytest.mark.parametrize("shape", [(), (3, 3)])
+def test_precise_bn_equals_statistics_over_the_whole_set(shape: tuple[int, ...]) -> None:
+    data = _data(n_train=64, shape=shape)
+    bn = NativeBatchNorm(6)
+    model = nn.Sequential(bn, nn.Flatten(), nn.Linear(6 * (9 if shape else 1), 3))
+    dims = (0, *range(2, 2 + len(shape)))
+    stats = population_stats(model, data.train_x, batch_size=8, num_samples=64)
+    mean, var, count = stats["0"]
+    assert count == 64 * (9 if shape else 1)
+    torch.testing.assert_close(mean, data.train_x.mean(dim=dims), rtol=0, atol=1e-6)
+    torch.testing.assert_close(var, data.train_x.var(dim=dims, unbiased=True), rtol=0, atol=1e-5)
+    assert bn.running_mean.abs().max() == 0 and int(bn.num_batches_tracked) == 0  # untouched
+
+
+def test_precise_error_is_the_error_with_population_statistics() -> None:
+    data = _data(n_train=64)
+    model = _dense("native_batchnorm")
+    model = nn.Sequential(NativeBatchNorm(6), *model)
+    _train(model, data)
+    out = run_diagnostics(model, data, batch_size=8, precise_samples=64)
+    assert out["precise_samples"] == 64
+    # the first layer's population statistics are exact; its gap is measured against them
+    mean = data.train_x.mean(0)
+    var = data.train_x.var(0, unbiased=True)
+    eps = model[0].eps
+    sigma = (var.double() + eps).sqrt()
+    expected_gap = ((model[0].running_mean.double() - mean.double()).abs() / sigma).mean().item()
+    assert out["layers"][0]["mean_gap"] == pytest.approx(expected_gap, rel=1e-5)
+    # recomputing population stats and evaluating by hand gives the same precise loss
+    stats = population_stats(model, data.train_x, batch_size=8, num_samples=64, seed=1)
+    clone = _dense("native_batchnorm")
+    clone = nn.Sequential(NativeBatchNorm(6), *clone)
+    clone.load_state_dict(model.state_dict())
+    for name, (m, v, _) in stats.items():
+        clone.get_submodule(name).running_mean.copy_(m)
+        clone.get_submodule(name).running_var.copy_(v)
+    clone.eval()
+    with torch.no_grad():
+        loss = F.cross_entropy(clone(data.test_x), data.test_y).item()
+    assert out["test_loss_precise"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_last_chunk_of_one_sample_is_filled_to_the_batch_size() -> None:
+    # 9 test samples at batch 4: a naive last chunk holds 1 sample and BatchNorm would refuse it
+    data = _data(n_test=9)
+    model = _dense("native_batchnorm")
+    _train(model, data)
+    out = run_diagnostics(model, data, batch_size=4, precise_samples=16)
+    wrong = out["test_error_batch_stats"] * 9
+    assert abs(wrong - round(wrong)) < 1e-5  # every test sample counted exactly once
+
+
+def test_find_norm_layers_finds_foreign_batchnorm_by_its_buffers() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), normzoo.build_norm("none", 4))
+    found = find_norm_layers(model)
+    assert [(x.name, x.uses_batch_stats, x.has_running_stats) for x in found] == [
+        ("1", True, True),
+        ("2", False, False),
+    ]
+
+
+def test_bad_arguments_are_refused() -> None:
+    model = _dense("none")
+    with pytest.raises(ValueError, match="batch_size"):
+        run_diagnostics(model, _data(), batch_size=0)
+    with pytest.raises(TypeError, match="train_y"):
+        run_diagnostics(model, SimpleNamespace(train_x=torch.zeros(2, 6)), batch_size=2)
