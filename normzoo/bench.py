@@ -396,9 +396,9 @@ def measure_pair(
     mode: str = "eager",
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    repeats: int = 10,
+    repeats: int = 20,
     warmup: int = 3,
-    min_time: float = 0.05,
+    min_time: float = 0.02,
     backend: str | Callable[..., Any] = "inductor",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -489,9 +489,9 @@ class BenchConfig:
     norms: list[str] | None = None
     shapes: list[tuple[int, ...]] = field(default_factory=lambda: [*CONV_SHAPES, *DENSE_SHAPES])
     dtype: str = "float32"
-    repeats: int = 10
+    repeats: int = 20
     warmup: int = 3
-    min_time: float = 0.05
+    min_time: float = 0.02
     compile: bool = True
     backend: str = "inductor"
     threads: int | None = None
@@ -652,38 +652,55 @@ def _md_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(summary: Sequence[dict[str, Any]], path: Path) -> None:
+def _plot(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], path: Path) -> None:
+    """Bars: per-layer median ratio per metric (one colour per device); dots: the single shapes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in TARGETS if any(not math.isnan(s[m]) for s in summary)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    titles = {"eager": "eager fwd+bwd time", "compiled": "compiled fwd+bwd time",
+              "memory": "saved-for-backward bytes (eager)"}  # fmt: skip
+    per_shape = {"eager": ("eager", "ratio"), "compiled": ("compiled", "ratio"),
+                 "memory": ("eager", "bytes_ratio")}  # fmt: skip
+    metrics = [m for m in TARGETS if any(not math.isnan(s[m]) for s in summary)] or ["eager"]
+    layers = list(dict.fromkeys(s["layer"] for s in summary))
     devices = list(dict.fromkeys(s["device"] for s in summary))
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(1.2 + 0.75 * max(len(layers), 3) * len(metrics), 3.8),
+        squeeze=False,
+    )
+    width = 0.8 / max(len(devices), 1)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        layers = list(dict.fromkeys(s["layer"] for s in summary))
-        width = 0.8 / len(devices)
+        mode, column = per_shape[metric]
         for j, dev in enumerate(devices):
+            offset = (j - (len(devices) - 1) / 2) * width
             vals = [
                 next(
-                    (s[metric] for s in summary if s["layer"] == lay and s["device"] == dev),
+                    (s[metric] for s in summary if (s["layer"], s["device"]) == (lay, dev)),
                     math.nan,
                 )
                 for lay in layers
             ]
-            xs = [i + (j - (len(devices) - 1) / 2) * width for i in range(len(layers))]
-            ax.bar(xs, vals, width=width, label=dev)
-        ax.axhline(
-            TARGETS[metric], color="crimson", ls="--", lw=1.2, label=f"target {TARGETS[metric]}x"
-        )
+            bars = ax.bar(
+                [i + offset for i in range(len(layers))], vals, width=width, label=dev, alpha=0.75
+            )
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+            for i, lay in enumerate(layers):
+                pts = [r[column] for r in rows
+                       if (r["layer"], r["device"], r["mode"]) == (lay, dev, mode)]  # fmt: skip
+                ax.plot([i + offset] * len(pts), pts, "k.", ms=3, alpha=0.6)
+        ax.axhline(TARGETS[metric], color="crimson", ls="--", lw=1.2,
+                   label=f"target <= {TARGETS[metric]}x")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.6)
         ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right")
-        ax.set_title(
-            {"eager": "eager time", "compiled": "compiled time", "memory": "saved bytes"}[metric]
-        )
-        ax.set_ylabel("from-scratch / native (median over shapes)")
-        ax.legend(fontsize=7)
+        ax.set_title(titles[metric], fontsize=10)
+        ax.set_ylabel("from-scratch / native")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("median over shapes (bars) and single shapes (dots)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -705,7 +722,7 @@ def write_report(
     paths = {"csv": out / "bench.csv", "md": out / "bench.md", "png": out / "bench_ratios.png"}
     pd.DataFrame(list(rows), columns=list(CSV_COLUMNS)).to_csv(paths["csv"], index=False)
     summary = summarise(rows)
-    _plot(summary, paths["png"])
+    _plot(rows, summary, paths["png"])
 
     md = ["# normzoo-bench: from-scratch layers vs native torch", ""]
     md += [f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}" for k, v in info.items()]
@@ -853,14 +870,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default="float32")
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed blocks per contender (default 10)"
+        "--repeats", type=int, default=None, help="timed blocks per contender (default 20)"
     )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
     p.add_argument(
         "--min-time",
         type=float,
         default=None,
-        help="seconds a timed block lasts at least (default 0.05)",
+        help="seconds a timed block lasts at least (default 0.02)",
     )
     p.add_argument(
         "--compile",
@@ -894,9 +911,9 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
         norms=args.norms,
         shapes=list(args.shapes or (QUICK_SHAPES if quick else [*CONV_SHAPES, *DENSE_SHAPES])),
         dtype=args.dtype,
-        repeats=args.repeats if args.repeats is not None else (2 if quick else 10),
+        repeats=args.repeats if args.repeats is not None else (2 if quick else 20),
         warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
-        min_time=args.min_time if args.min_time is not None else (0.0 if quick else 0.05),
+        min_time=args.min_time if args.min_time is not None else (0.0 if quick else 0.02),
         compile=args.compile if args.compile is not None else not quick,
         backend=args.backend,
         threads=args.threads,
