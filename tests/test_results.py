@@ -1,0 +1,212 @@
+"""load_sweep on synthetic Hydra sweep dirs: ok, failed, missing, corrupt and never-started runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from normzoo.results import (
+    aggregate_seeds,
+    expected_jobs,
+    find_run_dirs,
+    load_layers,
+    load_sweep,
+    ok_runs,
+    write_csv,
+)
+
+NORMS = ("batchnorm", "layernorm")
+BATCHES = (2, 4)
+SEEDS = (0, 1)
+
+
+def _multirun_yaml(root: Path, task: list[str]) -> None:
+    conf = {
+        "norm": "batchnorm",
+        "batch_size": 32,
+        "hydra": {
+            "sweep": {"dir": str(root), "subdir": "${hydra.job.override_dirname}"},
+            "sweeper": {
+                "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                "max_batch_size": None,
+                "params": {"norm": ",".join(NORMS), "batch_size": "2,4"},
+            },
+            "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": task},
+        },
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text(yaml.safe_dump(conf))
+
+
+def _run_dir(root: Path, overrides: list[str], metrics: dict | str | None) -> Path:
+    """A Hydra job dir: .hydra/overrides.yaml and, unless None, metrics.json (dict or raw text)."""
+    d = root / ",".join(overrides)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if isinstance(metrics, dict):
+        (d / "metrics.json").write_text(json.dumps(metrics))
+    elif isinstance(metrics, str):
+        (d / "metrics.json").write_text(metrics)
+    return d
+
+
+def _metrics(norm: str, batch: int, seed: int, status: str = "ok") -> dict:
+    err = 0.05 + (0.3 / batch if norm == "batchnorm" else 0.0) + 0.01 * seed
+    return {
+        "status": status,
+        "error": None if status == "ok" else "RuntimeError: boom",
+        "config": {"norm": norm, "batch_size": batch, "seed": seed, "lr": 0.1, "model": "mlp"},
+        "test_error": err,
+        "test_loss": 2 * err,
+        "curves": {"train_loss": [1.0, 0.5]},  # lists stay out of the frame
+        "epochs_train_loss": [1.0, 0.5],
+        "diagnostics": {
+            "test_error": err,  # collides with the top-level one: kept as diagnostics.test_error
+            "test_error_batch_stats": err + 0.01,
+            "batch_dependence": 0.1 if norm == "batchnorm" else 0.0,
+            "layers": [{"name": "1", "mean_gap": 0.2}, {"name": "4", "mean_gap": 0.3}],
+        },
+        "versions": {"torch": "2.x"},
+    }
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "multirun" / "study"
+    _multirun_yaml(root, ["seed=0,1", "epochs=1"])
+    jobs = list(itertools.product(NORMS, BATCHES, SEEDS))
+    for i, (norm, batch, seed) in enumerate(jobs):
+        ov = [f"norm={norm}", f"batch_size={batch}", f"seed={seed}", "epochs=1"]
+        if i == 1:
+            _run_dir(root, ov, _metrics(norm, batch, seed, status="failed"))
+        elif i == 2:
+            _run_dir(root, ov, None)  # killed: no metrics.json
+        elif i == 3:
+            _run_dir(root, ov, '{"status": "ok", "test_err')  # half-written
+        elif i == 4:
+            pass  # never started
+        else:
+            d = _run_dir(root, ov, _metrics(norm, batch, seed))
+            (d / "checkpoints").mkdir()  # not a run
+            (d / "checkpoints" / "metrics.json").write_text("{}")
+    return root
+
+
+def test_each_expected_run_appears_exactly_once(sweep: Path) -> None:
+    df = load_sweep(sweep)
+    assert len(df) == len(NORMS) * len(BATCHES) * len(SEEDS)
+    assert df["overrides"].is_unique
+    counts = df["status"].value_counts().to_dict()
+    assert counts == {"ok": 4, "failed": 1, "missing": 1, "corrupt": 1, "not_started": 1}
+    assert not df["superseded"].any()
+    # every job can be named, including the ones that never wrote anything
+    assert df[["norm", "batch_size", "seed"]].notna().all().all()
+    assert set(zip(df["norm"], df["batch_size"], df["seed"], strict=True)) == set(
+        itertools.product(NORMS, BATCHES, SEEDS)
+    )
+
+
+def test_reasons_are_recorded(sweep: Path) -> None:
+    df = load_sweep(sweep).set_index("status")
+    assert "does not parse" in df.loc["corrupt", "error"]
+    assert "never finished" in df.loc["missing", "error"]
+    assert "multirun.yaml" in df.loc["not_started", "error"]
+    assert df.loc["failed", "error"] == "RuntimeError: boom"
+    assert pd.isna(df.loc["not_started", "run_dir"])
+
+
+def test_columns_are_tidy(sweep: Path) -> None:
+    df = load_sweep(sweep)
+    ok = ok_runs(df)
+    assert {"norm", "batch_size", "seed", "lr", "test_error", "versions.torch"} <= set(df.columns)
+    assert "diagnostics.test_error" in df.columns and "test_error_batch_stats" in df.columns
+    assert "curves.train_loss" not in df.columns and "epochs_train_loss" not in df.columns
+    assert ok["batch_size"].dtype.kind == "i"
+    assert list(df.columns[:5]) == ["norm", "batch_size", "seed", "status", "error"]
+
+
+def test_expected_jobs_follow_hydra_basic_sweeper(tmp_path: Path) -> None:
+    _multirun_yaml(tmp_path, ["seed=range(3)", "batch_size=8"])  # command line beats params
+    jobs = expected_jobs(tmp_path)
+    assert jobs is not None and len(jobs) == 2 * 3
+    assert all("batch_size=8" in job for job in jobs)
+    assert expected_jobs(tmp_path / "nowhere") is None
+
+
+def test_no_multirun_yaml_lists_the_run_dirs(tmp_path: Path) -> None:
+    _run_dir(tmp_path, ["norm=layernorm", "seed=0"], _metrics("layernorm", 2, 0))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metrics.json").write_text(json.dumps(_metrics("batchnorm", 4, 1)))
+    df = load_sweep(tmp_path)
+    assert len(df) == 2 and set(df["status"]) == {"ok"}
+    assert df["overrides"].isna().sum() == 1
+
+
+def test_the_same_job_twice_is_counted_once(tmp_path: Path) -> None:
+    ov = ["norm=batchnorm", "seed=0"]
+    old = _run_dir(tmp_path / "a", ov, _metrics("batchnorm", 2, 0, status="failed"))
+    new = _run_dir(tmp_path / "b", ov, _metrics("batchnorm", 2, 0))
+    os.utime(old / "metrics.json", (1, 1))
+    df = load_sweep(tmp_path)
+    assert len(df) == 2 and df["superseded"].sum() == 1
+    assert ok_runs(df)["run_dir"].tolist() == [str(new)]
+    assert aggregate_seeds(df, ["test_error"])["n_runs"].tolist() == [1]
+
+
+def test_corrupt_shapes_never_raise(tmp_path: Path) -> None:
+    for name, text in {"list": "[1, 2]", "empty": "", "binary": b"\xff\xfe\x00"}.items():
+        d = tmp_path / name
+        d.mkdir()
+        path = d / "metrics.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    (tmp_path / "tmp_only" / ".hydra").mkdir(parents=True)
+    (tmp_path / "tmp_only" / "metrics.json.tmp").write_text("{")
+    df = load_sweep(tmp_path).set_index("run_dir")
+    assert sorted(df["status"]) == ["corrupt", "corrupt", "corrupt", "missing"]
+    assert "metrics.json.tmp" in df.loc[str(tmp_path / "tmp_only"), "error"]
+
+
+def test_missing_sweep_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sweep(tmp_path / "nope")
+
+
+def test_empty_sweep_gives_an_empty_frame(tmp_path: Path) -> None:
+    df = load_sweep(tmp_path)
+    assert df.empty and "status" in df.columns
+    assert ok_runs(df).empty
+
+
+def test_aggregate_over_seeds(sweep: Path) -> None:
+    df = load_sweep(sweep)
+    agg = aggregate_seeds(df, ["test_error"]).set_index(["norm", "batch_size"])
+    # batchnorm, 2: seeds 0 (ok) and 1 (failed) -> one seed; layernorm, 4: both seeds ok
+    assert agg.loc[("batchnorm", 2), "test_error_n"] == 1
+    assert math.isnan(agg.loc[("batchnorm", 2), "test_error_std"])
+    ln4 = ok_runs(df).query("norm == 'layernorm' and batch_size == 4")["test_error"]
+    assert agg.loc[("layernorm", 4), "test_error_n"] == 2
+    assert agg.loc[("layernorm", 4), "test_error_mean"] == pytest.approx(ln4.mean())
+    assert agg.loc[("layernorm", 4), "test_error_std"] == pytest.approx(ln4.std(ddof=1))
+    assert agg.loc[("layernorm", 4), "test_error_max"] == pytest.approx(ln4.max())
+
+
+def test_layers_and_csv(sweep: Path, tmp_path: Path) -> None:
+    df = load_sweep(sweep)
+    layers = load_layers(df)
+    assert len(layers) == 2 * len(ok_runs(df))
+    assert set(layers["depth"]) == {0, 1} and set(layers["mean_gap"]) == {0.2, 0.3}
+    out = write_csv(df, tmp_path / "out" / "runs.csv")
+    back = pd.read_csv(out)
+    assert len(back) == len(df) and list(back.columns) == list(df.columns)
+
+
+def test_find_run_dirs_does_not_descend_into_runs(sweep: Path) -> None:
+    dirs = find_run_dirs(sweep)
+    assert len(dirs) == 7 and not any("checkpoints" in str(d) for d in dirs)
