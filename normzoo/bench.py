@@ -890,6 +890,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="free text recorded in bench.md (e.g. machine load)")
     p.add_argument("--out", default="reports/bench", help="output folder (default reports/bench)")
     p.add_argument(
         "--quick",
@@ -938,6 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # an unknown name or a layer without a baseline
         print(f"normzoo-bench: {exc}", file=sys.stderr)
         return 2
+    if hasattr(os, "getloadavg"):
+        info["load average at end (1/5/15 min)"] = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    if args.note:
+        info["note"] = args.note
     paths = write_report(rows, args.out, info=info, config=config, wall_s=time.perf_counter() - t0)
     print(f"normzoo-bench: wrote {paths['md']}, {paths['csv']}, {paths['png']}", file=sys.stderr)
     for s in summarise(rows):

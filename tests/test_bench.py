@@ -28,7 +28,8 @@ from normzoo.bench import (
 def test_quick_run_writes_a_row_per_benchmarked_layer(tmp_path) -> None:
     pairings = resolve_pairings()
     assert pairings, "the registry should hold from-scratch layers with a baseline"
-    assert main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    argv = ["--quick", "--device", "cpu", "--note", "shared machine", "--out", str(tmp_path)]
+    assert main(argv) == 0
 
     df = pd.read_csv(tmp_path / "bench.csv", keep_default_na=False, na_values=[""])
     assert list(df.columns) == list(CSV_COLUMNS)
@@ -55,7 +56,8 @@ def test_quick_run_writes_a_row_per_benchmarked_layer(tmp_path) -> None:
 
     md = (tmp_path / "bench.md").read_text()
     assert "![ratios per layer](bench_ratios.png)" in md
-    assert "torch" in md and "normzoo-bench --quick" in md
+    assert f"torch**: {torch.__version__}" in md and "normzoo-bench --quick" in md
+    assert "**note**: shared machine" in md
     for layer in df.layer:
         assert f"| cpu | {layer} |" in md
     png = (tmp_path / "bench_ratios.png").read_bytes()
