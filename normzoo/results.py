@@ -170,14 +170,35 @@ def _job_overrides(run_dir: Path) -> list[str] | None:
 
 
 def _override_columns(overrides: Sequence[str]) -> dict[str, Any]:
-    out = {}
+    """Config columns named by a job's overrides (``data.batch_size=2`` -> ``data.batch_size``
+    and, where no plain override of that name exists, ``batch_size``), so a run that never wrote
+    ``metrics.json`` can still be named in the report."""
+    out: dict[str, Any] = {}
+    leaves: dict[str, Any] = {}
     for text in overrides:
         key, value, _ = _parse_override(text)
-        if "." in key or key.startswith("hydra"):
-            continue  # only plain keys name config columns (norm, batch_size, seed, ...)
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
+        if key.startswith("hydra") or not (
+            value is None or isinstance(value, (bool, int, float, str))
+        ):
+            continue
+        out[key] = value
+        if "." in key:
+            leaves.setdefault(key.rsplit(".", 1)[1], value)
+    for leaf, value in leaves.items():
+        out.setdefault(leaf, value)
+    if isinstance(out.get("norm"), str):
+        out["norm"] = _canonical_norm(out["norm"])
     return out
+
+
+def _canonical_norm(name: str) -> str:
+    """The registry's canonical name for an override such as ``norm=bn`` (unknown names kept)."""
+    try:
+        from normzoo.registry import get_norm
+
+        return get_norm(name).name
+    except Exception:
+        return name
 
 
 def _read_run(run_dir: Path) -> dict[str, Any]:

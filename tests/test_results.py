@@ -36,7 +36,7 @@ def _multirun_yaml(root: Path, task: list[str]) -> None:
             "sweeper": {
                 "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
                 "max_batch_size": None,
-                "params": {"norm": ",".join(NORMS), "batch_size": "2,4"},
+                "params": {"norm": "bn,layernorm", "data.batch_size": "2,4"},
             },
             "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": task},
         },
@@ -58,21 +58,23 @@ def _run_dir(root: Path, overrides: list[str], metrics: dict | str | None) -> Pa
 
 
 def _metrics(norm: str, batch: int, seed: int, status: str = "ok") -> dict:
+    """A metrics.json as normzoo.train writes it: run keys and diagnostics at the top level."""
     err = 0.05 + (0.3 / batch if norm == "batchnorm" else 0.0) + 0.01 * seed
     return {
         "status": status,
         "error": None if status == "ok" else "RuntimeError: boom",
-        "config": {"norm": norm, "batch_size": batch, "seed": seed, "lr": 0.1, "model": "mlp"},
+        "norm": norm,
+        "batch_size": batch,
+        "seed": seed,
+        "lr": 0.1,
+        "config": {"norm.name": norm, "data.batch_size": batch, "seed": seed, "model.name": "mlp"},
         "test_error": err,
         "test_loss": 2 * err,
-        "curves": {"train_loss": [1.0, 0.5]},  # lists stay out of the frame
-        "epochs_train_loss": [1.0, 0.5],
-        "diagnostics": {
-            "test_error": err,  # collides with the top-level one: kept as diagnostics.test_error
-            "test_error_batch_stats": err + 0.01,
-            "batch_dependence": 0.1 if norm == "batchnorm" else 0.0,
-            "layers": [{"name": "1", "mean_gap": 0.2}, {"name": "4", "mean_gap": 0.3}],
-        },
+        "curves": [{"epoch": 1, "train_loss": 1.0}],  # lists stay out of the frame
+        "command": ["normzoo-train", "-m"],
+        "test_error_batch_stats": err + 0.01,
+        "batch_dependence": 0.1 if norm == "batchnorm" else 0.0,
+        "layers": [{"name": "1", "mean_gap": 0.2}, {"name": "4", "mean_gap": 0.3}],
         "versions": {"torch": "2.x"},
     }
 
@@ -83,7 +85,8 @@ def sweep(tmp_path: Path) -> Path:
     _multirun_yaml(root, ["seed=0,1", "epochs=1"])
     jobs = list(itertools.product(NORMS, BATCHES, SEEDS))
     for i, (norm, batch, seed) in enumerate(jobs):
-        ov = [f"norm={norm}", f"batch_size={batch}", f"seed={seed}", "epochs=1"]
+        ov = [f"norm={norm}", f"data.batch_size={batch}", f"seed={seed}", "epochs=1"]
+        ov[0] = "norm=bn" if norm == "batchnorm" else ov[0]  # an alias, as typed on a command line
         if i == 1:
             _run_dir(root, ov, _metrics(norm, batch, seed, status="failed"))
         elif i == 2:
@@ -126,17 +129,18 @@ def test_columns_are_tidy(sweep: Path) -> None:
     df = load_sweep(sweep)
     ok = ok_runs(df)
     assert {"norm", "batch_size", "seed", "lr", "test_error", "versions.torch"} <= set(df.columns)
-    assert "diagnostics.test_error" in df.columns and "test_error_batch_stats" in df.columns
-    assert "curves.train_loss" not in df.columns and "epochs_train_loss" not in df.columns
+    assert {"test_error_batch_stats", "data.batch_size", "model.name", "model"} <= set(df.columns)
+    assert "config.seed" in df.columns  # a nested key that collides keeps its section prefix
+    assert "curves" not in df.columns and "command" not in df.columns and "layers" not in df.columns
     assert ok["batch_size"].dtype.kind == "i"
     assert list(df.columns[:5]) == ["norm", "batch_size", "seed", "status", "error"]
 
 
 def test_expected_jobs_follow_hydra_basic_sweeper(tmp_path: Path) -> None:
-    _multirun_yaml(tmp_path, ["seed=range(3)", "batch_size=8"])  # command line beats params
+    _multirun_yaml(tmp_path, ["seed=range(3)", "data.batch_size=8"])  # command line wins
     jobs = expected_jobs(tmp_path)
     assert jobs is not None and len(jobs) == 2 * 3
-    assert all("batch_size=8" in job for job in jobs)
+    assert all("data.batch_size=8" in job for job in jobs)
     assert expected_jobs(tmp_path / "nowhere") is None
 
 
@@ -210,3 +214,10 @@ def test_layers_and_csv(sweep: Path, tmp_path: Path) -> None:
 def test_find_run_dirs_does_not_descend_into_runs(sweep: Path) -> None:
     dirs = find_run_dirs(sweep)
     assert len(dirs) == 7 and not any("checkpoints" in str(d) for d in dirs)
+
+
+def test_nested_sections_are_hoisted(tmp_path: Path) -> None:
+    data = {"status": "ok", "config": {"norm": "gn"}, "diagnostics": {"kl": 0.5, "x": {"y": 1}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(data))
+    row = load_sweep(tmp_path).iloc[0]
+    assert row["norm"] == "gn" and row["kl"] == 0.5 and row["x.y"] == 1
