@@ -1,3 +1,309 @@
-"""(being written)"""
+"""Per-sample normalisation: LayerNorm, GroupNorm, InstanceNorm (Wu & He 2018, Eqs. 3-7).
 
-__all__: list[str] = []
+The three are one computation. For an input of shape (N, C, *S) split into G groups of C / G
+channels, each (sample, group) is normalised over its m = (C / G) * prod(S) values::
+
+    mu_ng = mean(x_ng),  sigma2_ng = mean((x_ng - mu_ng)^2)      (biased variance)
+    y_nc  = gamma_c * (x_nc - mu_ng) / sqrt(sigma2_ng + eps) + beta_c
+
+LayerNorm (GN-paper sense) is G = 1, InstanceNorm is G = C, GroupNorm takes G. None of them looks at
+the other samples of the batch, so training and evaluation compute the same function (InstanceNorm
+with ``track_running_stats=True`` aside).
+
+:class:`GroupNormFunction` is the shared ``torch.autograd.Function``: a forward in two passes over
+memory (one reduction for the sums of x and x^2, one affine ``x * scale + shift``) and a
+hand-derived backward that saves what torch's native kernel saves (input, gamma, and one mean and
+one 1/sigma per (sample, group)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from normzoo.norms._base import RunningStatsMixin, _NormBase
+from normzoo.registry import register_norm
+
+__all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group_norm"]
+
+
+def _group_shape(t: Tensor, xg: Tensor) -> Tensor:
+    """View an (N, G, C/G) or (N, G) tensor so it broadcasts against xg of shape (N, G, C/G, *S)."""
+    return t.view(*t.shape, *([1] * (xg.dim() - t.dim())))
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """y = gamma * (x - mu) / sqrt(sigma2 + eps) + beta with statistics per (sample, group).
+
+    ``apply(x, weight, bias, num_groups, eps) -> (y, mean, var)``; ``mean`` and ``var`` (biased),
+    of shape (N, G), are returned for running statistics and are not differentiable.
+
+    Forward: one reduction pass for sum(x) and sum(x^2) per (sample, group), then y = x * scale +
+    shift with scale, shift per (sample, channel). Saved for backward: x, gamma, mean and
+    rstd = 1 / sqrt(sigma2 + eps) per (sample, group) -- what torch's native kernel saves.
+
+    Backward, with x_hat = (x - mu) * rstd over a group's m values and g = dy * gamma::
+
+        dx     = rstd * (g - mean(g) - x_hat * mean(g * x_hat))     (means over the group)
+        dgamma = sum_{n, S} dy * x_hat,    dbeta = sum_{n, S} dy
+
+    Both group means only need the per-(sample, channel) sums ``db = sum_S dy`` and
+    ``ds = sum_S dy * x``, so dx = a * dy + b * x + c with a per (n, c) and b, c per (n, g).
+    The buffer that held dy * x for ``ds`` is reused for dx, so backward allocates one
+    input-sized tensor, as the native kernel does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n, c = x.shape[0], x.shape[1]
+        cg = c // num_groups
+        m = cg * math.prod(x.shape[2:])  # values per (sample, group)
+        # Half-precision input: statistics in float32, as torch's kernels accumulate.
+        acc = {} if x.dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
+        if x.is_contiguous():
+            xg, dims = x.view(n, num_groups, m), -1  # (N, G, m)
+        else:  # channels_last and other layouts: (N, G, C/G, *S) is still a view
+            xg = x.unflatten(1, (num_groups, cg))
+            dims = tuple(range(2, xg.dim()))
+        # One pass each for sum(x) and sum(x^2) per (n, g): sigma2 = E[x^2] - mu^2. The cascade
+        # sums keep the relative error of sigma2 near 1e-7 * (1 + mu^2 / sigma2) in float32.
+        mean = xg.sum(dims, **acc).div_(m)  # (N, G)
+        var = torch.linalg.vector_norm(xg, dim=dims, **acc).square_().div_(m)
+        var = var.addcmul_(mean, mean, value=-1.0).clamp_(min=0.0)  # biased variance
+        rstd = var.add(eps).rsqrt_()
+        if weight is None:
+            scale = rstd.unsqueeze(-1).expand(n, num_groups, cg)  # (N, G, C/G)
+        else:
+            scale = rstd.unsqueeze(-1) * weight.view(num_groups, cg)
+        if bias is None:
+            shift = scale * mean.unsqueeze(-1).neg()
+        else:
+            shift = torch.addcmul(bias.view(num_groups, cg), scale, mean.unsqueeze(-1), value=-1.0)
+        view = (n, c, *([1] * (x.dim() - 2)))
+        y = x * scale.reshape(view).to(x.dtype)  # two passes beat one addcmul: torch vectorises
+        y.add_(shift.reshape(view).to(x.dtype))  # an op with one broadcast operand, not two
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
+    def backward(
+        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[0], x.shape[1]
+        groups = mean.shape[1]
+        cg = c // groups
+        m = cg * math.prod(x.shape[2:])
+        acc = {} if x.dtype == mean.dtype else {"dtype": mean.dtype}
+        dyx = dy * x
+        if x.dim() > 2:
+            sdims = tuple(range(2, x.dim()))
+            ds = dyx.sum(sdims, **acc)  # (N, C): sum_S dy * x
+            db = dy.sum(sdims, **acc)  # (N, C): sum_S dy
+        else:  # (N, C): one value per channel, nothing to sum
+            ds, db = dyx.to(mean.dtype), dy.to(mean.dtype)
+            dyx = None  # ds is dyx itself: dx gets a buffer of its own
+        ds3, db3 = ds.view(n, groups, cg), db.view(n, groups, cg)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if weight is None:
+                sum_g, sum_gs = db3.sum(-1), ds3.sum(-1)  # (N, G)
+                a = rstd.unsqueeze(-1).expand(n, groups, cg)
+            else:
+                w3 = weight.view(groups, cg)
+                sum_g, sum_gs = (db3 * w3).sum(-1), (ds3 * w3).sum(-1)
+                a = rstd.unsqueeze(-1) * w3  # (N, G, C/G): coefficient of dy
+            # m * mean(g * x_hat) / rstd = sum_gs - mean * sum_g
+            b = torch.addcmul(sum_gs, mean, sum_g, value=-1.0).mul_(rstd.pow(3).mul_(-1.0 / m))
+            cst = torch.addcmul(rstd * sum_g * (-1.0 / m), b, mean, value=-1.0)
+            dyg, xg = dy.unflatten(1, (groups, cg)), x.unflatten(1, (groups, cg))
+            a = _group_shape(a.to(x.dtype), xg)
+            # dx = a * dy + b * x + c, written into the dy * x buffer (ds is already taken)
+            out = None if dyx is None else dyx.unflatten(1, (groups, cg))
+            dxg = torch.mul(dyg, a, out=out)
+            dxg.addcmul_(xg, _group_shape(b.to(x.dtype), xg))
+            dxg.add_(_group_shape(cst.to(x.dtype), xg))
+            grad_x = dxg.flatten(1, 2)
+        if weight is not None and ctx.needs_input_grad[1]:
+            xhat_dy = torch.addcmul(ds3, mean.unsqueeze(-1), db3, value=-1.0)  # (N, G, C/G)
+            grad_w = (xhat_dy * rstd.unsqueeze(-1)).sum(0).view(c).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = db.sum(0).to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Functional form: ``(y, mean, var)`` with mean and biased var of shape (N, num_groups)."""
+    return GroupNormFunction.apply(x, weight, bias, num_groups, eps)  # type: ignore[no-any-return]
+
+
+@register_norm(
+    "groupnorm",
+    aliases=("gn",),
+    paper="Wu & He 2018, Group Normalization, arXiv:1803.08494",
+    native="native_groupnorm",
+    defaults={"num_groups": 32},
+)
+class GroupNorm(_NormBase):
+    """Group Normalization (Wu & He 2018, arXiv:1803.08494).
+
+    ``y = gamma_c * (x - mu_ng) / sqrt(sigma2_ng + eps) + beta_c``: the C channels of an (N, C, *S)
+    input are split into ``num_groups`` groups of C / G consecutive channels; mu and the biased
+    sigma2 are taken per (sample, group) over its C / G channels and all spatial dims. gamma, beta
+    are per channel. Equals ``torch.nn.GroupNorm(num_groups, C)``.
+
+    Train/eval: identical (no batch statistics, no running state). State: ``weight`` (gamma, ones)
+    and ``bias`` (beta, zeros) when ``affine``. ``num_groups=1`` is :class:`LayerNorm` and
+    ``num_groups=C`` is :class:`InstanceNorm`; 32 groups is the paper's default.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        num_groups: int = 32,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        if isinstance(num_features, int) and num_features % num_groups != 0:
+            raise ValueError(
+                f"num_groups={num_groups} must divide num_channels={num_features} "
+                f"(GroupNorm splits the channels into groups of equal size)"
+            )
+        super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+        self.num_groups = num_groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)[0]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_groups={self.num_groups}"
+
+
+@register_norm(
+    "layernorm",
+    aliases=("ln",),
+    paper="Ba, Kiros & Hinton 2016, Layer Normalization, arXiv:1607.06450",
+    native="native_layernorm",
+)
+class LayerNorm(_NormBase):
+    """Layer Normalization (Ba, Kiros & Hinton 2016, arXiv:1607.06450), in the GN-paper sense.
+
+    ``y = gamma_c * (x - mu_n) / sqrt(sigma2_n + eps) + beta_c``: mu and the biased sigma2 are taken
+    per sample over C and all spatial dims of an (N, C, *S) input; gamma, beta are per channel.
+    This is GroupNorm with one group; on 2-D input (N, C) it equals ``torch.nn.LayerNorm(C)``.
+    (torch's ``nn.LayerNorm`` on conv input would normalise over the trailing dims instead.)
+
+    Train/eval: identical (no batch statistics, no running state). State: ``weight`` (gamma, ones)
+    and ``bias`` (beta, zeros) when ``affine``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return group_norm(x, 1, self.weight, self.bias, self.eps)[0]
+
+
+@register_norm(
+    "instancenorm",
+    aliases=("in",),
+    paper="Ulyanov, Vedaldi & Lempitsky 2016, Instance Normalization, arXiv:1607.08022",
+    native="native_instancenorm",
+    needs_spatial=True,
+)
+class InstanceNorm(RunningStatsMixin, _NormBase):
+    """Instance Normalization (Ulyanov, Vedaldi & Lempitsky 2016, arXiv:1607.08022).
+
+    ``y = gamma_c * (x - mu_nc) / sqrt(sigma2_nc + eps) + beta_c``: mu and the biased sigma2 are
+    taken per (sample, channel) over the spatial dims S of an (N, C, *S) input (rank >= 3; on 2-D
+    input each (sample, channel) holds a single value and the layer raises ``ValueError``). This
+    is GroupNorm with C groups and matches ``torch.nn.InstanceNorm{1,2,3}d``.
+
+    normzoo's default is ``affine=True`` (torch's is ``affine=False``), so that every layer in a
+    comparison has the same per-channel gamma, beta.
+
+    Train/eval: with ``track_running_stats=False`` (default) both modes use the instance
+    statistics and there is no running state. With ``track_running_stats=True``, training also
+    updates ``running_mean`` / ``running_var`` with the batch average of the per-instance means and
+    *unbiased* variances (``running = (1 - momentum) * running + momentum * batch``;
+    ``momentum=None`` is a cumulative average), as torch's ``F.instance_norm``, and evaluation
+    normalises with the running statistics. Unlike ``nn.InstanceNorm2d`` (which never counts
+    batches and treats ``momentum=None`` as "no update"), ``num_batches_tracked`` counts the
+    training batches and ``momentum=None`` averages them, as in BatchNorm. State: ``weight``,
+    ``bias`` when ``affine``; ``running_mean``, ``running_var``, ``num_batches_tracked`` when
+    tracking.
+    """
+
+    min_rank = 3
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        affine: bool = True,
+        momentum: float | None = 0.1,
+        track_running_stats: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+        self._init_running_stats(momentum, track_running_stats, device, dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "track_running_stats", False):
+            self.reset_running_stats()
+
+    def _check_input(self, x: Tensor) -> None:
+        if isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point():
+            raise ValueError(
+                f"InstanceNorm needs spatial dims: on 2-D input of shape {tuple(x.shape)} each "
+                f"(sample, channel) holds a single value, so its variance is undefined; use "
+                f"LayerNorm or BatchNorm for (N, C) input"
+            )
+        super()._check_input(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        use_running = self.track_running_stats and not self.training
+        if use_running:
+            assert self.running_mean is not None and self.running_var is not None
+            scale = torch.rsqrt(self.running_var + self.eps)
+            shift = -self.running_mean * scale
+            if self.affine:
+                scale = scale * self.weight
+                shift = shift * self.weight + self.bias
+            view = (1, -1) + (1,) * (x.dim() - 2)
+            return torch.addcmul(shift.view(view), x, scale.view(view))
+        m = x[0, 0].numel()
+        if m <= 1:
+            raise ValueError(
+                f"Expected more than 1 spatial element when training, got input size "
+                f"{list(x.shape)} (InstanceNorm normalises each (sample, channel) over its spatial "
+                f"values)"
+            )
+        y, mean, var = group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean.mean(0), var.mean(0) * (m / (m - 1)))
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, momentum={self.momentum}, "
+            f"track_running_stats={self.track_running_stats}"
+        )

@@ -1,0 +1,257 @@
+"""Facts about the per-sample layers (LayerNorm, GroupNorm, InstanceNorm) beyond the generic parity.
+
+The generic tests (test_parity.py, test_gradcheck.py) compare every registered layer with its
+native reference; these check what is specific to this family: LayerNorm is ``nn.LayerNorm(C)`` on
+(N, C) input, the three layers are one GroupNorm computation, InstanceNorm's running statistics
+follow torch's ``nn.InstanceNorm2d``, channels_last is kept, the output is standardised over the
+layer's own axes, a sample's output never depends on the rest of its batch, and the hand-written
+backward saves no more than the native kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import normzoo
+from normzoo.norms.sample import GroupNorm, GroupNormFunction, InstanceNorm, LayerNorm
+
+C = 6
+
+
+def _randomise(layer: nn.Module) -> nn.Module:
+    """Affine parameters away from ones/zeros, so a swapped gamma/beta would show."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    return layer
+
+
+def _fwd_bwd(layer: nn.Module, x: Tensor, dy: Tensor) -> list[Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.backward(dy)
+    return [y, x.grad, *(p.grad for _, p in sorted(layer.named_parameters()))]
+
+
+def _max_rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_layernorm_equals_torch_layernorm_on_2d() -> None:
+    x = 2.0 * torch.randn(16, C, dtype=torch.float64) + 1.0
+    dy = torch.randn_like(x)
+    ours = _randomise(LayerNorm(C).double())
+    ref = nn.LayerNorm(C).double()
+    ref.load_state_dict(ours.state_dict())
+    for a, b in zip(_fwd_bwd(ours, x, dy), _fwd_bwd(ref, x, dy), strict=True):
+        assert _max_rel(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", [(4, C), (4, C, 7), (3, C, 4, 5), (2, C, 3, 4, 2)])
+def test_layernorm_is_groupnorm_with_one_group(shape: tuple[int, ...]) -> None:
+    x, dy = torch.randn(shape), torch.randn(shape)
+    ln = _randomise(LayerNorm(C))
+    gn = GroupNorm(C, num_groups=1)
+    gn.load_state_dict(ln.state_dict())
+    for a, b in zip(_fwd_bwd(ln, x, dy), _fwd_bwd(gn, x, dy), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(4, C, 7), (3, C, 4, 5), (2, C, 3, 4, 2)])
+def test_instancenorm_is_groupnorm_with_one_channel_per_group(shape: tuple[int, ...]) -> None:
+    x, dy = torch.randn(shape), torch.randn(shape)
+    inorm = _randomise(InstanceNorm(C))
+    gn = GroupNorm(C, num_groups=C)
+    gn.load_state_dict(inorm.state_dict())
+    for a, b in zip(_fwd_bwd(inorm, x, dy), _fwd_bwd(gn, x, dy), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3])
+def test_instancenorm_running_stats_follow_torch(momentum: float) -> None:
+    ours = _randomise(InstanceNorm(C, momentum=momentum, track_running_stats=True).double())
+    ref = nn.InstanceNorm2d(C, affine=True, momentum=momentum, track_running_stats=True).double()
+    ref.load_state_dict(ours.state_dict())
+    for step in range(4):
+        x = (1.0 + step) * torch.randn(3, C, 5, 4, dtype=torch.float64) + step
+        dy = torch.randn_like(x)
+        for a, b in zip(_fwd_bwd(ours, x, dy), _fwd_bwd(ref, x, dy), strict=True):
+            assert _max_rel(a, b) <= 1e-10
+    assert _max_rel(ours.running_mean, ref.running_mean) <= 1e-12
+    assert _max_rel(ours.running_var, ref.running_var) <= 1e-12
+    assert not torch.allclose(ours.running_var, torch.ones(C, dtype=torch.float64))
+    # normzoo counts batches as BatchNorm does; nn.InstanceNorm2d leaves the counter at 0
+    assert ours.num_batches_tracked.item() == 4
+    ours.eval()
+    ref.eval()
+    x = torch.randn(2, C, 6, 3, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    for a, b in zip(_fwd_bwd(ours, x, dy), _fwd_bwd(ref, x, dy), strict=True):
+        assert _max_rel(a, b) <= 1e-10
+    # eval uses the running statistics: the output is no longer standardised per instance
+    assert ours(x).mean(dim=(2, 3)).sub(ours.bias).abs().max() > 1e-3
+
+
+def test_instancenorm_momentum_none_is_a_cumulative_average_of_batch_means() -> None:
+    """As BatchNorm: the running stats are the plain average over the batches seen so far.
+
+    (nn.InstanceNorm2d treats momentum=None as 0, i.e. it never updates; normzoo follows the
+    BatchNorm convention, as its native reference does.)
+    """
+    layer = InstanceNorm(C, momentum=None, track_running_stats=True).double()
+    means, variances = [], []
+    for step in range(3):
+        x = (1.0 + step) * torch.randn(4, C, 3, 5, dtype=torch.float64) - step
+        layer(x)
+        means.append(x.mean(dim=(2, 3)).mean(0))
+        variances.append(x.var(dim=(2, 3), unbiased=True).mean(0))
+    assert _max_rel(layer.running_mean, torch.stack(means).mean(0)) <= 1e-12
+    assert _max_rel(layer.running_var, torch.stack(variances).mean(0)) <= 1e-12
+    assert layer.num_batches_tracked.item() == 3
+
+
+def test_instancenorm_without_running_stats_is_the_same_in_eval() -> None:
+    layer = _randomise(InstanceNorm(C))
+    assert layer.running_mean is None and dict(layer.named_buffers()) == {}
+    x = torch.randn(3, C, 5, 5)
+    y_train = layer(x)
+    assert torch.equal(layer.eval()(x), y_train)
+
+
+@pytest.mark.parametrize(
+    ("layer", "group"),
+    [(LayerNorm(C, affine=False), C), (GroupNorm(C, num_groups=3, affine=False), 2)],
+    ids=["layernorm", "groupnorm"],
+)
+@pytest.mark.parametrize("shape", [(5, C), (4, C, 9), (3, C, 4, 5)])
+def test_output_is_standardised_over_the_layer_axes(
+    layer: nn.Module, group: int, shape: tuple[int, ...]
+) -> None:
+    x = 3.0 * torch.randn(shape, dtype=torch.float64) + 2.0
+    y = layer.double()(x)
+    yg = y.reshape(shape[0], C // group, -1)  # (N, G, values of the group)
+    var = x.reshape(shape[0], C // group, -1).var(-1, unbiased=False)
+    assert yg.mean(-1).abs().max() < 1e-12
+    # biased variance of the output is sigma2 / (sigma2 + eps), 1 up to eps
+    expected = var / (var + layer.eps)
+    assert (yg.var(-1, unbiased=False) - expected).abs().max() < 1e-12
+
+
+def test_instancenorm_standardises_each_sample_and_channel() -> None:
+    x = 3.0 * torch.randn(4, C, 5, 6, dtype=torch.float64) - 1.0
+    y = InstanceNorm(C, affine=False).double()(x)
+    assert y.mean(dim=(2, 3)).abs().max() < 1e-12
+    assert (y.var(dim=(2, 3), unbiased=False) - 1).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
+def test_a_sample_does_not_depend_on_its_batch(name: str) -> None:
+    layer = _randomise(
+        normzoo.build_norm(name, C, **({"num_groups": 2} if "group" in name else {}))
+    )
+    x = torch.randn(5, C, 4, 4, dtype=torch.float64)
+    layer.double()
+    alone = layer(x[:1])
+    x2 = x.clone()
+    x2[1:] = 100 * torch.randn_like(x2[1:]) + 7  # change every other sample
+    assert torch.allclose(layer(x)[:1], alone, rtol=0, atol=1e-13)
+    assert torch.allclose(layer(x2)[:1], alone, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("shape", "memory_format"),
+    [((3, C, 5, 4), torch.channels_last), ((2, C, 3, 4, 5), torch.channels_last_3d)],
+    ids=["4d", "5d"],
+)
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
+def test_channels_last_input(
+    name: str, shape: tuple[int, ...], memory_format: torch.memory_format
+) -> None:
+    layer = _randomise(
+        normzoo.build_norm(name, C, **({"num_groups": 3} if "group" in name else {}))
+    )
+    x = torch.randn(shape, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    layer.double()
+    xcl = x.contiguous(memory_format=memory_format)
+    dense = _fwd_bwd(layer, x, dy)
+    last = _fwd_bwd(layer, xcl, dy.contiguous(memory_format=memory_format))
+    assert last[0].is_contiguous(memory_format=memory_format)
+    for a, b in zip(last, dense, strict=True):
+        assert _max_rel(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    ("groups", "shape"),
+    [(1, (3, C)), (2, (3, C, 4)), (C, (2, C, 3, 2)), (3, (2, C, 2, 2, 2))],
+)
+@pytest.mark.parametrize("affine", [True, False])
+def test_hand_written_backward_passes_gradcheck(
+    groups: int, shape: tuple[int, ...], affine: bool
+) -> None:
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(affine)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=affine)
+    if len(shape) == 4:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def fn(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return GroupNormFunction.apply(
+            x, w if affine else None, b if affine else None, groups, 1e-5
+        )[0]
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def _saved_bytes(layer: nn.Module, x: Tensor) -> int:
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return total
+
+
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
+@pytest.mark.parametrize("shape", [(8, 32, 6, 6), (4, 32, 3, 5, 2)])
+def test_saves_no_more_for_backward_than_native(name: str, shape: tuple[int, ...]) -> None:
+    kw = {"num_groups": 8} if name == "groupnorm" else {}
+    x = torch.randn(shape, requires_grad=True)
+    ours = _saved_bytes(normzoo.build_norm(name, 32, **kw), x)
+    native = _saved_bytes(normzoo.build_norm(f"native_{name}", 32, **kw), x)
+    assert x.numel() * 4 < ours <= native
+
+
+def test_bfloat16_input_close_to_float32() -> None:
+    layer = _randomise(GroupNorm(C, num_groups=2))
+    x = torch.randn(4, C, 5, 5)
+    y32 = layer(x)
+    y16 = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert (y16.float() - y32).abs().max() < 0.05
+
+
+def test_works_under_torch_compile() -> None:
+    layer = _randomise(GroupNorm(C, num_groups=3).double())
+    x = torch.randn(3, C, 4, 5, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    eager = _fwd_bwd(layer, x, dy)
+    compiled = _fwd_bwd(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, dy)
+    for a, b in zip(compiled, eager, strict=True):
+        assert _max_rel(a, b) <= 1e-12
+
+
+def test_repr_and_spec() -> None:
+    assert "num_groups=3" in repr(GroupNorm(C, num_groups=3))
+    assert "track_running_stats=False" in repr(InstanceNorm(C))
+    assert InstanceNorm(C).affine  # normzoo's default, unlike torch's InstanceNorm
+    spec = normzoo.get_norm("in")
+    assert spec.needs_spatial and spec.native == "native_instancenorm"
+    assert normzoo.get_norm("gn").defaults["num_groups"] == 32
