@@ -23,6 +23,7 @@ per job (``<sweep dir>/<override_dirname>/`` here) holding ``.hydra/`` and, once
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -100,12 +101,18 @@ def _tidy(data: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _parse_override(text: str) -> tuple[str, Any, str]:
-    """(key, typed value, canonical 'key=value') of one task override string."""
+@functools.lru_cache(maxsize=1)
+def _parser() -> Any:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    return OverridesParser.create()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_override(text: str) -> tuple[str, Any, str]:
+    """(key, typed value, canonical 'key=value') of one task override string."""
     try:
-        override = OverridesParser.create().parse_override(text)
+        override = _parser().parse_override(text)
         key = override.get_key_element()
         value_str = override.get_value_element_as_str()
         value = None if override.is_sweep_override() else override.value()
@@ -122,9 +129,9 @@ def _identity(overrides: Iterable[str]) -> str:
 
 
 def _read_yaml(path: Path) -> Any:
-    from omegaconf import OmegaConf
+    import yaml
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def expected_jobs(sweep_dir: str | os.PathLike[str]) -> list[list[str]] | None:
@@ -148,10 +155,9 @@ def expected_jobs(sweep_dir: str | os.PathLike[str]) -> list[list[str]] | None:
         params = sweeper.get("params") or {}
         task = list((hydra_conf.get("overrides") or {}).get("task") or [])
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
 
         lines = [f"{k}={v}" for k, v in params.items()] + [str(t) for t in task]
-        parsed = OverridesParser.create().parse_overrides(lines)
+        parsed = _parser().parse_overrides(lines)
         batches = BasicSweeper.split_arguments(parsed, None)
     except Exception:  # an unreadable sweep definition must not hide the runs that exist
         return None

@@ -1,0 +1,239 @@
+"""Report generation from small synthetic results: files, numbers in the findings, honest wording."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from normzoo.report import ReportCallback, build_report, findings, main, write_report
+from normzoo.results import load_sweep
+
+BATCHES = (2, 8, 32)
+SEEDS = (0, 1, 2)
+BATCH_STATS = {"batchnorm": True, "batchrenorm": True, "layernorm": False, "none": False}
+
+
+def _degrading(norm: str, b: int) -> float:
+    """BatchNorm loses 40 points at batch 2, Batch Renorm half of that, the others nothing."""
+    scale = {"batchnorm": 0.40, "batchrenorm": 0.20}.get(norm, 0.0)
+    return 0.05 + scale * (2 / b)
+
+
+def _row(norm: str, b: int, seed: int, error: Callable[[str, int], float]) -> dict:
+    rng = np.random.default_rng(hash((norm, b, seed)) % 2**32)
+    e = error(norm, b) + rng.normal(0, 0.004)
+    bst = BATCH_STATS[norm]
+    return {
+        "norm": norm,
+        "batch_size": b,
+        "seed": seed,
+        "status": "ok",
+        "error": None,
+        "uses_batch_stats": bst,
+        "model": "mlp",
+        "test_error": e,
+        "test_loss": 3 * e,
+        "train_error": e / 2,
+        "test_error_batch_stats": e + (0.05 * 2 / b if bst else 0.0),
+        "test_error_precise": e - (0.03 * 2 / b + 0.002 * seed if bst else 0.0),
+        "kl_batch_vs_ema": 0.2 * 2 / b if bst else 0.0,
+        "batch_dependence": 0.5 / math.sqrt(b) if bst else 0.0,
+        "batch_dependence_floor": 0.0,
+        "ema_mean_gap": 0.2 / math.sqrt(b) + 0.01 * seed if bst else None,
+        "ema_log_std_gap": 0.1 / math.sqrt(b) + 0.01 * seed if bst else None,
+        "brn_clip_r": 0.3 if norm == "batchrenorm" else None,
+        "brn_clip_d": 0.1 if norm == "batchrenorm" else None,
+        "precise_samples": 4096,
+        "wall_time_s": 2.0,
+        "run_dir": None,
+        "superseded": False,
+    }
+
+
+def _frame(
+    error: Callable[[str, int], float] = _degrading, norms=tuple(BATCH_STATS)
+) -> pd.DataFrame:
+    return pd.DataFrame([_row(n, b, s, error) for n in norms for b in BATCHES for s in SEEDS])
+
+
+def _stat(df: pd.DataFrame, norm: str, b: int, col: str = "test_error") -> str:
+    v = df[(df["norm"] == norm) & (df["batch_size"] == b)][col] * 100
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}%"
+
+
+def _sentence(lines: list[str], pattern: str) -> str:
+    hits = [s for s in lines if re.search(pattern, s)]
+    assert len(hits) == 1, (pattern, lines)
+    return hits[0]
+
+
+def test_findings_state_the_effects_with_the_numbers_of_the_data() -> None:
+    df = _frame()
+    lines = findings(df)
+    bn = _sentence(lines, r"^BatchNorm's test error rises")
+    assert _stat(df, "batchnorm", 32) in bn and _stat(df, "batchnorm", 2) in bn
+    brn = _sentence(lines, r"At batch 2, Batch Renorm recovers")
+    bn_small = df.query("norm == 'batchnorm' and batch_size == 2")["test_error"].mean()
+    bn_large = df.query("norm == 'batchnorm' and batch_size == 32")["test_error"].mean()
+    brn_small = df.query("norm == 'batchrenorm' and batch_size == 2")["test_error"].mean()
+    share = 100 * (bn_small - brn_small) / (bn_small - bn_large)
+    assert f"recovers {share:.0f}%" in brn
+    flat = _sentence(lines, r"^Without batch statistics, LayerNorm and no norm stay flat")
+    assert "batch sizes 2–32" in flat
+    zero = _sentence(lines, r"show zero mismatch, measured")
+    assert "max |EMA − batch-statistics error| = 0 points" in zero
+    n_without = int(df["norm"].isin(["layernorm", "none"]).sum())
+    assert f"over {n_without} runs" in zero
+    precise = _sentence(lines, r"^PreciseBN recalibration lowers BatchNorm's error")
+    assert _stat(df, "batchnorm", 2, "test_error_precise") in precise
+    _sentence(lines, r"^BatchNorm's batch dependence .* falling with every larger batch")
+    _sentence(lines, r"^Batch Renorm clipped r in 30\.0 ± 0\.0%")
+    assert lines[-1] == f"All {len(df)} runs finished ok."
+
+
+def test_claims_are_absent_when_the_data_does_not_support_them() -> None:
+    flat = _frame(lambda norm, b: 0.05)  # no layer degrades
+    lines = findings(flat)
+    assert not any("rises" in s for s in lines)
+    _sentence(lines, r"^BatchNorm's test error shows no clear change between batch 32")
+    assert not any("recovers" in s and "%" in s.split("recovers")[1][:6] for s in lines)
+    _sentence(lines, r"no clear small-batch loss in this sweep, so Batch Renorm's recovery is not")
+    _sentence(lines, r"^At batch 2 no layer is clearly better than another")
+
+    def brn_worse(norm: str, b: int) -> float:
+        return _degrading("batchnorm", b) + (0.05 if norm == "batchrenorm" else 0.0)
+
+    lines = findings(_frame(brn_worse, norms=("batchnorm", "batchrenorm")))
+    worse = _sentence(lines, r"^At batch 2, Batch Renorm is worse than BatchNorm")
+    assert "recovers none" in worse
+
+
+def test_a_measured_mismatch_is_not_called_zero() -> None:
+    df = _frame()
+    ln = df["norm"] == "layernorm"
+    df.loc[ln, "test_error_batch_stats"] = df.loc[ln, "test_error"] + 0.01
+    lines = findings(df)
+    assert not any("show zero mismatch" in s or "beyond float noise" in s for s in lines)
+    line = _sentence(lines, r"show a non-zero mismatch")
+    assert "max |EMA − batch-statistics error| = 1 points" in line
+
+
+def test_report_files_figures_and_tables(tmp_path: Path) -> None:
+    df = _frame()
+    failed = {"norm": "layernorm", "batch_size": 8, "seed": 9, "status": "failed"}
+    failed["error"] = "RuntimeError: boom at step 3"
+    df = pd.concat([df, pd.DataFrame([failed])], ignore_index=True)
+    path = write_report(df, tmp_path / "out", title="Synthetic study")
+    out = path.parent
+    text = path.read_text()
+    for name in (
+        "fig_degradation.png",
+        "fig_mismatch.png",
+        "fig_gaps.png",
+        "fig_batch_dependence.png",
+    ):
+        assert f"]({name})" in text
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[1] >= 1000 and image.shape[0] >= 500  # readable when embedded
+    for name in ("runs.csv", "summary.csv", "degradation.csv", "mismatch.csv", "problems.csv"):
+        assert (out / name).stat().st_size > 0
+    assert text.startswith("# Synthetic study")
+    for section in ("## Findings", "## Small-batch degradation", "## Train/inference mismatch"):
+        assert section in text
+    assert "RuntimeError: boom at step 3" in text
+    assert "1 failed" in text
+    deg = pd.read_csv(out / "degradation.csv")
+    bn = deg[(deg["norm"] == "batchnorm")].set_index("batch_size")
+    expected = df.query("norm == 'batchnorm' and status == 'ok'").groupby("batch_size")
+    assert bn["error_mean_pct"].to_dict() == pytest.approx(
+        (expected["test_error"].mean() * 100).to_dict()
+    )
+    assert bn.loc[32, "degradation_points"] == 0
+    assert bn.loc[2, "degradation_points"] == pytest.approx(
+        bn.loc[2, "error_mean_pct"] - bn.loc[32, "error_mean_pct"]
+    )
+    # the degradation table in report.md carries the same numbers
+    row = next(line for line in text.splitlines() if line.startswith("| BatchNorm | "))
+    assert f"{bn.loc[2, 'error_mean_pct']:.1f} ± {bn.loc[2, 'error_std_pct']:.1f}" in row
+
+
+def _sweep_dir(root: Path) -> Path:
+    """A small Hydra-like sweep: 2 norms x 2 batch sizes x 2 seeds, one job never started."""
+    conf = {
+        "hydra": {
+            "sweeper": {
+                "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                "params": {"norm": "batchnorm,layernorm", "data.batch_size": "2,32"},
+            },
+            "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": ["seed=0,1"]},
+            "job": {"name": "train"},
+        }
+    }
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text(yaml.safe_dump(conf))
+    for norm in ("batchnorm", "layernorm"):
+        for b in (2, 32):
+            for seed in (0, 1):
+                if (norm, b, seed) == ("layernorm", 32, 1):
+                    continue  # never started
+                ov = [f"norm={norm}", f"data.batch_size={b}", f"seed={seed}"]
+                d = root / ",".join(ov)
+                (d / ".hydra").mkdir(parents=True)
+                (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(ov))
+                metrics = _row(norm, b, seed, _degrading)
+                metrics.update(command=["normzoo-train", "-m", "seed=0,1"], git_rev="deadbeef")
+                metrics.pop("run_dir")
+                (d / "metrics.json").write_text(json.dumps(metrics))
+    return root
+
+
+def test_cli_and_callback_build_the_report_from_a_sweep_dir(tmp_path: Path) -> None:
+    sweep = _sweep_dir(tmp_path / "multirun" / "tiny")
+    assert main([str(sweep), "--out", str(tmp_path / "cli")]) == 0
+    text = (tmp_path / "cli" / "report.md").read_text()
+    assert "not_started" in text and "expected by `multirun.yaml`" in text
+    assert "normzoo-train -m norm=batchnorm,layernorm data.batch_size=2,32 seed=0,1" in text or (
+        "normzoo-train -m seed=0,1" in text
+    )
+    assert "`deadbeef`" in text and f"`{sweep}`" in text
+    assert "7 of 8 runs finished ok (1 not_started)" in text
+    df = load_sweep(sweep)
+    bn = df.query("norm == 'batchnorm' and batch_size == 2")["test_error"] * 100
+    assert f"{bn.mean():.1f} ± {bn.std(ddof=1):.1f}%" in text
+
+    callback = ReportCallback()
+    cfg = OmegaConf.create(
+        {
+            "hydra": {"sweep": {"dir": str(sweep)}, "runtime": {"cwd": str(tmp_path)}},
+            "report": {"out": "reports/tiny"},
+        }
+    )
+    callback.on_multirun_end(cfg)
+    assert (tmp_path / "reports" / "tiny" / "report.md").is_file()
+    cfg.report.out = None
+    callback.on_multirun_end(cfg)  # nothing asked for, nothing written, no error
+
+
+def test_cli_refuses_a_missing_sweep_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_sweep_without_ok_runs_still_gets_a_report(tmp_path: Path) -> None:
+    (tmp_path / "sweep" / "run").mkdir(parents=True)
+    (tmp_path / "sweep" / "run" / "metrics.json").write_text('{"status": "ok", "test_er')
+    path = build_report(tmp_path / "sweep", tmp_path / "out")
+    text = path.read_text()
+    assert "No run finished ok" in text and "corrupt" in text
