@@ -37,7 +37,7 @@ from torch import Tensor, nn
 import normzoo
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-C = 4  # channels; even, so GroupNorm gets num_groups=2
+C = 8  # channels; GroupNorm gets num_groups=2 (4 channels a group, 4 values even for 2-D input)
 SHAPES: dict[str, tuple[tuple[int, ...], torch.memory_format]] = {
     "2d": ((8, C), torch.contiguous_format),
     "3d": ((4, C, 5), torch.contiguous_format),
