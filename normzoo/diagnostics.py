@@ -38,6 +38,7 @@ flags of all its modules are bitwise unchanged afterwards.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from normzoo.registry import NormSpec, get_norm, list_norms
 
@@ -79,18 +81,31 @@ class NormLayer:
 
 
 def _registered_classes() -> dict[type, NormSpec]:
+    """Registered class -> spec. A ``weight`` entry registered as a factory function is probed
+    once on a tiny ``nn.Linear`` to learn the parametrization class it installs."""
+    names = tuple(list_norms())
+    return dict(_classes_for(names))
+
+
+@functools.lru_cache(maxsize=8)
+def _classes_for(names: tuple[str, ...]) -> tuple[tuple[type, NormSpec], ...]:
     classes: dict[type, NormSpec] = {}
-    for name in list_norms():
+    for name in names:
         spec = get_norm(name)
         if isinstance(spec.cls, type):
             classes.setdefault(spec.cls, spec)
-    try:  # torch's weight_norm parametrisation, registered as a factory function
-        from torch.nn.utils.parametrizations import _WeightNorm
-
-        classes.setdefault(_WeightNorm, get_norm("native_weightnorm"))
-    except (ImportError, ValueError):  # pragma: no cover - older torch or registry without it
-        pass
-    return classes
+        elif spec.kind == "weight":
+            try:
+                probe = spec.cls(nn.Linear(2, 2), **dict(spec.defaults))
+            except Exception:  # a factory that cannot wrap a Linear: nothing to learn from it
+                continue
+            if parametrize.is_parametrized(probe):  # torch-style: the parametrization modules
+                for plist in probe.parametrizations.values():  # type: ignore[union-attr]
+                    for module in plist:
+                        classes.setdefault(type(module), spec)
+            elif type(probe) is not nn.Linear:  # a wrapper module
+                classes.setdefault(type(probe), spec)
+    return tuple(classes.items())
 
 
 def _has_running_stats(module: nn.Module) -> bool:

@@ -118,14 +118,13 @@ def test_no_batch_stats_means_zero_mismatch_conv(norm: str) -> None:
         assert out["batch_dependence"] <= 1e-6
 
 
-def test_weight_norm_is_found_and_has_no_mismatch() -> None:
+@pytest.mark.parametrize("norm", normzoo.list_norms(kind="weight"))
+def test_weight_norm_is_found_and_has_no_mismatch(norm: str) -> None:
     data = _data()
-    model = nn.Sequential(
-        normzoo.build_norm("native_weightnorm", nn.Linear(6, 16)), nn.ReLU(), nn.Linear(16, 3)
-    )
+    model = nn.Sequential(normzoo.build_norm(norm, nn.Linear(6, 16)), nn.ReLU(), nn.Linear(16, 3))
     _train(model, data, steps=5)
     out = run_diagnostics(model, data, batch_size=4, precise_samples=64)
-    assert [layer["norm"] for layer in out["layers"]] == ["native_weightnorm"]
+    assert [layer["norm"] for layer in out["layers"]] == [normzoo.get_norm(norm).name]
     assert out["kl_batch_vs_ema"] == 0.0
     assert out["batch_dependence"] <= 1e-6
 
