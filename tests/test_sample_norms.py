@@ -206,6 +206,28 @@ def test_hand_written_backward_passes_gradcheck(
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
+def test_large_mean_does_not_cancel_in_float32(name: str) -> None:
+    """mu^2 / sigma^2 = 1e6: the one-pass E[x^2] - mu^2 would lose every bit of sigma^2 in float32."""
+    kw = {"num_groups": 2} if name == "groupnorm" else {}
+    ours = _randomise(normzoo.build_norm(name, C, **kw))
+    ref = normzoo.build_norm(f"native_{name}", C, **kw).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, C, 5, 6, dtype=torch.float64) + 1000.0
+    dy = torch.randn_like(x)
+    got = _fwd_bwd(ours, x.float(), dy.float())
+    want = _fwd_bwd(ref, x, dy)
+    for a, b in zip(got, want, strict=True):
+        assert _max_rel(a.double(), b) <= 1e-3
+
+
+def test_large_mean_path_passes_gradcheck() -> None:
+    x = (torch.randn(2, C, 3, 2, dtype=torch.float64) + 100.0).requires_grad_(True)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: GroupNormFunction.apply(*t, 3, 1e-5)[0], (x, w, b))
+
+
 def _saved_bytes(layer: nn.Module, x: Tensor) -> int:
     total = 0
 
