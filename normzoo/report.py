@@ -62,20 +62,22 @@ log = logging.getLogger(__name__)
 #: how each claim is decided (also printed in the report)
 RULES = {
     "differs": (
-        "two seed means differ when |difference| > 2 standard errors (Welch) and > 0.5 points; "
-        "with a single seed, when |difference| > 3 points"
+        "two seed means differ when a two-sided Welch t-test at 95% rejects equality (|difference| "
+        "> t(0.975, Welch dof) x standard error) and |difference| > 0.5 points; with a single "
+        "seed, when |difference| > 3 points"
     ),
     "paired": (
-        "an effect measured on the same runs (EMA vs PreciseBN, EMA vs batch statistics) is the mean "
-        "of per-run differences; it is real when |mean| > 2 standard errors and > 0.1 points"
+        "an effect measured on the same runs (EMA vs PreciseBN, EMA vs batch statistics) is the "
+        "mean of per-run differences; it is real when |mean| > t(0.975, n-1) x standard error "
+        "and > 0.1 points"
     ),
     "ranking": (
         "the best and worst layer at the smallest batch are picked from several, so they must "
-        "differ by > 3 standard errors and > 1 point"
+        "differ by 1.5 times the 'differs' margin and by > 1 point"
     ),
     "flat": (
-        "a layer is flat across batch sizes when its seed means span <= max(2 points, "
-        "2 x its largest seed std)"
+        "a layer is flat across batch sizes when its seed means span <= 1 point, or <= 3 points "
+        "with its highest and lowest mean not clearly different ('differs')"
     ),
     "zero": "a mismatch is zero when the measured value is exactly 0 in every run",
 }
@@ -115,6 +117,7 @@ _NAMES = {
     "none": "no norm",
 }
 _DPI = 150
+FLAT_POINTS = 1.0  # see RULES["flat"]
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -292,14 +295,31 @@ def _num(c: _Cell, digits: int = 3) -> str:
     return f"{c.mean:.{places}f} (1 seed)"
 
 
-def _differs(a: _Cell, b: _Cell, min_effect: float = 0.5, z: float = 2.0) -> int:
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _t975(dof: float) -> float:
+    """Two-sided 95% Student-t critical value (table; 2.0 beyond 30 degrees of freedom)."""
+    if not dof >= 1:
+        return math.inf
+    if dof < 10:
+        return _T975[max(1, int(dof))]  # rounding dof down is the conservative side
+    return 2.228 if dof < 20 else 2.086 if dof < 30 else 2.0
+
+
+def _differs(a: _Cell, b: _Cell, min_effect: float = 0.5, strict: float = 1.0) -> int:
     """+1 if a > b, -1 if a < b, 0 if no clear difference (RULES['differs'])."""
     if not (a.valid and b.valid):
         return 0
     d = a.mean - b.mean
     if a.n > 1 and b.n > 1:
-        se = math.sqrt(a.std**2 / a.n + b.std**2 / b.n)
-        clear = abs(d) > z * se and abs(d) > min_effect
+        va, vb = a.std**2 / a.n, b.std**2 / b.n
+        se = math.sqrt(va + vb)
+        if se == 0:
+            clear = abs(d) > min_effect
+        else:  # Welch-Satterthwaite degrees of freedom
+            dof = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
+            clear = abs(d) > strict * _t975(dof) * se and abs(d) > min_effect
     else:
         clear = abs(d) > 3.0
     return int(np.sign(d)) if clear else 0
@@ -311,10 +331,17 @@ def _paired(c: _Cell, min_effect: float = 0.1) -> int:
         return 0
     if c.n > 1:
         se = c.se()
-        clear = abs(c.mean) > 2 * (0.0 if math.isnan(se) else se) and abs(c.mean) > min_effect
+        se = 0.0 if math.isnan(se) else se
+        clear = abs(c.mean) > _t975(c.n - 1) * se and abs(c.mean) > min_effect
     else:
         clear = abs(c.mean) > 3.0
     return int(np.sign(c.mean)) if clear else 0
+
+
+def _sizes(batches: Sequence[int]) -> str:
+    """'batch size 4' or 'batch sizes 2, 4 and 8'."""
+    items = [str(b) for b in batches]
+    return f"batch size{'s' if len(items) > 1 else ''} {_join(items)}"
 
 
 def _join(items: Sequence[str]) -> str:
@@ -356,20 +383,26 @@ def _degradation_claims(t: _Table) -> list[str]:
                 f"{layer}'s test error shows no clear change between batch {hi} ({_pct(large)}) "
                 f"and batch {lo} ({_pct(small)})."
             )
-    flat, varying = [], []
+    flat, unresolved, varying = [], [], []
     for layer in t.layers:
         if t.batch_stats[layer] is not False:
             continue
         bs = t.batches(layer)
         if len(bs) < 2:
             continue
-        cells = [t.cell(layer, b, "err_ema") for b in bs]
-        means = [c.mean for c in cells]
-        span = max(means) - min(means)
-        stds = [c.std for c in cells if not math.isnan(c.std)]
-        limit = max(2.0, 2 * max(stds)) if stds else 2.0
-        entry = (layer, span, min(means), max(means), bs[0], bs[-1])
-        (flat if span <= limit else varying).append(entry)
+        cells = {b: t.cell(layer, b, "err_ema") for b in bs}
+        hi_b = max(cells, key=lambda b: cells[b].mean)
+        lo_b = min(cells, key=lambda b: cells[b].mean)
+        span = cells[hi_b].mean - cells[lo_b].mean
+        clear = _differs(cells[hi_b], cells[lo_b]) != 0
+        stds = [c.std for c in cells.values() if not math.isnan(c.std)]
+        entry = (layer, span, cells[lo_b].mean, cells[hi_b].mean, bs[0], bs[-1], max(stds or [0]))
+        if span <= FLAT_POINTS or (not clear and span <= 3 * FLAT_POINTS):
+            flat.append(entry)
+        elif not clear:
+            unresolved.append(entry)
+        else:
+            varying.append(entry)
     if flat:
         widest = max(flat, key=lambda e: e[1])
         names = _join([e[0] for e in flat])
@@ -379,7 +412,13 @@ def _degradation_claims(t: _Table) -> list[str]:
             f"{min(e[4] for e in flat)}–{max(e[5] for e in flat)}: seed means span at most "
             f"{widest[1]:.1f} points ({widest[0]}: {widest[2]:.1f}% to {widest[3]:.1f}%)."
         )
-    for layer, span, lo_v, hi_v, b0, b1 in varying:
+    for layer, span, lo_v, hi_v, b0, b1, std in unresolved:
+        out.append(
+            f"{layer} (no batch statistics) varies by {span:.1f} points across batch sizes "
+            f"{b0}–{b1} ({lo_v:.1f}% to {hi_v:.1f}%), within its seed spread (std up to "
+            f"{std:.1f} points): neither flat nor a clear trend."
+        )
+    for layer, span, lo_v, hi_v, b0, b1, _ in varying:
         out.append(
             f"{layer} has no batch statistics but its error varies by {span:.1f} points across "
             f"batch sizes {b0}–{b1} ({lo_v:.1f}% to {hi_v:.1f}%): not flat."
@@ -395,7 +434,7 @@ def _smallest_batch_ranking(t: _Table) -> list[str]:
     cells = {layer: t.cell(layer, b, "err_ema") for layer in t.layers}
     best = min(cells, key=lambda k: cells[k].mean)
     worst = max(cells, key=lambda k: cells[k].mean)
-    if _differs(cells[worst], cells[best], min_effect=1.0, z=3.0) == 0:
+    if _differs(cells[worst], cells[best], min_effect=1.0, strict=1.5) == 0:
         return [
             f"At batch {b} no layer is clearly better than another (lowest error {best} "
             f"{_pct(cells[best])}, highest {worst} {_pct(cells[worst])})."
@@ -464,7 +503,7 @@ def _precise_claims(t: _Table) -> list[str]:
             b = max(better, key=lambda k: cells[k].mean)
             text = (
                 f"PreciseBN recalibration lowers {layer}'s error where its EMA statistics cost "
-                f"accuracy (batch sizes {', '.join(map(str, better))}): at batch {b} from "
+                f"accuracy ({_sizes(better)}): at batch {b} from "
                 f"{_pct(t.cell(layer, b, 'err_ema'))} with EMA statistics to "
                 f"{_pct(t.cell(layer, b, 'err_precise'))} with population statistics "
                 f"(paired difference {_pct(cells[b], ' points')})."
@@ -472,11 +511,12 @@ def _precise_claims(t: _Table) -> list[str]:
         else:
             b = max(bs, key=lambda k: abs(cells[k].mean))
             text = (
-                f"{layer} has no EMA gap that PreciseBN closes: recomputed population statistics "
-                f"change its error by at most {_pct(cells[b], ' points')} (batch {b})."
+                f"PreciseBN makes no clear difference to {layer}'s error at any batch size: the "
+                f"largest paired change (EMA − PreciseBN) is {_pct(cells[b], ' points')} at "
+                f"batch {b}."
             )
         if worse:
-            text += f" PreciseBN raises its error at batch sizes {', '.join(map(str, worse))}."
+            text += f" PreciseBN raises its error at {_sizes(worse)}."
         out.append(text)
         lo = bs[0]
         ema_gap, pre_gap = t.cell(layer, lo, "gap_ema"), t.cell(layer, lo, "gap_precise")
@@ -594,7 +634,7 @@ def findings(df: pd.DataFrame) -> list[str]:
     out += _dependence_claims(t)
     out += _clip_claims(t)
     out += _run_claims(runs)
-    return out
+    return [s[:1].upper() + s[1:] for s in out]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -947,7 +987,7 @@ def _provenance(df: pd.DataFrame, sweep_dir: Path | None, command: str | None) -
     for cmd in sorted(commands)[:5]:
         lines.append(f"- command recorded by the runs: `{cmd}`")
     if command:
-        lines.append(f"- report command: `{command}`")
+        lines.append(f"- report built by: `{command}`")
     counts = df["status"].value_counts().to_dict() if "status" in df else {}
     lines.append(
         f"- runs: {len(df)} rows ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none'})"
@@ -1011,7 +1051,9 @@ def _settings(ok: pd.DataFrame) -> pd.DataFrame:
     ]
     rows = []
     for c in cols:
-        vals = ok[c].dropna().astype(str).unique()
+        if ok[c].isna().any():
+            continue  # set for some runs only (a layer's own option)
+        vals = ok[c].astype(str).unique()
         if len(vals) == 1:
             rows.append({"setting": c, "value": vals[0]})
     return pd.DataFrame(rows)
@@ -1246,7 +1288,9 @@ class ReportCallback(Callback):
         if not sweep_dir.is_absolute() and cwd:
             sweep_dir = Path(str(cwd)) / sweep_dir
         try:
-            path = build_report(sweep_dir, out_path, command=shlex.join(sys.argv))
+            path = build_report(
+                sweep_dir, out_path, command="ReportCallback after: " + shlex.join(sys.argv)
+            )
         except Exception:
             log.exception(
                 "report for %s failed; rebuild it with: normzoo-report %s --out %s",
