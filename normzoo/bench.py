@@ -538,7 +538,7 @@ def run_bench(config: BenchConfig, *, log: Log = _stderr) -> list[dict[str, Any]
         msg = (
             f"[{i}/{len(plan)}] {dev} {mode:8s} {pairing.layer:>12s} vs {pairing.baseline:<17s} "
             f"{row['shape']:>14s}: {row['scratch_ms']:8.3f} ms / {row['native_ms']:8.3f} ms = "
-            f"{row['ratio']:.2f}x, bytes {row['bytes_ratio']:.2f}x ({time.perf_counter() - t0:.1f} s)"
+            f"{row['ratio']:.2f}x, bytes {row['bytes_ratio']:.3f}x ({time.perf_counter() - t0:.1f} s)"
         )
         if row["error"]:
             msg += f"  ERROR {row['error']}"
@@ -687,7 +687,7 @@ def _plot(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], pat
             bars = ax.bar(
                 [i + offset for i in range(len(layers))], vals, width=width, label=dev, alpha=0.75
             )
-            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+            ax.bar_label(bars, fmt="%.3f" if metric == "memory" else "%.2f", fontsize=7, padding=2)
             for i, lay in enumerate(layers):
                 pts = [r[column] for r in rows
                        if (r["layer"], r["device"], r["mode"]) == (lay, dev, mode)]  # fmt: skip
@@ -771,9 +771,9 @@ def write_report(
                     s["shapes"],
                     f"{_fmt(s['eager'])} {s['eager_ok']}",
                     f"{_fmt(s['compiled'])} {s['compiled_ok']}",
-                    f"{_fmt(s['memory'])} {s['memory_ok']}",
-                    _fmt(s["memory_max"]),
-                    _fmt(s["memory_compiled"]),
+                    f"{_fmt(s['memory'], '.3f')} {s['memory_ok']}",
+                    _fmt(s["memory_max"], ".3f"),
+                    _fmt(s["memory_compiled"], ".3f"),
                     s["errors"],
                 ]
                 for s in summary
@@ -812,7 +812,7 @@ def write_report(
                     _fmt(r["paired_ratio"]),
                     _fmt(r["saved_bytes_scratch"] / 1024, ".0f"),
                     _fmt(r["saved_bytes_native"] / 1024, ".0f"),
-                    _fmt(r["bytes_ratio"]),
+                    _fmt(r["bytes_ratio"], ".3f"),
                     ""
                     if r["mode"] == "eager"
                     else f"{_fmt(r['compile_s_scratch'], '.1f')} / {_fmt(r['compile_s_native'], '.1f')}",
@@ -949,7 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{s['device']} {s['layer']:>12s} vs {s['baseline']:<17s} eager {_fmt(s['eager'])} "
             f"({s['eager_ok']}), compiled {_fmt(s['compiled'])} ({s['compiled_ok']}), "
-            f"memory {_fmt(s['memory'])} ({s['memory_ok']})"
+            f"memory {_fmt(s['memory'], '.3f')} ({s['memory_ok']})"
         )
     return 0
 
