@@ -62,6 +62,10 @@ __all__ = [
 ]
 
 _SCALAR_TYPES = (bool, int, float)
+#: batch dependence probes at most PROBE_BUDGET // batch_size samples (but >= 16)
+PROBE_BUDGET = 4096
+#: probes of the eval-mode (numerical floor) measurement
+FLOOR_PROBES = 16
 
 
 @dataclass
@@ -302,19 +306,18 @@ def population_stats(
 
     def hook(name: str, per_instance: bool):
         def fn(_: nn.Module, args: tuple[Any, ...]) -> None:
-            a = args[0].detach().double()
+            a = args[0].detach()
             dims = _reduce_dims(a, per_instance)
             m = math.prod(a.shape[d] for d in dims)
+            # per-batch statistics in the input's precision, accumulated in float64
             if per_instance:  # one (mu, unbiased var) per (sample, channel), averaged
-                mu = a.mean(dim=dims)
-                var = a.var(dim=dims, unbiased=True) if m > 1 else torch.zeros_like(mu)
+                var, mu = torch.var_mean(a, dim=dims, correction=1 if m > 1 else 0)
                 s = sums.setdefault(name, [0, 0.0, 0.0])
                 s[0] += mu.shape[0]
-                s[1] = s[1] + mu.sum(0)
-                s[2] = s[2] + var.sum(0)
+                s[1] = s[1] + mu.double().sum(0)
+                s[2] = s[2] + var.double().sum(0)
                 return
-            mu_b = a.mean(dim=dims)
-            var_b = a.var(dim=dims, unbiased=False)
+            var_b, mu_b = (t.double() for t in torch.var_mean(a, dim=dims, correction=0))
             s = sums.setdefault(name, [0, 0.0, 0.0])
             s[0] += m
             s[1] = s[1] + m * mu_b
@@ -387,11 +390,13 @@ def _batch_dependence(
     handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in activation_layers]
     outs: list[list[Tensor]] = [[], []]
     try:
-        draws = [
-            [torch.randperm(n_train, generator=gen)[:companions] for _ in probes] for _ in range(2)
+        # drawn per probe, so a prefix of the probes gets the same companions from the same seed
+        pairs = [
+            [torch.randperm(n_train, generator=gen)[:companions] for _ in range(2)] for _ in probes
         ]
         for rep in range(2):
-            for p, comp in zip(probes.tolist(), draws[rep], strict=True):
+            for p, pair in zip(probes.tolist(), pairs, strict=True):
+                comp = pair[rep]
                 idx = torch.cat([torch.tensor([p]), comp]).to(data.test_x.device)
                 xb = torch.cat([data.test_x[idx[:1]], data.train_x[idx[1:]]])
                 outs[rep].append(_forward(model, xb, volatile)[:1])
@@ -451,7 +456,9 @@ def run_diagnostics(
         precise_samples: PreciseBN uses at least this many training samples (rounded up to whole
             batches; the training set is cycled through in fresh permutations if it is smaller).
         seed: seeds the test-batch composition, the PreciseBN batches and the probe companions.
-        probe_samples: number of test samples probed for batch dependence.
+        probe_samples: at most this many test samples are probed for batch dependence (and at
+            most ``max(16, PROBE_BUDGET // batch_size)``, since each costs two forwards of a
+            full batch); the eval-mode floor uses the first ``FLOOR_PROBES`` of them.
 
     Returns:
         A JSON-serialisable dict (floats, ints, None, a list of per-layer dicts).
@@ -519,14 +526,23 @@ def run_diagnostics(
         result["test_error_precise"], result["test_loss_precise"] = err, loss
 
         # batch dependence (train mode) and its numerical floor (eval mode), same probe batches
-        probes = torch.randperm(n_test, generator=gen)[: min(probe_samples, n_test)]
+        # cost: 2 forwards of batch_size per probe, so large batches get fewer probes
+        n_probes = min(probe_samples, max(16, PROBE_BUDGET // batch_size), n_test)
+        probes = torch.randperm(n_test, generator=gen)[:n_probes]
         state = gen.get_state()
         dep, dep_layers = _batch_dependence(
             model, layers, data, batch_size, probes, gen, volatile, norm_training=True
         )
-        gen.set_state(state)
+        gen.set_state(state)  # the floor re-uses the first probes' batches exactly
         floor, _ = _batch_dependence(
-            model, layers, data, batch_size, probes, gen, volatile, norm_training=False
+            model,
+            layers,
+            data,
+            batch_size,
+            probes[:FLOOR_PROBES],
+            gen,
+            volatile,
+            norm_training=False,
         )
         result["batch_dependence"] = dep
         result["batch_dependence_floor"] = floor

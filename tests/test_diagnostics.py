@@ -141,6 +141,9 @@ def test_batchnorm_has_batch_dependence_and_a_mismatch() -> None:
     assert out["ema_mean_gap"] > 0.0 and out["ema_log_std_gap"] > 0.0
     assert out["test_loss_batch_stats"] != out["test_loss"]
     json.dumps(out)  # serialisable as it is stored in metrics.json
+    again = run_diagnostics(model, data, batch_size=4, precise_samples=64)
+    out.pop("diagnostics_seconds"), again.pop("diagnostics_seconds")
+    assert again == out  # seeded: the same model and seed give the same numbers
 
 
 def test_batch_dependence_grows_as_the_batch_shrinks() -> None:
