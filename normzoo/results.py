@@ -223,7 +223,8 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
             row["status"] = str(row.get("status") or "unknown")
             row.setdefault("error", None)
     else:
-        partial = sorted(p.name for p in run_dir.glob(f"{METRICS_FILE}*"))
+        # an atomic writer killed mid-write leaves its temp file (".metrics.json.<rand>.tmp")
+        partial = sorted(p.name for p in run_dir.glob(f"*{METRICS_FILE}*"))
         note = f" (partial file(s): {', '.join(partial)})" if partial else ""
         row = {"status": "missing", "error": f"no {METRICS_FILE}: started, never finished{note}"}
     if overrides is not None:

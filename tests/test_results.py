@@ -171,10 +171,10 @@ def test_corrupt_shapes_never_raise(tmp_path: Path) -> None:
         path = d / "metrics.json"
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
     (tmp_path / "tmp_only" / ".hydra").mkdir(parents=True)
-    (tmp_path / "tmp_only" / "metrics.json.tmp").write_text("{")
+    (tmp_path / "tmp_only" / ".metrics.json.x1y2.tmp").write_text("{")  # a killed atomic write
     df = load_sweep(tmp_path).set_index("run_dir")
     assert sorted(df["status"]) == ["corrupt", "corrupt", "corrupt", "missing"]
-    assert "metrics.json.tmp" in df.loc[str(tmp_path / "tmp_only"), "error"]
+    assert ".metrics.json.x1y2.tmp" in df.loc[str(tmp_path / "tmp_only"), "error"]
 
 
 def test_missing_sweep_dir_is_a_clear_error(tmp_path: Path) -> None:
