@@ -936,7 +936,8 @@ def _layer_gap_table(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     layers = layers[layers["mean_gap"].notna()]
     if layers.empty:
         return pd.DataFrame()
-    labels = runs.set_index("run_dir")["layer"]
+    with_dir = runs[runs["run_dir"].notna()].drop_duplicates("run_dir")
+    labels = with_dir.set_index("run_dir")["layer"]
     layers = layers.assign(layer=layers["run_dir"].map(labels))
     cols = [c for c in ("mean_gap", "log_std_gap", "batch_dependence") if c in layers]
     keys = ["layer", "batch_size", "depth", "name"]
