@@ -277,3 +277,20 @@ def test_repr_and_spec() -> None:
     spec = normzoo.get_norm("in")
     assert spec.needs_spatial and spec.native == "native_instancenorm"
     assert normzoo.get_norm("gn").defaults["num_groups"] == 32
+
+
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
+def test_empty_batch_and_empty_spatial_dims(name: str) -> None:
+    kw = {"num_groups": 2} if name == "groupnorm" else {}
+    layer = normzoo.build_norm(name, C, **kw)
+    if name == "instancenorm":
+        layer = InstanceNorm(C, track_running_stats=True)
+    x = torch.randn(0, C, 3, 3, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
+    assert torch.equal(layer.weight.grad, torch.zeros(C))
+    if name == "instancenorm":  # nothing seen, nothing averaged in
+        assert torch.equal(layer.running_var, torch.ones(C))
+    with pytest.raises(ValueError, match=r"non-empty spatial dims.*\(2, 6, 0, 3\)"):
+        layer(torch.randn(2, C, 0, 3))

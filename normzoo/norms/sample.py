@@ -67,7 +67,8 @@ def _group_stats(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, bool]:
     var = torch.linalg.vector_norm(xg, dim=dims).square_().div_(m)
     var.addcmul_(mean, mean, value=-1.0)
     # var - mu^2 / L < 0  <=>  mu^2 / var > L (also catches a var < 0 from rounding)
-    if torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT).min().item() >= 0:
+    margin = torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT)
+    if margin.numel() == 0 or margin.min().item() >= 0:  # (an empty batch has nothing to check)
         return mean, var, False
     centred = xg - _group_shape(mean, xg)
     return mean, torch.linalg.vector_norm(centred, dim=dims).square_().div_(m), True
@@ -171,7 +172,16 @@ class GroupNormFunction(torch.autograd.Function):
 def group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Functional form: ``(y, mean, var)`` with mean and biased var of shape (N, num_groups)."""
+    """Functional form: ``(y, mean, var)`` with mean and biased var of shape (N, num_groups).
+
+    Raises:
+        ValueError: if a group would hold no values (an empty spatial dim).
+    """
+    if x.dim() > 2 and math.prod(x.shape[2:]) == 0:
+        raise ValueError(
+            f"expected non-empty spatial dims (each group needs values to normalise), "
+            f"got input of shape {tuple(x.shape)}"
+        )
     return GroupNormFunction.apply(x, weight, bias, num_groups, eps)  # type: ignore[no-any-return]
 
 
@@ -318,15 +328,15 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
                 shift = shift * self.weight + self.bias
             view = (1, -1) + (1,) * (x.dim() - 2)
             return torch.addcmul(shift.view(view), x, scale.view(view))
-        m = x[0, 0].numel()
-        if m <= 1:
+        m = math.prod(x.shape[2:])
+        if m == 1:
             raise ValueError(
                 f"Expected more than 1 spatial element when training, got input size "
                 f"{list(x.shape)} (InstanceNorm normalises each (sample, channel) over its spatial "
                 f"values)"
             )
         y, mean, var = group_norm(x, self.num_features, self.weight, self.bias, self.eps)
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and x.shape[0] > 0:
             self._update_running_stats(mean.mean(0), var.mean(0) * (m / (m - 1)))
         return y
 
