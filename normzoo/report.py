@@ -117,6 +117,7 @@ _NAMES = {
     "none": "no norm",
 }
 _DPI = 150
+_LINESTYLES = ("-", "--", ":", "-.")
 FLAT_POINTS = 1.0  # see RULES["flat"]
 
 
@@ -445,11 +446,24 @@ def _smallest_batch_ranking(t: _Table) -> list[str]:
     ]
 
 
+def _variant(layer: str) -> str:
+    """The model/data suffix of a layer label ('' when the sweep does not vary them)."""
+    return layer.split(" · ", 1)[1] if " · " in layer else ""
+
+
 def _renorm_claims(t: _Table) -> list[str]:
-    by_norm = {t.norm[layer]: layer for layer in t.layers}
-    bn, brn = by_norm.get("batchnorm"), by_norm.get("batchrenorm")
-    if bn is None or brn is None:
-        return []
+    out: list[str] = []
+    for bn in [layer for layer in t.layers if t.norm[layer] == "batchnorm"]:
+        brn = next(
+            (x for x in t.layers if t.norm[x] == "batchrenorm" and _variant(x) == _variant(bn)),
+            None,
+        )
+        if brn is not None:
+            out += _renorm_pair(t, bn, brn)
+    return out
+
+
+def _renorm_pair(t: _Table, bn: str, brn: str) -> list[str]:
     common = sorted(set(t.batches(bn)) & set(t.batches(brn)))
     if len(common) < 2:
         return []
@@ -466,23 +480,23 @@ def _renorm_claims(t: _Table) -> list[str]:
         sign = _differs(bn_small, brn_small)
         if sign > 0:
             out.append(
-                f"At batch {b}, Batch Renorm recovers {share:.0f}% of BatchNorm's small-batch loss "
-                f"({_pct(brn_small)} vs BatchNorm's {_pct(bn_small)}; BatchNorm at batch {hi}: "
+                f"At batch {b}, {brn} recovers {share:.0f}% of {bn}'s small-batch loss "
+                f"({_pct(brn_small)} vs {_pct(bn_small)}; {bn} at batch {hi}: "
                 f"{_pct(bn_large)})."
             )
         elif sign < 0:
             out.append(
-                f"At batch {b}, Batch Renorm is worse than BatchNorm ({_pct(brn_small)} vs "
-                f"{_pct(bn_small)}): it recovers none of BatchNorm's small-batch loss."
+                f"At batch {b}, {brn} is worse than {bn} ({_pct(brn_small)} vs "
+                f"{_pct(bn_small)}): it recovers none of {bn}'s small-batch loss."
             )
         else:
             out.append(
-                f"At batch {b}, Batch Renorm does not clearly recover BatchNorm's small-batch loss "
-                f"({_pct(brn_small)} vs BatchNorm's {_pct(bn_small)})."
+                f"At batch {b}, {brn} does not clearly recover {bn}'s small-batch loss "
+                f"({_pct(brn_small)} vs {_pct(bn_small)})."
             )
     if not out:
         out.append(
-            "BatchNorm shows no clear small-batch loss in this sweep, so Batch Renorm's recovery "
+            f"{bn} shows no clear small-batch loss in this sweep, so {brn}'s recovery "
             "is not measured."
         )
     return out[:2]
@@ -641,8 +655,11 @@ def findings(df: pd.DataFrame) -> list[str]:
 
 
 def _styles(t: _Table) -> dict[str, dict[str, Any]]:
+    """Colour by layer family (the same in every figure), line style by model/data variant,
+    square markers for torch's native references."""
     spare = iter(_SPARE_COLOURS * 4)
     colours: dict[str, str] = {}
+    variants = list(dict.fromkeys(_variant(layer) for layer in t.layers))
     out = {}
     for layer in t.layers:
         norm = t.norm[layer]
@@ -651,7 +668,7 @@ def _styles(t: _Table) -> dict[str, dict[str, Any]]:
             colours[base] = _COLOURS.get(base) or next(spare)
         out[layer] = {
             "color": colours[base],
-            "linestyle": "--" if norm.startswith("native_") else "-",
+            "linestyle": _LINESTYLES[variants.index(_variant(layer)) % len(_LINESTYLES)],
             "marker": "s" if norm.startswith("native_") else "o",
         }
     return out

@@ -128,6 +128,17 @@ def test_a_measured_mismatch_is_not_called_zero() -> None:
     assert "max |EMA − batch-statistics error| = 1 points" in line
 
 
+def test_layers_are_split_by_model_when_the_sweep_varies_it() -> None:
+    mlp = _frame(norms=("batchnorm", "batchrenorm"))
+    cnn = _frame(lambda n, b: _degrading(n, b) / 2, norms=("batchnorm", "batchrenorm"))
+    lines = findings(pd.concat([mlp, cnn.assign(model="cnn")], ignore_index=True))
+    for model in ("mlp", "cnn"):
+        _sentence(
+            lines, rf"^At batch 2, Batch Renorm · {model} recovers \d+% of BatchNorm · {model}"
+        )
+        _sentence(lines, rf"^BatchNorm · {model}'s test error rises")
+
+
 def test_report_files_figures_and_tables(tmp_path: Path) -> None:
     df = _frame()
     failed = {"norm": "layernorm", "batch_size": 8, "seed": 9, "status": "failed"}
