@@ -8,9 +8,10 @@ Every registered, non-reference entry whose spec names a ``native`` reference is
   for the default options, ``affine=False``, ``momentum=None`` (cumulative average; where the layer
   has a momentum) and the non-default ``track_running_stats`` (where the layer has it). The reference
   starts from the same state dict.
-* ``weight`` layers: a ``nn.Linear`` and a ``nn.Conv2d`` wrapped by both; outputs and input
-  gradients along a few SGD steps. The steps update the parameters with their gradients, so a
-  parameter-gradient mismatch shows up in the next step's output whatever the parameters are named.
+* ``weight`` layers: a ``nn.Linear`` and a ``nn.Conv2d`` wrapped by both; outputs, input gradients
+  and (where the parameter names agree with torch's) parameter gradients along a few SGD steps. The
+  steps update the parameters with their gradients, so a parameter-gradient mismatch also shows up in
+  the next step's output whatever the parameters are named.
 
 **Relative error** of a result ``a`` against the reference ``b`` (same shape) is
 ``max|a - b| / max|b|``, the largest elementwise difference scaled by the largest reference
@@ -194,8 +195,16 @@ def weight_parity(case: Case, dtype: torch.dtype, seed: int = 0) -> dict[str, fl
     for _ in range(TRAIN_STEPS):
         x = torch.randn(in_shape, dtype=dtype)
         dy = torch.randn_like(ref(x))
-        (y, gx, *_), (yr, gxr, *_) = _step(ours, x, dy), _step(ref, x, dy)
-        for key, a, b in (("output", y, yr), ("grad_input", gx, gxr)):
+        (y, gx, *grads), (yr, gxr, *grads_ref) = _step(ours, x, dy), _step(ref, x, dy)
+        compared = [("output", y, yr), ("grad_input", gx, gxr)]
+        names = [n for n, _ in sorted(ours.named_parameters())]
+        if names == [
+            n for n, _ in sorted(ref.named_parameters())
+        ]:  # torch's names: compare directly
+            compared += [
+                (f"grad_{n}", a, b) for n, a, b in zip(names, grads, grads_ref, strict=True)
+            ]
+        for key, a, b in compared:
             errors[key] = max(errors.get(key, 0.0), relative_error(a, b))
         opt_ours.step()
         opt_ref.step()

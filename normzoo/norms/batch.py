@@ -8,16 +8,17 @@ average.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normzoo.norms._base import RunningStatsMixin, _NormBase
 from normzoo.registry import register_norm
 
-__all__ = ["BatchNorm"]
+__all__ = ["SCHEDULES", "BatchNorm", "BatchRenorm", "set_progress"]
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -94,15 +95,18 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
 class _BatchNormFunction(torch.autograd.Function):
     r"""Training-mode batch norm with batch statistics and a hand-derived backward.
 
-    ``apply(x, weight, bias, eps, ref_mean, ref_var, rmax, dmax)`` returns ``(y, mean, var)``: the
-    output and the batch mean and biased variance per channel (non-differentiable, for the running
-    statistics). With x_hat = (x - mean) * invstd, invstd = 1 / sqrt(var + eps)::
+    ``apply(x, weight, bias, eps)`` returns ``(y, mean, var)``: the output and the batch mean and
+    biased variance per channel (non-differentiable, for the running statistics).
+    ``apply(x, weight, bias, eps, ref_mean, ref_var, limits)`` (Batch Renorm, ``limits`` the tensor
+    ``[rmax, dmax]``) returns ``(y, mean, var, clip_fraction_r, clip_fraction_d)``, the last two the
+    fractions of channels whose r resp. d was clipped. With x_hat = (x - mean) * invstd,
+    invstd = 1 / sqrt(var + eps)::
 
         y = gamma * x_hat + beta                                   (BatchNorm)
-        y = gamma * (x_hat * r + d) + beta                         (Batch Renorm, ref_mean given)
+        y = gamma * (x_hat * r + d) + beta                         (Batch Renorm)
         r = clip(sqrt(var + eps) / sigma, 1/rmax, rmax),  d = clip((mean - ref_mean) / sigma, +-dmax)
 
-    with sigma = sqrt(ref_var + eps); Batch Renorm also returns the unclipped r and d. r and d are
+    with sigma = sqrt(ref_var + eps). r and d are
     constants for the gradient (stop_gradient), so both share one backward with the effective
     per-channel scale g = gamma * r * invstd (r = 1 for BatchNorm); sums run over N and S (m values)::
 
@@ -127,8 +131,7 @@ class _BatchNormFunction(torch.autograd.Function):
         eps: float,
         ref_mean: Tensor | None = None,
         ref_var: Tensor | None = None,
-        rmax: float = 1.0,
-        dmax: float = 0.0,
+        limits: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         m = _values_per_channel(x)
         y = torch.empty_like(x)
@@ -137,22 +140,30 @@ class _BatchNormFunction(torch.autograd.Function):
         g = invstd if weight is None else weight * invstd
         r = d = None
         extra: tuple[Tensor, ...] = ()
-        if ref_mean is None:
-            shift = -mean * g if bias is None else torch.addcmul(bias, mean, g, value=-1)
-        else:
-            assert ref_var is not None
+        offset = bias  # y = (x - mean) * g + offset
+        if ref_mean is not None:
+            assert ref_var is not None and limits is not None
+            rmax, dmax = limits.unbind()
             ref_invstd = torch.rsqrt(ref_var + eps)
             r_raw = torch.sqrt(var + eps).mul_(ref_invstd)  # sigma_B / sigma
             d_raw = (mean - ref_mean).mul_(ref_invstd)  # (mu_B - mu) / sigma
-            r = r_raw.clamp(1.0 / rmax, rmax)
-            d = d_raw.clamp(-dmax, dmax)
+            r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
+            d = torch.clamp(d_raw, -dmax, dmax)
             g = g * r
             offset = d if weight is None else weight * d  # gamma * d
             if bias is not None:
                 offset = offset + bias
-            shift = torch.addcmul(offset, mean, g, value=-1)
-            extra = (r_raw, d_raw)
-        _affine_into(y, x, g, shift)
+            # clamp returns its input's value exactly where it does not clip
+            extra = (torch.ne(r, r_raw).mean(dtype=y.dtype), torch.ne(d, d_raw).mean(dtype=y.dtype))
+        if centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
+            torch.sub(x, _channel_view(mean, x), out=y)
+            if offset is None:
+                y.mul_(_channel_view(g, x))
+            else:
+                _affine_into(y, y, g, offset)
+        else:
+            shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
+            _affine_into(y, x, g, shift)
         ctx.centred = centred
         ctx.set_materialize_grads(False)  # mean, var (, r, d) get no gradient: skip their zeros
         ctx.save_for_backward(x, mean, invstd, g, r, d)
@@ -163,7 +174,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:  # grads are not materialised: y did not take part in the loss
-            return (None,) * 8
+            return (None,) * 7
         x, mean, invstd, g, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dims = _reduce_dims(x)
@@ -188,7 +199,7 @@ class _BatchNormFunction(torch.autograd.Function):
                 else:
                     dx = _affine_into(buf, x, a, b.addcmul_(a, mean, value=-1))
                 dx = dx.addcmul_(dy, _channel_view(g, x))
-        return dx, dweight, sum_dy if need_b else None, None, None, None, None, None
+        return dx, dweight, sum_dy if need_b else None, None, None, None, None
 
 
 @register_norm(
@@ -268,3 +279,252 @@ class BatchNorm(RunningStatsMixin, _NormBase):
             f"{super().extra_repr()}, momentum={self.momentum}, "
             f"track_running_stats={self.track_running_stats}"
         )
+
+
+#: Batch Renorm's limit schedule: plain BatchNorm (rmax = 1, dmax = 0) until ``relax_start``, then a
+#: linear relaxation reaching ``rmax`` at ``rmax_relaxed`` and ``dmax`` at ``dmax_relaxed``. The paper
+#: (Ioffe 2017, Sec. 4.1) relaxes from step 5k to rmax = 3 at 40k and dmax = 5 at 25k steps; as
+#: fractions of a 100k-step run these are the progress defaults 0.05, 0.4 and 0.25.
+SCHEDULES = ("auto", "steps", "none")
+
+
+def _relaxed_fraction(now: float, start: float, end: float) -> float:
+    """How far along [start, end] ``now`` is, clipped to [0, 1] (a jump at ``start`` if end == start)."""
+    if end <= start:
+        return 1.0 if now >= start else 0.0
+    return min(max((now - start) / (end - start), 0.0), 1.0)
+
+
+@register_norm(
+    "batchrenorm",
+    aliases=("brn", "renorm"),
+    paper="Ioffe 2017, Batch Renormalization: Towards Reducing Minibatch Dependence in "
+    "Batch-Normalized Models, arXiv:1702.03275",
+    uses_batch_stats=True,
+    native=None,
+    description="Batch Renorm: BatchNorm corrected by clipped (r, d) towards the moving statistics",
+)
+class BatchRenorm(BatchNorm):
+    r"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275), from scratch.
+
+    Statistics over N and the spatial dims, one (mu_B, sigma_B) per channel, as :class:`BatchNorm`.
+    In training, the batch-normalised value is corrected towards the moving statistics (mu, sigma)::
+
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+        r = stop_grad(clip(sigma_B / sigma, 1/rmax, rmax))
+        d = stop_grad(clip((mu_B - mu) / sigma, -dmax, dmax))
+
+    with sigma_B = sqrt(biased batch variance + eps), sigma = sqrt(running_var + eps), and mu, sigma
+    the moving statistics from *before* this step's update. r = 1, d = 0 (rmax = 1, dmax = 0) is
+    exactly BatchNorm. The gradient treats r and d as constants: it is BatchNorm's with gamma * r
+    as the per-channel scale (one shared hand-written backward).
+
+    * **Training:** as above; then ``running_mean``/``running_var`` are updated as in BatchNorm
+      (torch's convention: unbiased variance, ``momentum`` default 0.01 as in the paper,
+      ``momentum=None`` a cumulative average). Without ``track_running_stats`` there are no moving
+      statistics to correct towards and the layer is plain BatchNorm.
+    * **Eval:** y = gamma * (x - mu) / sigma + beta with the moving statistics (as BatchNorm).
+
+    **Limits schedule** (``schedule``). The paper trains with plain BN first and relaxes the limits
+    later; here the limits move linearly from (1, 0) to (``rmax``, ``dmax``):
+
+    * ``"auto"`` (default): driven by the training loop's *progress* p in [0, 1] (the fraction of
+      the run done), set with :meth:`set_progress` (or the module-level :func:`set_progress`):
+      plain BN while p < ``relax_start``, rmax fully relaxed at p = ``rmax_relaxed``, dmax at
+      p = ``dmax_relaxed`` (defaults 0.05, 0.4, 0.25: the paper's 5k / 40k / 25k steps as
+      fractions of a 100k-step run), so short runs relax the limits too. Until set_progress is
+      first called, the limits follow the paper's step schedule (below) on ``num_batches_tracked``
+      -- a layer nobody drives still leaves plain BN, it never silently stays BatchNorm.
+    * ``"steps"``: the paper's schedule on ``num_batches_tracked``: plain BN for
+      ``relax_start_step`` (5000) steps, rmax reached at ``rmax_relaxed_step`` (40000), dmax at
+      ``dmax_relaxed_step`` (25000).
+    * ``"none"``: fixed limits ``rmax``, ``dmax`` from the first step (as Keras' ``renorm_clipping``).
+
+    State: as BatchNorm (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``; a BatchNorm state dict loads). Not saved: the progress and the
+    diagnostics ``clip_fraction_r``, ``clip_fraction_d`` -- 0-dim tensors, the fraction of channels
+    whose r resp. d was clipped in the last training forward (detached, no device sync).
+    :attr:`current_rmax` and :attr:`current_dmax` are the limits the next training step uses.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        affine: bool = True,
+        momentum: float | None = 0.01,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        schedule: str = "auto",
+        relax_start: float = 0.05,
+        rmax_relaxed: float = 0.4,
+        dmax_relaxed: float = 0.25,
+        relax_start_step: int = 5000,
+        rmax_relaxed_step: int = 40000,
+        dmax_relaxed_step: int = 25000,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps=eps,
+            affine=affine,
+            momentum=momentum,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+        )
+        if not rmax >= 1.0 or not dmax >= 0.0 or math.isinf(rmax) or math.isinf(dmax):
+            raise ValueError(f"need finite rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if (
+            not 0.0
+            <= relax_start
+            <= min(rmax_relaxed, dmax_relaxed)
+            <= max(rmax_relaxed, dmax_relaxed)
+            <= 1.0
+        ):
+            raise ValueError(
+                "need 0 <= relax_start <= rmax_relaxed, dmax_relaxed <= 1 (fractions of the run), "
+                f"got {relax_start}, {rmax_relaxed}, {dmax_relaxed}"
+            )
+        steps = (relax_start_step, rmax_relaxed_step, dmax_relaxed_step)
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in steps) or not (
+            0 <= relax_start_step <= min(rmax_relaxed_step, dmax_relaxed_step)
+        ):
+            raise ValueError(
+                "need integer steps 0 <= relax_start_step <= rmax_relaxed_step, dmax_relaxed_step, "
+                f"got {steps}"
+            )
+        self.rmax, self.dmax, self.schedule = float(rmax), float(dmax), schedule
+        self.relax_start, self.rmax_relaxed, self.dmax_relaxed = (
+            float(relax_start),
+            float(rmax_relaxed),
+            float(dmax_relaxed),
+        )
+        self.relax_start_step, self.rmax_relaxed_step, self.dmax_relaxed_step = steps
+        self.progress: float | None = None  # set by set_progress
+        self._progress_driven = False  # a bool, so torch.compile guards on it, not on the float
+        factory = {"device": device, "dtype": dtype}
+
+        def constant(*values: float) -> Tensor:
+            return torch.tensor(values, **factory)  # type: ignore[arg-type]
+
+        # [rmax, dmax] limits: plain BN, fully relaxed, as last set by set_progress
+        self.register_buffer("_limits_bn", constant(1.0, 0.0), persistent=False)
+        self.register_buffer("_limits_full", constant(self.rmax, self.dmax), persistent=False)
+        self.register_buffer("_limits_progress", constant(1.0, 0.0), persistent=False)
+        # the step schedule's relaxation lengths (at least 1 step: a jump if start == end)
+        spans = (
+            float(max(s - relax_start_step, 1)) for s in (rmax_relaxed_step, dmax_relaxed_step)
+        )
+        self.register_buffer("_relax_steps", constant(*spans), persistent=False)
+        self.register_buffer("clip_fraction_r", constant(0.0).squeeze(0), persistent=False)
+        self.register_buffer("clip_fraction_d", constant(0.0).squeeze(0), persistent=False)
+
+    def set_progress(self, progress: float) -> None:
+        """Drive the limits by the run's progress p in [0, 1] (the fraction of training done).
+
+        Used by the ``"auto"`` schedule from the first call on; recorded but without effect for
+        ``"steps"`` and ``"none"``.
+        """
+        p = _check_progress(progress)
+        self.progress = p
+        self._progress_driven = True
+        fr = _relaxed_fraction(p, self.relax_start, self.rmax_relaxed)
+        fd = _relaxed_fraction(p, self.relax_start, self.dmax_relaxed)
+        with torch.no_grad():
+            self._limits_progress.copy_(
+                torch.tensor([1.0 + (self.rmax - 1.0) * fr, self.dmax * fd])
+            )
+
+    def _limits_now(self) -> Tensor:
+        """The (2,) tensor [rmax, dmax] for the next training step (tensor ops only: no sync)."""
+        if self.schedule == "none":
+            return self._limits_full
+        if self.schedule == "auto" and self._progress_driven:
+            return self._limits_progress
+        assert self.num_batches_tracked is not None, "the step schedule needs track_running_stats"
+        done = (self.num_batches_tracked - self.relax_start_step) / self._relax_steps
+        return torch.lerp(self._limits_bn, self._limits_full, done.clamp_(0.0, 1.0))
+
+    @property
+    def current_rmax(self) -> float:
+        """The r limit the next training step uses (1 = plain BatchNorm)."""
+        if not self.track_running_stats:
+            return 1.0
+        return float(self._limits_now()[0])
+
+    @property
+    def current_dmax(self) -> float:
+        """The d limit the next training step uses (0 = plain BatchNorm)."""
+        if not self.track_running_stats:
+            return 0.0
+        return float(self._limits_now()[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)  # eval with the moving statistics, or plain BatchNorm
+        self._check_input(x)
+        m = _check_batch(x)
+        y, mean, var, clip_r, clip_d = _BatchNormFunction.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.running_mean,
+            self.running_var,
+            self._limits_now(),
+        )
+        self.clip_fraction_r, self.clip_fraction_d = clip_r, clip_d
+        self._update_moving_stats(mean, var * (m / (m - 1)))
+        return y
+
+    def _update_moving_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
+        """BatchNorm's running-statistics update; out of place under ``torch.compile``.
+
+        The compiled backward (torch 2.14, AOTAutograd) may recompute r and d from the moving
+        statistics and the step count *as they are after the step* if they were updated in place,
+        which gives wrong gradients; replacing the buffers by new tensors keeps the old values.
+        """
+        if not torch.compiler.is_compiling():
+            self._update_running_stats(mean, var_unbiased)  # the shared in-place rule
+            return
+        assert self.num_batches_tracked is not None and self.running_mean is not None
+        assert self.running_var is not None
+        count = self.num_batches_tracked + 1
+        factor = count.reciprocal().to(mean.dtype) if self.momentum is None else self.momentum
+        self.num_batches_tracked = count
+        self.running_mean = torch.lerp(self.running_mean, mean.detach(), factor)
+        self.running_var = torch.lerp(self.running_var, var_unbiased.detach(), factor)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, schedule={self.schedule!r}"
+
+
+def _check_progress(progress: float) -> float:
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+        raise TypeError(f"progress must be a number in [0, 1], got {type(progress).__name__}")
+    if not 0.0 <= progress <= 1.0:  # also rejects nan
+        raise ValueError(
+            f"progress must be in [0, 1] (the fraction of training done), got {progress}"
+        )
+    return float(progress)
+
+
+def set_progress(model: nn.Module, progress: float) -> None:
+    """Tell every submodule of ``model`` (itself included) that has a ``set_progress`` method how far
+    training is: ``progress`` in [0, 1], the fraction of the run done. The training loop calls this
+    (e.g. every step with step / total_steps) so that scheduled layers (Batch Renorm's limits)
+    follow the run whatever its length.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_progress expects an nn.Module, got {type(model).__name__}")
+    progress = _check_progress(progress)
+    for module in model.modules():
+        method = getattr(module, "set_progress", None)
+        if callable(method):
+            method(progress)
