@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 
 import normzoo
-from normzoo.norms.weight import WeightNorm, data_dependent_init, is_weight_normed, weight_norm
+from normzoo.norms.weight import (
+    WeightNorm,
+    WeightNormFunction,
+    data_dependent_init,
+    is_weight_normed,
+    weight_norm,
+)
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 LAYERS = {
@@ -210,3 +216,34 @@ def test_data_dependent_init_errors() -> None:
 
     with pytest.warns(RuntimeWarning, match="1 weight-normalised layer"):
         data_dependent_init(OnlyA(), torch.randn(5, 2))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dims"),
+    [((4, 3), (1,)), ((4, 3, 2, 2), (1, 2, 3)), ((4, 3, 2), (0, 2)), ((3, 2, 2), (0, 1, 2))],
+    ids=["linear-dim0", "conv2d-dim0", "conv1d-dim1", "whole"],
+)
+def test_hand_written_backward_passes_gradcheck(
+    shape: tuple[int, ...], dims: tuple[int, ...]
+) -> None:
+    v = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    keep = [1 if d in dims else s for d, s in enumerate(shape)] if len(dims) < len(shape) else []
+    g = (torch.rand(keep, dtype=torch.float64) + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda g, v: WeightNormFunction.apply(g, v, dims), (g, v))
+
+
+def test_saves_no_more_for_backward_than_torch() -> None:
+    def saved(layer: nn.Module) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(torch.randn(2, 16, 8, 8))
+        return sum(storages.values())
+
+    ours = weight_norm(nn.Conv2d(16, 32, 3))
+    ref = nn.utils.parametrizations.weight_norm(nn.Conv2d(16, 32, 3))
+    assert 0 < saved(ours) <= saved(ref)

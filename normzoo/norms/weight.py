@@ -17,7 +17,8 @@ out exactly as ``torch.nn.utils.parametrizations.weight_norm``, so the two state
 * ``parametrizations.weight.original1`` -- v, the weight's shape,
 
 and ``module.weight`` is recomputed from them on access. The norm is computed with tensor ops
-(``torch.linalg.vector_norm``), not with torch's fused ``_weight_norm`` / ``norm_except_dim``.
+(``torch.linalg.vector_norm``), not with torch's fused ``_weight_norm`` / ``norm_except_dim``, and
+:class:`WeightNormFunction` has a hand-derived backward that saves what the fused op saves.
 
 :func:`data_dependent_init` is the paper's initialisation: on one minibatch, layer by layer in
 forward order, t = v . x / ||v||, then g <- 1 / sigma[t] and b <- -mu[t] / sigma[t] per output
@@ -32,11 +33,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from normzoo.registry import register_norm
 
-__all__ = ["WeightNorm", "data_dependent_init", "is_weight_normed", "weight_norm"]
+__all__ = [
+    "WeightNorm",
+    "WeightNormFunction",
+    "data_dependent_init",
+    "is_weight_normed",
+    "weight_norm",
+]
 
 #: the layer types WeightNorm wraps; the output units are dim 0 of their weight
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -47,6 +55,43 @@ def _norm_dims(ndim: int, dim: int | None) -> tuple[int, ...]:
     if dim is None or dim == -1:
         return tuple(range(ndim))
     return tuple(d for d in range(ndim) if d != dim)
+
+
+class WeightNormFunction(torch.autograd.Function):
+    """w = g * v / ||v|| with a hand-derived backward: ``apply(g, v, dims)``.
+
+    ``dims`` are the dims of v the norm runs over; ``||v||`` keeps them as size-1 dims, so it has
+    g's shape (a 0-dim tensor when the norm runs over the whole weight). With s = sum(dw * v)
+    over ``dims``::
+
+        dg = s / ||v||,    dv = (g / ||v||) * (dw - (s / ||v||^2) * v)
+
+    Saved for backward: v, g and ||v||, as torch's fused ``_weight_norm``. Backward makes one
+    reduction pass and two elementwise passes over the weight, allocating one weight-sized buffer
+    (dw * v, reused for dv). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, v: Tensor, dims: tuple[int, ...]) -> Tensor:
+        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=g.dim() > 0)
+        ctx.dims = dims
+        ctx.save_for_backward(g, v, norm)
+        return v * (g / norm)  # one pass over v: g / ||v|| is per output unit
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dw: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        g, v, norm = ctx.saved_tensors
+        keep = g.dim() > 0
+        buf = dw * v
+        s = buf.sum(ctx.dims, keepdim=keep)  # (out, 1, ...): dw . v per output unit
+        dg = s / norm if ctx.needs_input_grad[0] else None
+        dv = None
+        if ctx.needs_input_grad[1]:
+            scale = g / norm
+            dv = torch.mul(dw, scale, out=buf)
+            dv.addcmul_(v, scale * s / (norm * norm), value=-1.0)
+        return dg, dv, None
 
 
 class WeightNorm(nn.Module):
@@ -74,8 +119,9 @@ class WeightNorm(nn.Module):
         return torch.linalg.vector_norm(v, dim=dims, keepdim=keepdim)
 
     def forward(self, g: Tensor, v: Tensor) -> Tensor:
-        # one pass over v: the (out, 1, ...) factor g / ||v|| is tiny
-        return v * (g / self._norm(v))
+        if self.dim >= v.dim():
+            raise ValueError(f"dim={self.dim} is out of range for a {v.dim()}-D weight")
+        return WeightNormFunction.apply(g, v, _norm_dims(v.dim(), self.dim))  # type: ignore[no-any-return]
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         return self._norm(weight), weight
