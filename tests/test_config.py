@@ -1,0 +1,199 @@
+"""conf/ and the structured configs: every group composes, the norm group mirrors the registry,
+bad values fail at composition or in validate() with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+import normzoo
+from normzoo.config import (
+    CONF_DIR,
+    NORM_RESERVED_KEYS,
+    ConfigError,
+    InvalidCombination,
+    flatten,
+    norm_choices,
+    norm_layer_options,
+    suggest_norm,
+    validate,
+)
+from normzoo.models import build_model
+
+SHAPES = {
+    "digits": (1, 8, 8),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+def make(*overrides: str):
+    return compose("config", overrides=list(overrides))
+
+
+def test_norm_group_mirrors_registry_both_ways() -> None:
+    assert options("norm") == normzoo.list_norms()
+
+
+@pytest.mark.parametrize("name", normzoo.list_norms())
+def test_norm_file_names_its_entry_and_only_its_options(name: str) -> None:
+    node = OmegaConf.load(CONF_DIR / "norm" / f"{name}.yaml")
+    assert node.name == name
+    spec = normzoo.get_norm(name)
+    assert set(node) <= set(spec.options()) | NORM_RESERVED_KEYS
+
+
+def test_groups_exist() -> None:
+    assert options("model") == ["cnn", "mlp", "resnet"]
+    assert options("data") == ["cifar10", "digits", "fashion_mnist", "mnist"]
+    assert options("optim") == ["adamw", "sgd"]
+    assert {"digits", "cifar10_resnet"} <= set(options("experiment"))
+    assert options("hydra/launcher") == ["local_joblib", "local_submitit", "slurm"]
+
+
+@pytest.mark.parametrize("norm", normzoo.list_norms())
+def test_every_norm_composes_and_builds_a_model(hydra_conf, norm: str) -> None:
+    cfg = make(f"norm={norm}", "+norm_options.groupnorm.num_groups=8",
+               "+norm_options.native_groupnorm.num_groups=8")  # fmt: skip
+    validate(cfg)
+    assert normzoo.get_norm(cfg.norm.name).name == norm
+    model = build_model(cfg.model, cfg.norm.name, norm_layer_options(cfg), (1, 8, 8), 10)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optim", "experiment", "hydra/launcher"])
+def test_every_option_of_every_group_composes(hydra_conf, group: str) -> None:
+    for option in options(group):
+        cfg = compose("config", overrides=[f"{group}={option}"], return_hydra_config=True)
+        validate(cfg)
+        data = cfg.data.name
+        model = build_model(cfg.model, "none", {}, SHAPES[data], 10)
+        assert model is not None
+        if group == "hydra/launcher":
+            assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+def test_aliases_are_nodes_with_the_canonical_content(hydra_conf) -> None:
+    for alias, name in [("bn", "batchnorm"), ("gn", "groupnorm"), ("ln", "layernorm")]:
+        cfg = make(f"norm={alias}")
+        assert cfg.norm.name == name
+        assert OmegaConf.to_container(cfg.norm) == OmegaConf.to_container(
+            OmegaConf.load(CONF_DIR / "norm" / f"{name}.yaml")
+        )
+
+
+def test_norm_options_apply_only_to_their_norm(hydra_conf) -> None:
+    extra = "+norm_options.groupnorm.num_groups=4"
+    assert norm_layer_options(make("norm=gn", extra))["num_groups"] == 4
+    assert "num_groups" not in norm_layer_options(make("norm=bn", extra))
+    assert norm_layer_options(make("norm=gn", "norm.num_groups=2", "norm.eps=0.001")) == {
+        "num_groups": 2, "eps": 0.001, "affine": True}  # fmt: skip
+
+
+def test_digits_study_sweeps_every_from_scratch_layer(hydra_conf) -> None:
+    cfg = compose("config", overrides=["experiment=digits"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert sorted(params.norm.split(",")) == normzoo.list_norms(references=False)
+    assert params["data.batch_size"] == "2,4,8,16,32,64,128"
+    assert params.seed == "0,1,2"
+    assert cfg.hydra.sweep.dir == "multirun/digits"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
+    assert cfg.report.out == "reports/digits"
+    assert cfg.hydra.callbacks.report._target_ == "normzoo.report.ReportCallback"
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.device.name == "cpu" and cfg.threads == 1
+    # GroupNorm's groups divide every width of the study's model
+    model = build_model(cfg.model, "gn", norm_layer_options(make("experiment=digits", "norm=gn")),
+                        (1, 8, 8), 10)  # fmt: skip
+    assert model is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.batch_size=foo", "data.batch_size"),
+        ("data.bach_size=8", "data.bach_size"),
+        ("device=gpu", "device"),
+        ("train.epochs=1.5", "train.epochs"),
+        ("norm.num_groups=4", "norm.num_groups"),  # batchnorm has no groups
+    ],
+)
+def test_mistyped_or_misspelt_keys_fail_at_composition(hydra_conf, override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        make(override)
+    text = f"{err.value} {err.value.__cause__}"
+    assert key in text
+
+
+def test_unknown_norm_fails_at_composition(hydra_conf) -> None:
+    with pytest.raises(MissingConfigException, match="norm/nope"):
+        make("norm=nope")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.batch_size=0",
+        "data.batch_size=-4",
+        "optim.base_lr=0",
+        "optim.base_lr=-0.1",
+        "train.epochs=0",
+        "optim.momentum=1.0",
+        "train.warmup_fraction=1.0",
+        "threads=-1",
+        "data.test_fraction=0",
+        "model.strides=[1,2]",
+        "+norm.foo=1",
+        "+norm_options.nope.eps=0.1",
+        "+norm_options.layernorm.num_groups=2",
+    ],
+)
+def test_out_of_range_values_fail_validation_naming_the_key(hydra_conf, override: str) -> None:
+    cfg = make(override)
+    key = override.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    first = key.split(".")[0] if key.startswith(("norm_options", "+")) else key
+    assert first in str(err.value)
+
+
+def test_default_config_is_valid(hydra_conf) -> None:
+    cfg = make()
+    validate(cfg)
+    assert cfg.norm.name == "batchnorm" and cfg.model.name == "cnn" and cfg.data.name == "digits"
+    assert cfg.device.name == "auto" and cfg.threads == 1 and cfg.diagnostics.enabled
+
+
+def test_suggestions_name_the_closest_norm() -> None:
+    assert "norm=none" in suggest_norm("nope")
+    assert "norm=batchnorm" in suggest_norm("batchnrm")
+    assert "layernorm" in suggest_norm("xyz")  # the full list at least
+    assert set(normzoo.list_norms()) <= set(norm_choices())
+    assert {"bn", "gn", "ln", "in"} <= set(norm_choices())
+
+
+def test_flatten_resolves_and_uses_dotted_keys(hydra_conf) -> None:
+    flat = flatten(make("norm=gn", "data.batch_size=8"))
+    assert flat["norm.name"] == "groupnorm" and flat["data.batch_size"] == 8
+    assert flat["device"] == "auto" and flat["train.progress"] == "auto"
+    assert flat["model.channels"] == [32, 32, 32]
+
+
+def test_invalid_combination_is_a_value_error() -> None:
+    assert issubclass(InvalidCombination, ValueError)
+    assert Path(CONF_DIR, "config.yaml").is_file()
