@@ -1,0 +1,325 @@
+"""Data sets held in memory on the training device, and the order in which batches are drawn.
+
+* ``digits`` — scikit-learn's digits (1797 8x8 grey images, 10 classes), shipped inside scikit-learn
+  so it works offline. Pixels scaled to [0, 1], a seeded stratified train/test split
+  (:func:`stratified_split`, ``data.test_fraction``, ``data.split_seed``), then standardised with the
+  training set's statistics.
+* ``mnist``, ``fashion_mnist`` — torchvision's on-disk format (idx ubyte files under
+  ``<data.root>/MNIST/raw`` or ``<data.root>/FashionMNIST/raw``), read by torchvision.
+* ``cifar10`` — the python pickle batches under ``<data.root>/cifar-10-batches-py``, read here
+  directly (torchvision's class would md5-check 170 MB on every run); ``data.download=true`` fetches
+  them through torchvision.
+
+Every set is standardised per channel with the training set's mean and std and lives on the device as
+one tensor: a batch is a slice of an epoch's permutation (no DataLoader, no per-step host copies).
+Batches drop the last partial one (``drop_last``), so a BatchNorm never sees a single sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from normzoo.config import InvalidCombination
+
+__all__ = [
+    "DataBundle",
+    "DataNotFoundError",
+    "batches_per_epoch",
+    "check_available",
+    "epoch_order",
+    "load_data",
+    "stratified_split",
+]
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_TORCHVISION_DIR = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set is not on disk and ``data.download`` is false; says how to get it."""
+
+
+@dataclass
+class DataBundle:
+    """A data set on its device.
+
+    Attributes:
+        train_x, test_x: float32 inputs, (N, C, H, W), standardised with the training statistics.
+        train_y, test_y: int64 class labels, (N,).
+        num_classes: number of classes.
+        input_shape: (C, H, W) of one sample.
+        name: the data set's name (``digits``, ``mnist``, ...).
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+    name: str
+
+    def __repr__(self) -> str:
+        return (
+            f"DataBundle({self.name!r}, train={len(self.train_y)}, test={len(self.test_y)}, "
+            f"input_shape={self.input_shape}, classes={self.num_classes}, "
+            f"device={self.train_x.device})"
+        )
+
+
+def _root(cfg_data: Any) -> Path:
+    root = Path(str(cfg_data.root)).expanduser()
+    if not root.is_absolute():
+        try:  # relative to where the command was started (Hydra may have changed the cwd)
+            from hydra.utils import get_original_cwd
+
+            root = Path(get_original_cwd()) / root
+        except (ImportError, ValueError):
+            root = root.resolve()
+    return root
+
+
+def check_available(cfg_data: Any) -> None:
+    """Raise :class:`DataNotFoundError` if the data set is missing and cannot be downloaded."""
+    name = str(cfg_data.name)
+    if name == "digits" or bool(cfg_data.download):
+        return
+    root = _root(cfg_data)
+    if name in _TORCHVISION_DIR:
+        where = root / _TORCHVISION_DIR[name] / "raw"
+        missing = [f for f in _MNIST_FILES if not (where / f).is_file()]
+    elif name == "cifar10":
+        where = root / _CIFAR_DIR
+        missing = [f for f in _CIFAR_FILES if not (where / f).is_file()]
+    else:
+        raise ValueError(f"data.name={name!r}: unknown data set")
+    if missing:
+        raise DataNotFoundError(
+            f"data={name}: not found under data.root={str(cfg_data.root)!r} "
+            f"(looked in {where}; missing {', '.join(missing)}). Get it with data.download=true "
+            f"(needs internet), or set data.root to the directory that holds "
+            f"{where.relative_to(root)}/."
+        )
+
+
+@functools.lru_cache(maxsize=2)
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 digits as (N, 1, 8, 8) floats in [0, 1] and int64 labels.
+
+    Read from the CSV that ``sklearn.datasets.load_digits`` reads, located without importing
+    scikit-learn (its import costs ~1.5 s per process, paid by every job); ``load_digits``
+    itself if the file is not where it has always been.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    table = None
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(base) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            break
+    if table is None or table.shape != (1797, 65):
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        table = np.column_stack([bunch.data, bunch.target])
+    x = (table[:, :64].astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)  # values 0..16 -> [0, 1]
+    return x, table[:, 64].astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Seeded stratified split: (train indices, test indices), each in a seeded random order.
+
+    ``round(N * test_fraction)`` test samples, shared among the classes in proportion to their
+    sizes (largest remainders get the rounding), drawn at random within each class.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * test_fraction
+    n_test = np.floor(exact).astype(int)
+    short = round(len(labels) * test_fraction) - int(n_test.sum())
+    n_test[np.argsort(-(exact - n_test), kind="stable")[:short]] += 1
+    test = []
+    for c, n in zip(classes, n_test, strict=True):
+        test.append(rng.permutation(np.flatnonzero(labels == c))[:n])
+    test_idx = np.concatenate(test)
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    return rng.permutation(train_idx), rng.permutation(test_idx)
+
+
+@functools.lru_cache(maxsize=2)
+def _torchvision_raw(name: str, root: str, download: bool) -> tuple[Tensor, ...]:
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}
+    out = []
+    for train in (True, False):
+        ds = cls[name](root, train=train, download=download)
+        out += [ds.data.unsqueeze(1), ds.targets.long()]  # (N, 1, 28, 28) uint8
+    return tuple(out)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    y = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+    return x, y
+
+
+@functools.lru_cache(maxsize=2)
+def _cifar_raw(root: str, download: bool) -> tuple[np.ndarray, ...]:
+    where = Path(root) / _CIFAR_DIR
+    if download and not all((where / f).is_file() for f in _CIFAR_FILES):
+        import torchvision
+
+        torchvision.datasets.CIFAR10(root, train=True, download=True)
+    parts = [_read_cifar_batch(where / f"data_batch_{i}") for i in range(1, 6)]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    test_x, test_y = _read_cifar_batch(where / "test_batch")
+    return train_x, train_y, test_x, test_y
+
+
+def _subset(x: Tensor, y: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    if n <= 0 or n >= len(y):
+        return x, y
+    keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[keep], y[keep]
+
+
+def load_data(cfg_data: Any, device: torch.device | str = "cpu") -> DataBundle:
+    """Load ``cfg_data.name`` into memory on ``device``, standardised with training statistics.
+
+    Raises:
+        DataNotFoundError: the files are missing and ``data.download`` is false.
+    """
+    name = str(cfg_data.name)
+    check_available(cfg_data)
+    if name == "digits":
+        x, y = _digits_raw()
+        tr, te = stratified_split(y, float(cfg_data.test_fraction), int(cfg_data.split_seed))
+        train_x, test_x = torch.from_numpy(x[tr]), torch.from_numpy(x[te])
+        train_y, test_y = torch.from_numpy(y[tr]), torch.from_numpy(y[te])
+    elif name in _TORCHVISION_DIR:
+        train_x, train_y, test_x, test_y = _torchvision_raw(
+            name, str(_root(cfg_data)), bool(cfg_data.download)
+        )
+    elif name == "cifar10":
+        arrays = _cifar_raw(str(_root(cfg_data)), bool(cfg_data.download))
+        train_x, train_y, test_x, test_y = (torch.from_numpy(a) for a in arrays)
+    else:
+        raise ValueError(f"data.name={name!r}: unknown data set")
+
+    seed = int(cfg_data.split_seed)
+    train_x, train_y = _subset(train_x, train_y, int(cfg_data.train_subset), seed)
+    test_x, test_y = _subset(test_x, test_y, int(cfg_data.test_subset), seed + 1)
+    if name != "digits":
+        train_x, test_x = train_x.float() / 255.0, test_x.float() / 255.0  # uint8 -> [0, 1]
+    # per-channel standardisation with the training set's statistics
+    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    return DataBundle(
+        train_x=train_x.contiguous().to(device),
+        train_y=train_y.long().to(device),
+        test_x=test_x.contiguous().to(device),
+        test_y=test_y.long().to(device),
+        num_classes=num_classes,
+        input_shape=tuple(train_x.shape[1:]),
+        name=name,
+    )
+
+
+def _check_grouping(batch_size: int, classes_per_batch: int, num_classes: int) -> int:
+    if classes_per_batch > num_classes:
+        raise InvalidCombination(
+            f"data.classes_per_batch={classes_per_batch} exceeds the {num_classes} classes"
+        )
+    if batch_size % classes_per_batch != 0:
+        raise InvalidCombination(
+            f"data.batch_size={batch_size} is not a multiple of "
+            f"data.classes_per_batch={classes_per_batch} (each class gives B/k images per batch)"
+        )
+    return batch_size // classes_per_batch
+
+
+def _grouped_plan(counts: list[int], k: int, keys: Tensor | None) -> list[list[int]]:
+    """Which classes form each batch: take k classes with the most chunks left (ties by ``keys``)."""
+    left = list(counts)
+    batches = []
+    while sum(1 for c in left if c > 0) >= k:
+        order = sorted(
+            range(len(left)),
+            key=lambda c: (-left[c], float(keys[len(batches), c]) if keys is not None else c),
+        )
+        chosen = order[:k]
+        for c in chosen:
+            left[c] -= 1
+        batches.append(chosen)
+    return batches
+
+
+def _class_chunk_counts(labels: Tensor, num_classes: int, per_class: int) -> list[int]:
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).tolist()
+    return [c // per_class for c in counts]
+
+
+def batches_per_epoch(data: DataBundle, batch_size: int, classes_per_batch: int = 0) -> int:
+    """Training steps in one epoch (partial batches dropped)."""
+    if classes_per_batch <= 0:
+        return len(data.train_y) // batch_size
+    per_class = _check_grouping(batch_size, classes_per_batch, data.num_classes)
+    counts = _class_chunk_counts(data.train_y, data.num_classes, per_class)
+    return len(_grouped_plan(counts, classes_per_batch, None))
+
+
+def epoch_order(
+    data: DataBundle, batch_size: int, generator: torch.Generator, classes_per_batch: int = 0
+) -> Tensor:
+    """Indices of one epoch's training samples, ``batches_per_epoch * batch_size`` long, on the
+    data's device: batch ``i`` is ``order[i * B:(i + 1) * B]``.
+
+    i.i.d. (``classes_per_batch=0``): a seeded permutation, the last partial batch dropped.
+    Class-grouped (k > 0): each batch holds k distinct classes with B / k images each (Ioffe 2017,
+    Sec. 4.3, 16 classes x 2 images); every class's images are permuted and cut into chunks of B / k,
+    each batch takes one chunk from each of the k classes with the most chunks left (ties broken
+    at random), and the batches are then shuffled.
+    """
+    n = len(data.train_y)
+    if classes_per_batch <= 0:
+        steps = n // batch_size
+        return torch.randperm(n, generator=generator)[: steps * batch_size].to(data.train_y.device)
+    per_class = _check_grouping(batch_size, classes_per_batch, data.num_classes)
+    labels = data.train_y.cpu()
+    chunks: list[list[Tensor]] = []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        usable = len(idx) // per_class * per_class
+        chunks.append(list(idx[:usable].split(per_class)))
+    counts = [len(ch) for ch in chunks]
+    steps = len(_grouped_plan(counts, classes_per_batch, None))
+    keys = torch.rand(steps, data.num_classes, generator=generator)
+    plan = _grouped_plan(counts, classes_per_batch, keys)
+    batches = [torch.cat([chunks[c].pop() for c in chosen]) for chosen in plan]
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    if not batches:
+        return torch.empty(0, dtype=torch.long, device=data.train_y.device)
+    return torch.cat(batches).to(data.train_y.device)
