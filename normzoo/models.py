@@ -1,0 +1,203 @@
+"""The models a study trains, with the norm taken from the registry by name.
+
+* ``mlp`` — dense: ``[Linear -> norm -> ReLU] x len(widths) -> Linear`` on the flattened input.
+* ``cnn`` — small conv net for 8x8 .. 32x32 inputs: ``[Conv kxk, stride s, padding k//2 -> norm ->
+  ReLU]`` per entry of ``channels``/``strides``, a head (``avg``: global average pool; ``flatten``),
+  optional dense ``[Linear -> norm -> ReLU]`` layers (``hidden``), a Linear classifier. Strides let
+  the last conv layers be small spatially (8x8 -> 4x4 -> 2x2), where batch statistics are noisiest.
+* ``resnet`` — torchvision's ResNet-18/34 through its ``norm_layer=`` hook, adapted to small images
+  as is usual for CIFAR (3x3 stride-1 stem, no max-pool).
+
+How the norm goes in (``normzoo.get_norm(norm).kind``):
+
+* ``activation`` — ``build_norm(norm, C, **norm_overrides)`` after every conv/linear except the
+  classifier;
+* ``weight`` — no activation norm; every conv/linear, the classifier included, is reparametrised with
+  ``build_norm(norm, module, **norm_overrides)``.
+
+A combination that cannot apply raises :class:`InvalidCombination` (before any training): a
+``needs_spatial`` norm (InstanceNorm) on dense features, GroupNorm whose ``num_groups`` does not divide
+a layer's width.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from normzoo.config import InvalidCombination
+from normzoo.registry import NormSpec, build_norm, get_norm
+
+__all__ = ["InvalidCombination", "build_model", "count_parameters"]
+
+
+class _Norms:
+    """Builds the norm for each layer and turns a layer's refusal into :class:`InvalidCombination`."""
+
+    def __init__(self, name: str, overrides: dict[str, Any]) -> None:
+        self.spec: NormSpec = get_norm(name)
+        self.overrides = dict(overrides)
+
+    def activation(self, num_features: int, where: str, *, spatial: bool) -> nn.Module | None:
+        """The norm after layer ``where`` (None for weight-kind norms: nothing goes there)."""
+        spec = self.spec
+        if spec.kind == "weight":
+            return None
+        if spec.needs_spatial and not spatial:
+            raise InvalidCombination(
+                f"{spec.name} needs spatial dims (its statistics are over H x W per sample and "
+                f"channel) but {where} has dense features ({num_features}, no spatial dims); use "
+                f"a conv model without dense hidden layers"
+            )
+        try:
+            return build_norm(spec.name, num_features, **self.overrides)
+        except ValueError as exc:
+            raise InvalidCombination(
+                f"{spec.name} cannot normalise {where} ({num_features} features): {exc}"
+            ) from exc
+
+    def reparametrise(self, model: nn.Module) -> nn.Module:
+        """For a weight-kind norm: wrap every conv/linear of ``model`` in place."""
+        if self.spec.kind != "weight":
+            return model
+        targets = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        ]
+        for name, module in targets:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            try:
+                wrapped = build_norm(self.spec.name, module, **self.overrides)
+            except ValueError as exc:
+                raise InvalidCombination(f"{self.spec.name} cannot wrap {name}: {exc}") from exc
+            setattr(parent, child, wrapped)
+        return model
+
+
+def _block(layer: nn.Module, norm: nn.Module | None, where: str) -> list[tuple[str, nn.Module]]:
+    """``layer -> norm -> ReLU`` as named modules (no norm module for weight-kind norms)."""
+    norm_part = [] if norm is None else [(f"{where}_norm", norm)]
+    return [(where, layer), *norm_part, (f"{where}_act", nn.ReLU())]
+
+
+def _mlp(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+    width = 1
+    for d in input_shape:
+        width *= int(d)
+    for i, w in enumerate(cfg.widths, start=1):
+        norm = norms.activation(int(w), f"fc{i}", spatial=False)
+        layers += _block(nn.Linear(width, int(w)), norm, f"fc{i}")
+        width = int(w)
+    layers.append(("classifier", nn.Linear(width, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _cnn(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3:
+        raise InvalidCombination(
+            f"model=cnn needs (C, H, W) inputs, got shape {tuple(input_shape)}"
+        )
+    chans, strides = [int(c) for c in cfg.channels], [int(s) for s in cfg.strides]
+    if len(chans) != len(strides):
+        raise ValueError(f"model.strides {strides} needs one stride per conv layer {chans}")
+    k = int(cfg.kernel_size)
+    c_in, h, w = (int(d) for d in input_shape)
+    layers: list[tuple[str, nn.Module]] = []
+    for i, (c, s) in enumerate(zip(chans, strides, strict=True), start=1):
+        h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+        norm = norms.activation(c, f"conv{i} ({c}x{h}x{w})", spatial=True)
+        layers += _block(nn.Conv2d(c_in, c, k, stride=s, padding=k // 2), norm, f"conv{i}")
+        c_in = c
+    if cfg.head == "avg":
+        layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+        width = c_in
+    elif cfg.head == "flatten":
+        layers.append(("flatten", nn.Flatten()))
+        width = c_in * h * w
+    else:
+        raise ValueError(f"model.head={cfg.head!r}: expected 'avg' or 'flatten'")
+    for i, hw in enumerate(cfg.hidden, start=1):
+        norm = norms.activation(int(hw), f"fc{i}", spatial=False)
+        layers += _block(nn.Linear(width, int(hw)), norm, f"fc{i}")
+        width = int(hw)
+    layers.append(("classifier", nn.Linear(width, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def _resnet(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    import torchvision
+
+    if len(input_shape) != 3:
+        raise InvalidCombination(
+            f"model=resnet needs (C, H, W) inputs, got shape {tuple(input_shape)}"
+        )
+    arch = str(cfg.arch)
+    factories: dict[str, Callable[..., nn.Module]] = {
+        "resnet18": torchvision.models.resnet18,
+        "resnet34": torchvision.models.resnet34,
+    }
+    if arch not in factories:
+        raise ValueError(f"model.arch={arch!r}: expected one of {', '.join(factories)}")
+    counter = iter(range(1, 1_000_000))
+
+    def norm_layer(num_features: int) -> nn.Module:
+        norm = norms.activation(num_features, f"{arch} norm #{next(counter)}", spatial=True)
+        return nn.Identity() if norm is None else norm
+
+    model = factories[arch](weights=None, num_classes=num_classes, norm_layer=norm_layer)
+    # small images: 3x3 stride-1 stem and no max-pool (as the usual CIFAR ResNets)
+    model.conv1 = nn.Conv2d(int(input_shape[0]), 64, 3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    if cfg.get(
+        "zero_init_residual", False
+    ):  # torchvision's own loop assumes every norm has .weight
+        resnet = torchvision.models.resnet
+        for block in model.modules():
+            if isinstance(block, resnet.Bottleneck | resnet.BasicBlock):
+                last = block.bn3 if isinstance(block, resnet.Bottleneck) else block.bn2
+                if getattr(last, "weight", None) is not None:
+                    nn.init.zeros_(last.weight)
+    return model
+
+
+_BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
+
+
+def build_model(
+    cfg_model: Any,
+    norm: str,
+    norm_overrides: dict[str, Any] | None,
+    input_shape: Sequence[int],
+    num_classes: int,
+) -> nn.Module:
+    """Build ``cfg_model.name`` (``mlp``, ``cnn`` or ``resnet``) with the registry's norm ``norm``.
+
+    Args:
+        cfg_model: the ``model`` config node (see ``normzoo.config.MLPConf`` etc.).
+        norm: a registry name or alias.
+        norm_overrides: layer options passed to every ``build_norm`` call.
+        input_shape: one sample's shape, (C, H, W).
+        num_classes: outputs of the classifier.
+
+    Raises:
+        InvalidCombination: the norm cannot apply to this model (message says why).
+        UnknownNormError: ``norm`` is not registered.
+    """
+    name = str(cfg_model.name)
+    if name not in _BUILDERS:
+        raise ValueError(f"model.name={name!r}: expected one of {', '.join(_BUILDERS)}")
+    norms = _Norms(norm, norm_overrides or {})
+    model = _BUILDERS[name](cfg_model, norms, tuple(input_shape), int(num_classes))
+    return norms.reparametrise(model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
