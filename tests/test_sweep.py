@@ -1,0 +1,112 @@
+"""The command line for real, as subprocesses: multirun sweeps through the joblib and submitit
+launchers, and config errors refused at start with the problem named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data.train_subset=120",
+    "data.test_subset=60",
+    "model.channels=[4,4]",
+    "model.strides=[1,2]",
+    "train.epochs=1",
+    "diagnostics.precise_samples=32",
+    "device=cpu",
+]
+
+
+def cli(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "normzoo.train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def statuses(sweep: Path) -> dict[str, str]:
+    return {
+        p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/metrics.json")
+    }
+
+
+@pytest.mark.parametrize("launcher", ["local_joblib", "local_submitit"])
+def test_multirun_sweep_writes_one_ok_metrics_per_job(tmp_path: Path, launcher: str) -> None:
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        tmp_path,
+        "-m",
+        f"hydra/launcher={launcher}",
+        "norm=native_bn,ln",
+        "data.batch_size=4,16",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = statuses(sweep)
+    assert len(found) == 4 and set(found.values()) == {"ok"}, found
+    # one run dir per job, named by its overrides (a rerun finds the same dirs)
+    for norm in ("native_bn", "ln"):
+        for batch in (4, 16):
+            assert any(f"data.batch_size={batch}," in d and f"norm={norm}," in d for d in found)
+    for path in sweep.glob("*/metrics.json"):
+        m = json.loads(path.read_text())
+        assert m["norm"] in ("native_batchnorm", "layernorm") and m["batch_size"] in (4, 16)
+        assert m["threads"] == 1 and "test_error_precise" in m
+    assert "sweep" in proc.stderr + proc.stdout and "4 ok" in proc.stderr + proc.stdout
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    # Hydra's basic launcher (jobs in this process) re-raises a job's exception as joblib does:
+    # the same test of the runner's catch-and-record, without starting worker processes
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        tmp_path,
+        "-m",
+        "norm=in,ln,bn",
+        "model=mlp",
+        "model.widths=[8]",
+        "data.batch_size=8",
+        "optim.base_lr=1e9",
+        "train.warmup_fraction=0",
+        *[t for t in TINY if not t.startswith("model.")],
+        f"hydra.sweep.dir={sweep}",
+    )
+    found = statuses(sweep)
+    # InstanceNorm on the dense model cannot apply; the huge lr makes the others diverge
+    assert sorted(found.values()) == ["diverged", "diverged", "invalid"], found
+    assert proc.returncode == 0, proc.stderr[-3000:]  # results of a study, not errors
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["norm=nope"], "Did you mean norm=none?"),
+        (["data.batch_size=0"], "data.batch_size=0 is out of range"),
+        (["data.batch_size=foo"], "data.batch_size"),
+    ],
+)
+def test_config_errors_fail_at_start_naming_the_problem(tmp_path, args, needle) -> None:
+    proc = cli(tmp_path, *args, *TINY, f"hydra.sweep.dir={tmp_path / 's'}", timeout=120)
+    assert proc.returncode == 1
+    assert needle in proc.stderr
+    assert not list(tmp_path.rglob("metrics.json"))  # nothing ran
+
+
+def test_single_run_exit_status_says_invalid(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "norm=in", "model=mlp", *[t for t in TINY if not t.startswith("model.")],
+               f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    assert proc.returncode == 2
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "invalid"

@@ -1,0 +1,229 @@
+"""normzoo.train.run in-process: metrics.json and its statuses, the schedule, determinism."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+import normzoo
+import normzoo.train as train
+from normzoo.config import CONF_DIR, ConfigError
+
+TINY = [
+    "data.train_subset=240",
+    "data.test_subset=100",
+    "train.epochs=2",
+    "train.progress=none",
+    "diagnostics.enabled=false",
+    "device=cpu",
+]
+KEYS = {
+    "schema_version", "status", "error", "error_step", "norm", "norm_kind", "uses_batch_stats",
+    "reference", "model", "data", "batch_size", "seed", "base_lr", "lr", "epochs", "optimizer",
+    "device", "threads", "config", "train_loss", "train_error", "test_loss", "test_error",
+    "curves", "steps", "wall_time_s", "steps_per_s", "versions", "git_rev", "hostname", "command",
+    "started_at", "finished_at",
+}  # fmt: skip
+TIMING = {"wall_time_s", "train_time_s", "steps_per_s", "started_at", "finished_at",
+          "diagnostics_seconds"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+SMALL_CNN = ["model.channels=[8,8]", "model.strides=[1,2]"]
+
+
+def run(tmp_path: Path, *overrides: str) -> dict:
+    model = [] if any(o.startswith("model=") for o in overrides) else SMALL_CNN
+    cfg = compose("config", overrides=[*TINY, *model, *overrides])
+    out = train.run(cfg, out_dir=tmp_path)
+    assert out["dir"] == str(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == out["status"]
+    return metrics
+
+
+def test_ok_run_writes_the_full_record(hydra_conf, tmp_path: Path) -> None:
+    m = run(tmp_path, "norm=bn", "data.batch_size=16", "seed=3")
+    assert m["status"] == "ok" and m["error"] is None
+    assert set(m) >= KEYS
+    assert m["norm"] == "batchnorm" and m["norm_kind"] == "activation" and m["uses_batch_stats"]
+    assert (
+        m["model"] == "cnn" and m["data"] == "digits" and m["batch_size"] == 16 and m["seed"] == 3
+    )
+    assert m["lr"] == pytest.approx(0.1 * 16 / 32)  # linear scaling rule
+    assert m["steps"] == 2 * (240 // 16) and len(m["curves"]) == 2
+    assert set(m["curves"][0]) >= {
+        "epoch",
+        "train_loss",
+        "train_error",
+        "test_loss",
+        "test_error",
+        "lr",
+    }
+    assert m["test_error"] == m["curves"][-1]["test_error"] < 0.9
+    assert m["config"]["data.batch_size"] == 16 and m["config"]["norm.name"] == "batchnorm"
+    assert (
+        m["versions"]["torch"] == torch.__version__
+        and m["versions"]["normzoo"] == normzoo.__version__
+    )
+    assert m["steps_per_s"] > 0 and m["wall_time_s"] >= m["train_time_s"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_same_config_and_seed_give_identical_metrics(hydra_conf, tmp_path: Path) -> None:
+    args = ["norm=bn", "data.batch_size=4", "diagnostics.enabled=true",
+            "diagnostics.precise_samples=64"]  # fmt: skip
+    a = run(tmp_path / "a", *args)
+    b = run(tmp_path / "b", *args)
+    c = run(tmp_path / "c", *args, "seed=1")
+    assert a["status"] == "ok" and "test_error_precise" in a  # the diagnostics are merged in
+    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}  # noqa: E731
+    assert strip(a) == strip(b)
+    assert a["curves"] != c["curves"]
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine() -> None:
+    lrs = train.lr_schedule(100, 0.4, 10, 0.1)
+    assert lrs[:10] == pytest.approx([0.04 * (i + 1) for i in range(10)])
+    assert max(lrs) == pytest.approx(0.4) and lrs[-1] == pytest.approx(0.04)
+    tail = lrs[10:]
+    assert all(x >= y for x, y in itertools.pairwise(tail))
+    assert lrs[55] == pytest.approx(
+        0.04 + 0.36 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 45 / 89)).item())
+    )
+
+
+def test_invalid_combination_is_recorded_before_training(hydra_conf, tmp_path: Path) -> None:
+    m = run(tmp_path, "norm=in", "model=mlp")
+    assert m["status"] == "invalid" and "spatial" in m["error"]
+    assert m["steps"] == 0 and m["curves"] == [] and m["test_error"] is None
+
+
+def test_batch_larger_than_the_training_set_is_invalid(hydra_conf, tmp_path: Path) -> None:
+    m = run(tmp_path, "norm=ln", "data.batch_size=512")
+    assert m["status"] == "invalid" and "exceeds" in m["error"]
+
+
+def test_divergence_is_caught_at_its_step(hydra_conf, tmp_path: Path) -> None:
+    m = run(
+        tmp_path, "norm=none", "optim.base_lr=1e8", "train.warmup_fraction=0", "data.batch_size=8"
+    )
+    assert m["status"] == "diverged"
+    assert isinstance(m["error_step"], int) and 0 < m["error_step"] < 60
+    assert "nan" in m["error"] or "inf" in m["error"]
+    assert m["steps"] == m["error_step"]  # the diverging step itself did not count as done
+
+
+def test_an_exception_is_recorded_as_failed(hydra_conf, tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in the training loop")
+
+    monkeypatch.setattr(train, "evaluate", broken)
+    m = run(tmp_path, "norm=ln")
+    assert m["status"] == "failed" and m["error"] == "RuntimeError: boom in the training loop"
+    assert "boom" in m["traceback"] and "evaluate" in m["traceback"]
+    assert m["error_step"] == 240 // 32  # failed after the first epoch's steps
+
+
+def test_progress_drives_batch_renorm_schedule(hydra_conf, tmp_path: Path, monkeypatch) -> None:
+    import normzoo.norms.batch as batch
+
+    seen: list[float] = []
+    monkeypatch.setattr(batch, "set_progress", lambda model, p: seen.append(p), raising=False)
+    m = run(tmp_path, "norm=brn", "data.batch_size=32")
+    total = m["steps"]
+    assert seen == [i / total for i in range(total)]
+    assert {"brn_clip_r", "brn_clip_d"} <= set(m["curves"][-1])
+
+
+def test_config_errors_raise_before_anything_runs(hydra_conf, tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        train.run(compose("config", overrides=[*TINY, "data.batch_size=0"]), out_dir=tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device=cuda"):
+        train.run(compose("config", overrides=[*TINY, "device=cuda"]), out_dir=tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_weight_norm_runs_with_its_data_dependent_init(
+    hydra_conf, tmp_path: Path, monkeypatch
+) -> None:
+    import normzoo.norms.weight as weight
+
+    calls = []
+    real = weight.data_dependent_init
+    monkeypatch.setattr(
+        weight, "data_dependent_init", lambda model, x: calls.append(len(x)) or real(model, x)
+    )
+    m = run(tmp_path, "norm=wn", "data.batch_size=8", "data.train_subset=300")
+    assert m["status"] == "ok" and m["norm"] == "weightnorm" and m["norm_kind"] == "weight"
+    assert calls == [256]  # norm.data_init_samples, independent of the batch size
+
+
+def test_atomic_write_replaces_whole_files(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    train.write_json_atomic(path, {"a": 1})
+    train.write_json_atomic(path, {"b": float("nan")})
+    assert path.read_text().strip().endswith("}") and "NaN" in path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def sweep_config(*task: str, params: dict | None = None):
+    cfg = compose("config", overrides=TINY, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = list(task)
+        cfg.hydra.sweeper.params = params or {}
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("task", "needle"),
+    [
+        (["data.batch_size=8,0"], "data.batch_size=0 is out of range"),
+        (["optim.base_lr=0.1,-1"], "optim.base_lr=-1"),
+        (["data.batch_size=2,foo"], "data.batch_size='foo'"),
+        (["norm=bn,batchnrm"], "Did you mean norm=batchnorm?"),
+        (["model=mlp,cnnn"], "model=cnnn: no such option"),
+        (["data=digits,mnist", "data.root=/nowhere"], "data.download=true"),
+        (["train.epochs=0"], "train.epochs=0 is out of range"),
+    ],
+)
+def test_sweep_guard_refuses_a_bad_value_before_the_first_job(hydra_conf, task, needle) -> None:
+    with pytest.raises((ConfigError, FileNotFoundError)) as err:
+        train.check_sweep(sweep_config(*task))
+    assert needle in str(err.value)
+    guard = train.SweepGuard()
+    with pytest.raises(SystemExit) as stop:  # Hydra would turn an Exception into a warning
+        guard.on_multirun_start(sweep_config(*task))
+    assert stop.value.code.startswith("normzoo-train: error:")
+
+
+def test_sweep_guard_passes_good_sweeps_and_studies(hydra_conf) -> None:
+    train.check_sweep(sweep_config("norm=bn,gn,ln", "data.batch_size=2,8", "seed=range(0,3)"))
+    train.check_sweep(sweep_config(params={"norm": "in,ln", "data.batch_size": "2,4"}))
+    # norm-specific options ride along with a sweep over norms
+    train.check_sweep(sweep_config("norm=gn,bn", "+norm_options.groupnorm.num_groups=4"))
+    for study in ("digits", "cifar10_resnet"):
+        cfg = compose("config", overrides=[f"experiment={study}"], return_hydra_config=True)
+        if study == "cifar10_resnet":  # its data is not here: that is exactly what is refused
+            with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+                train.check_sweep(cfg)
+        else:
+            train.check_sweep(cfg)
+
+
+def test_unknown_norm_on_the_command_line_is_refused_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match="Did you mean norm=layernorm"):
+        train._check_argv(["-m", "norm=bn,layernrm", "seed=0"])
+    train._check_argv(["norm=bn,gn,native_ln", "norm=choice(bn,gn)"])
