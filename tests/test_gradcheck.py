@@ -1,0 +1,139 @@
+"""``torch.autograd.gradcheck`` in float64 for every registered from-scratch layer (registry-driven).
+
+* ``activation`` layers: w.r.t. the input and every parameter (weight, bias), in training mode on 2-D
+  (unless the layer needs spatial dims) and 3-D input, and in eval mode with running statistics for
+  layers that can track them (``track_running_stats=True`` where it is an option, the buffers moved
+  away from their 0/1 initialisation). Batch Renorm also with its clipping active at limits other
+  than BatchNorm's (its default schedule starts as plain BN).
+* ``weight`` layers: wrapped around a small ``nn.Linear`` and ``nn.Conv2d``; w.r.t. the input and
+  every parameter of the wrapped module.
+
+The layer is called through ``torch.func.functional_call`` with the parameters as gradcheck inputs
+and *fresh copies* of the buffers on every call, so a training step's running-statistics update
+cannot change the function between gradcheck's evaluations.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import normzoo
+
+C = 4
+DT = torch.float64
+
+
+def _activation_options(name: str) -> dict[str, Any]:
+    return {"num_groups": 2} if "num_groups" in normzoo.get_norm(name).options() else {}
+
+
+def _has_running_stats_option(name: str) -> bool:
+    return "track_running_stats" in normzoo.get_norm(name).options()
+
+
+def _perturb_buffers(module: nn.Module) -> None:
+    with torch.no_grad():
+        for bname, buf in module.named_buffers():
+            if bname.endswith("running_mean"):
+                buf.copy_(torch.linspace(-0.5, 0.5, buf.numel(), dtype=buf.dtype))
+            elif bname.endswith("running_var"):
+                buf.copy_(torch.linspace(0.5, 2.0, buf.numel(), dtype=buf.dtype))
+
+
+def _as_function(module: nn.Module) -> tuple[Callable[..., Tensor], list[Tensor]]:
+    """``f(x, *params)`` calling ``module`` with those parameters and fresh copies of its buffers."""
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in module.named_parameters()]
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+
+    def f(x: Tensor, *ps: Tensor) -> Tensor:
+        state = {**dict(zip(names, ps, strict=True)), **{n: b.clone() for n, b in buffers.items()}}
+        return functional_call(module, state, (x,))
+
+    return f, params
+
+
+def _gradcheck(module: nn.Module, x: Tensor) -> None:
+    f, params = _as_function(module)
+    x = x.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def activation_cases() -> list[tuple[str, str, tuple[int, ...]]]:
+    cases = []
+    for name in normzoo.list_norms(kind="activation", references=False):
+        spec = normzoo.get_norm(name)
+        shapes = [(3, C, 5)] if spec.needs_spatial else [(6, C), (3, C, 5)]
+        cases += [(name, "train", shape) for shape in shapes]
+        if _has_running_stats_option(name):
+            cases.append((name, "eval", (3, C, 5)))
+    return cases
+
+
+CASES = activation_cases()
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "shape"), CASES, ids=[f"{n}-{m}-{len(s)}d" for n, m, s in CASES]
+)
+def test_activation_gradcheck(name: str, mode: str, shape: tuple[int, ...]) -> None:
+    options = _activation_options(name)
+    if mode == "eval":
+        options["track_running_stats"] = True
+    layer = normzoo.build_norm(name, C, **options).to(DT).train(mode == "train")
+    with torch.no_grad():
+        for pname, p in layer.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if pname.endswith("weight") else torch.randn_like(p))
+    _perturb_buffers(layer)
+    x = torch.randn(shape, dtype=DT) * 1.5 + 0.5
+    _gradcheck(layer, x)
+
+
+def test_batchrenorm_gradcheck_with_clipping_active() -> None:
+    """r = clip(sigma_B / sigma) and d = clip((mu_B - mu) / sigma) are stop-gradient: the backward is
+    the derivative of the forward only where they are locally constant, i.e. clipped. Here every
+    channel clips both, at limits other than BatchNorm's (1, 0), so the renorm terms of the
+    backward (gamma * r as scale, dgamma = r * sum(dy * x_hat) + d * sum(dy)) are checked; with r, d
+    inside the limits the gradient is the paper's stop-gradient one, checked against the paper's
+    formulas in tests/test_batchrenorm.py."""
+    layer = normzoo.build_norm("batchrenorm", C, rmax=1.2, dmax=0.3, schedule="none").to(DT)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([2.0, -2.0, 3.0, -3.0], dtype=DT))
+        layer.running_var.copy_(torch.tensor([0.1, 10.0, 0.1, 10.0], dtype=DT))
+    x = torch.randn(6, C, 5, dtype=DT) * 1.5 + 0.2
+    probe = copy.deepcopy(layer)
+    probe(x)
+    assert probe.clip_fraction_r.item() == 1.0 and probe.clip_fraction_d.item() == 1.0
+    _gradcheck(layer, x)
+
+
+WEIGHT_NORMS = normzoo.list_norms(kind="weight", references=False)
+WRAPPED: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "linear": (lambda: nn.Linear(5, 4), (3, 5)),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 4, 4)),
+}
+
+if WEIGHT_NORMS:  # collected once a weight reparametrisation is registered
+
+    @pytest.mark.parametrize("wrapped", list(WRAPPED))
+    @pytest.mark.parametrize("name", WEIGHT_NORMS)
+    def test_weight_gradcheck(name: str, wrapped: str) -> None:
+        make, in_shape = WRAPPED[wrapped]
+        module = normzoo.build_norm(name, make().to(DT))
+        assert sum(p.numel() for p in module.parameters()) > 0
+        _gradcheck(module, torch.randn(in_shape, dtype=DT))
+
+
+def test_every_from_scratch_layer_is_covered() -> None:
+    """The parametrisation above really is the registry: a layer added later is checked too."""
+    covered = {name for name, _, _ in CASES} | set(WEIGHT_NORMS)
+    assert covered == set(normzoo.list_norms(references=False))
+    assert {"batchnorm", "batchrenorm"} <= covered
+    assert ("batchnorm", "eval", (3, C, 5)) in CASES
