@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -252,3 +255,55 @@ def test_a_sweep_without_ok_runs_still_gets_a_report(tmp_path: Path) -> None:
     path = build_report(tmp_path / "sweep", tmp_path / "out")
     text = path.read_text()
     assert "No run finished ok" in text and "corrupt" in text
+
+
+@pytest.mark.slow
+def test_report_from_a_real_one_epoch_sweep(tmp_path: Path) -> None:
+    """A real `normzoo-train -m` sweep (2 layers x 2 batch sizes, one epoch on a digits subset),
+    its report built by the Hydra callback, then rebuilt by the CLI."""
+    sweep, report = tmp_path / "sweep", tmp_path / "report"
+    launch = "import sys; from normzoo.train import main; sys.argv[0] = 'normzoo-train'; main()"
+    args = [
+        "-m",
+        "norm=batchnorm,layernorm",
+        "data.batch_size=4,16",
+        "seed=0",
+        "model=mlp",
+        "model.widths=[32]",
+        "train.epochs=1",
+        "data.train_subset=128",
+        "data.test_subset=64",
+        "diagnostics.precise_samples=128",
+        "device=cpu",
+        f"hydra.sweep.dir={sweep}",
+        f"report.out={report}",
+        "+hydra.callbacks.report._target_=normzoo.report.ReportCallback",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", launch, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = load_sweep(sweep)
+    assert len(df) == 4 and set(df["status"]) == {"ok"} and df["overrides"].is_unique
+    assert sorted(zip(df["norm"], df["batch_size"], strict=True)) == [
+        ("batchnorm", 4),
+        ("batchnorm", 16),
+        ("layernorm", 4),
+        ("layernorm", 16),
+    ]
+    bn = df[df["norm"] == "batchnorm"]
+    ln = df[df["norm"] == "layernorm"]
+    assert (bn["batch_dependence"] > 0).all() and (ln["batch_dependence"] == 0).all()
+    assert (ln["test_error"] == ln["test_error_batch_stats"]).all()
+    text = (report / "report.md").read_text()  # written by the callback
+    assert "Layers without batch statistics (LayerNorm) show zero mismatch, measured" in text
+    assert "norm=batchnorm,layernorm data.batch_size=4,16" in text  # the exact sweep command
+    for name in ("fig_degradation.png", "fig_mismatch.png", "degradation.csv", "runs.csv"):
+        assert (report / name).is_file()
+    assert main([str(sweep), "--out", str(tmp_path / "again")]) == 0
+    assert "## Findings" in (tmp_path / "again" / "report.md").read_text()
