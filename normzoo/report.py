@@ -741,8 +741,9 @@ def _grid(n: int, ncols: int = 4) -> tuple[int, int]:
 
 def _fig_mismatch(t: _Table, styles: dict, path: Path) -> Path:
     rows, cols = _grid(len(t.layers))
-    fig = Figure(figsize=(3.4 * cols + 0.6, 2.9 * rows + 0.9), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, sharey=True, squeeze=False)).ravel()
+    fig = Figure(figsize=(3.6 * cols + 0.6, 3.1 * rows + 0.9), layout="constrained")
+    # own y range per panel: the comparison that matters is between the three lines of a panel
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     modes = (
         ("err_ema", "EMA (eval mode)", "-", "o"),
         ("err_batch", "batch statistics", "--", "v"),
@@ -766,9 +767,8 @@ def _fig_mismatch(t: _Table, styles: dict, path: Path) -> Path:
                 alpha=0.9,
             )
         _log2_axis(ax, bs)
-        kind = "batch statistics" if t.batch_stats[layer] else "no batch statistics"
-        kind += "" if t.batch_stats[layer] else ": lines coincide"
-        ax.set_title(f"{layer} ({kind})", fontsize=10)
+        kind = "batch statistics" if t.batch_stats[layer] else "no batch statistics: lines coincide"
+        ax.set_title(f"{layer}\n({kind})", fontsize=10)
         ax.set_xlabel("batch size (log2)")
     for ax in axes[:: max(1, cols)]:
         ax.set_ylabel("test error (%)")
@@ -824,10 +824,14 @@ def _fig_lines(
             )
         _log2_axis(ax, sorted(all_b) or [1])
         if log_y and all_b:
-            top = max([t.cell(la, b, metric).hi for la in layers for b in t.batches(la, metric)])
-            ax.set_yscale("symlog", linthresh=1e-3)
+            values = [t.cell(la, b, metric) for la in layers for b in t.batches(la, metric)]
+            top = max(c.hi for c in values)
+            positive = [c.lo for c in values if c.lo > 0] + [c.mean for c in values if c.mean > 0]
+            # linear only below the smallest non-zero value, so float noise (~1e-8) stays visible
+            floor = 10 ** math.floor(math.log10(min(positive))) if positive else 1e-3
+            ax.set_yscale("symlog", linthresh=min(floor, 1e-3))
             # a little room below 0 so that measured zeros show as markers, not as the axis line
-            ax.set_ylim(-2e-4, max(2 * top, 1e-2) if np.isfinite(top) else 1.0)
+            ax.set_ylim(-0.2 * min(floor, 1e-3), max(2 * top, 1e-2) if np.isfinite(top) else 1.0)
         ax.set_xlabel("batch size (log2)")
         ax.set_ylabel(ylabel)
         ax.set_title(subtitle, fontsize=10)
