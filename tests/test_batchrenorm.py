@@ -256,11 +256,14 @@ def test_clip_fractions_on_a_hand_built_batch() -> None:
     y = brn(x)
     for frac in (brn.clip_fraction_r, brn.clip_fraction_d):
         assert frac.dim() == 0 and not frac.requires_grad
+    assert not brn.last_r.requires_grad and "last_r" not in brn.state_dict()
     assert brn.clip_fraction_r.item() == 0.5
     assert brn.clip_fraction_d.item() == 0.25
     r = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
     d = torch.tensor([0.0, 0.5, 0.0, 1.0], dtype=torch.float64)
     torch.testing.assert_close(y, z * r + d)
+    torch.testing.assert_close(brn.last_r, r)
+    torch.testing.assert_close(brn.last_d, d)
 
 
 def test_without_running_stats_it_is_plain_batchnorm() -> None:
