@@ -240,3 +240,16 @@ def test_double_backward_is_refused_not_wrong() -> None:
     (gx,) = torch.autograd.grad(bn(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["batchnorm", "batchrenorm"])
+def test_an_empty_batch_behaves_as_in_torch(name: str) -> None:
+    ours = normzoo.build_norm(name, C)
+    ref = normzoo.build_norm("native_batchnorm", C)
+    x = torch.randn(0, C, 5, requires_grad=True)
+    y, yr = ours(x), ref(x)
+    assert y.shape == yr.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for key, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key

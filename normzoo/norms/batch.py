@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from normzoo.norms._base import RunningStatsMixin, _NormBase
 from normzoo.registry import register_norm
 
-__all__ = ["SCHEDULES", "BatchNorm", "BatchRenorm", "set_progress"]
+__all__ = ["RENORM_SCHEDULES", "BatchNorm", "BatchRenorm", "set_progress"]
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -64,8 +64,9 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     must centre ``x`` before its reductions. ``scratch`` (like x) is overwritten.
 
     On CPU in eager mode the fast route is two plain sums, ``sum(x)`` and ``sum(x * x)`` (torch's
-    vectorised sum is ~10x faster there than ``torch.var_mean``'s Welford loop, and x * x goes into
-    ``scratch``, the future output, so no extra buffer is allocated): var = E[x^2] - E[x]^2. That
+    vectorised sum is ~10x faster there than ``torch.var_mean``'s Welford loop; sum(x * x) is a
+    row-wise vector norm for contiguous (N, C, *S) input, else x * x goes into ``scratch``, the future
+    output, so no buffer is allocated for it): var = E[x^2] - E[x]^2. That
     formula cancels when |mean| >> std, so a batch with mean^2 / var > ``_CANCELLATION_LIMIT`` in
     any channel falls back to centred two-pass sums (the check reads one number, free on CPU).
     Elsewhere (CUDA, ``torch.compile``) ``torch.var_mean`` is one fused, stable kernel, and the
@@ -273,8 +274,17 @@ class BatchNorm(RunningStatsMixin, _NormBase):
         if hasattr(self, "track_running_stats"):
             self.reset_running_stats()
 
+    def _empty_batch(self, x: Tensor) -> Tensor:
+        """torch's answer to an empty batch: an empty output, the statistics left alone (the step
+        is still counted)."""
+        if self.training and self.track_running_stats:
+            self._momentum_factor()
+        return x.clone()
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty_batch(x)
         if self.training or not self.track_running_stats:
             m = _check_batch(x)
             y, mean, var = _BatchNormFunction.apply(x, self.weight, self.bias, self.eps)
@@ -301,7 +311,7 @@ class BatchNorm(RunningStatsMixin, _NormBase):
 #: linear relaxation reaching ``rmax`` at ``rmax_relaxed`` and ``dmax`` at ``dmax_relaxed``. The paper
 #: (Ioffe 2017, Sec. 4.1) relaxes from step 5k to rmax = 3 at 40k and dmax = 5 at 25k steps; as
 #: fractions of a 100k-step run these are the progress defaults 0.05, 0.4 and 0.25.
-SCHEDULES = ("auto", "steps", "none")
+RENORM_SCHEDULES = ("auto", "steps", "none")
 
 
 def _relaxed_fraction(now: float, start: float, end: float) -> float:
@@ -395,8 +405,8 @@ class BatchRenorm(BatchNorm):
         )
         if not rmax >= 1.0 or not dmax >= 0.0 or math.isinf(rmax) or math.isinf(dmax):
             raise ValueError(f"need finite rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule not in RENORM_SCHEDULES:
+            raise ValueError(f"schedule must be one of {RENORM_SCHEDULES}, got {schedule!r}")
         if (
             not 0.0
             <= relax_start
@@ -488,6 +498,8 @@ class BatchRenorm(BatchNorm):
         if not (self.training and self.track_running_stats):
             return super().forward(x)  # eval with the moving statistics, or plain BatchNorm
         self._check_input(x)
+        if x.numel() == 0:
+            return self._empty_batch(x)
         m = _check_batch(x)
         y, mean, var, clip_r, clip_d, r, d = _BatchNormFunction.apply(
             x,
