@@ -343,9 +343,13 @@ def fit(
     mode = _progress_mode(cfg)
     bar = None
     if mode == "bar":
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # a declared dependency, but a missing bar must not fail a run
+            log.warning("tqdm is not installed: plain log lines instead of a progress bar")
+            mode = "log"
+        else:
+            bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
 
     model.train()
     step = 0
