@@ -167,6 +167,10 @@ class TrainConf:
     NaN/inf (the diverging step is found exactly either way; 0 = 50); on CPU every step is checked.
     ``mkldnn``: oneDNN conv kernels on CPU, ``on``/``off``/``auto`` (off at batch size <= 8, where
     torch's native kernels are faster for small models).
+    ``checkpoint``: ``true`` saves ``checkpoint.pt`` (model, optimizer, step, RNG states, curves)
+    into the run dir at the end of every epoch and continues from it when the run is started again;
+    ``auto`` does so for long runs only (not on digits, or more than
+    ``normzoo.train.AUTO_CHECKPOINT_STEPS`` optimizer steps); ``false`` never.
     """
 
     epochs: int = 10
@@ -179,6 +183,7 @@ class TrainConf:
     check_every: int = 0
     mkldnn: str = "auto"
     progress: Progress = Progress.auto
+    checkpoint: Any = "auto"  # auto | true | false (a bool or the string: checked by validate)
 
 
 @dataclass
@@ -201,7 +206,9 @@ class Config:
     """The whole run. ``norm`` is free-form (each layer has its own options; :func:`validate`
     checks them against the registry); ``norm_options`` maps a canonical norm name to options
     applied only when that norm is the one selected (a study sweeping over norms sets, e.g.,
-    ``norm_options.groupnorm.num_groups`` for its widths)."""
+    ``norm_options.groupnorm.num_groups`` for its widths). ``resume``: a run whose dir already
+    holds a finished result of the same config (``ok``, ``invalid`` or ``diverged``) is skipped;
+    ``resume=false`` reruns it."""
 
     norm: dict[str, Any] = field(default_factory=dict)
     norm_options: dict[str, Any] = field(default_factory=dict)
@@ -215,6 +222,7 @@ class Config:
     device: Device = Device.auto
     threads: int = 1
     study: str | None = None
+    resume: bool = True
 
 
 MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConf, "cnn": CNNConf, "resnet": ResNetConf}
@@ -284,6 +292,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "train.check_every": (lambda v: v >= 0, ">= 0 (0 = auto)"),
     "train.mkldnn": (lambda v: v in ("auto", "on", "off"), "one of auto, on, off"),
+    "train.checkpoint": (lambda v: v == "auto" or isinstance(v, bool), "one of auto, true, false"),
     "diagnostics.precise_samples": (lambda v: v >= 1, ">= 1"),
     "norm.data_init_samples": (lambda v: v >= 1, ">= 1"),
     "model.widths": (lambda v: len(v) >= 1 and all(w >= 1 for w in v), "one or more widths >= 1"),

@@ -28,6 +28,34 @@ a missing data set) stops a single run before anything is loaded, and a multirun
 job (:class:`SweepGuard` checks every swept value). A job killed from outside (SIGKILL, out of
 memory) leaves no ``metrics.json``; joblib's loky then aborts the remaining jobs (a crashed worker
 process cannot be recovered from); a rerun into the same sweep dir redoes it.
+
+Resume. Run dirs of a sweep are named by the job's overrides (``hydra.job.override_dirname``), so
+running the same study again into the same sweep dir finds the same dirs. With ``resume=true`` (the
+default) a run whose dir already holds a ``metrics.json`` with status ``ok``, ``invalid`` or
+``diverged`` *for the same config* (the recorded ``config`` equals this one, keys in
+:data:`RESULT_NEUTRAL_KEYS` aside) is skipped before anything is loaded and its ``metrics.json`` is
+left untouched: those statuses are deterministic results of the config, rerunning would give them
+again. ``failed`` runs, dirs without a ``metrics.json`` (killed) and runs whose config changed are
+run again; ``resume=false`` reruns everything. The code revision is not compared: after changing
+the code, rerun with ``resume=false`` (each record names its ``git_rev`` and ``git_dirty`` paths).
+``metrics.json`` is written once, at the end, by an atomic rename: a run killed at any point leaves
+either no ``metrics.json`` or the previous complete one, never a partial one; the temp files a
+kill can leave (``.metrics.json.*.tmp``, ``.checkpoint.pt.*.tmp``) are not read by anything and
+are removed when the run is started again.
+
+Checkpoints (``train.checkpoint=auto|true|false``; ``auto``: on unless the data set is digits or
+the run is longer than :data:`AUTO_CHECKPOINT_STEPS` steps). At the end of every epoch the run
+writes ``checkpoint.pt`` atomically into its dir: model, optimizer, the global step (the lr
+schedule and Batch Renorm's progress follow from it), the epoch-order generator and torch's RNG
+states, the curves so far and the training time. Started again, it continues after the last saved
+epoch; the final metrics equal an uninterrupted run's bitwise on CPU (timings aside). A checkpoint
+written for another config is ignored. It is deleted when the run ends ``ok``, ``invalid`` or
+``diverged``, and kept when it ``failed``.
+
+Provenance. Every record holds the flattened config, ``command`` (``sys.argv``), the job's task
+overrides (``task_overrides``) and ``rerun_command``: ``normzoo-train <overrides>`` reruns that one
+row (a study's jobs include ``experiment=<study>``), at the recorded ``git_rev``, with
+``git_dirty`` listing the uncommitted paths under ``normzoo/`` and ``conf/`` at run time.
 """
 
 from __future__ import annotations
@@ -41,6 +69,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -79,7 +108,10 @@ from normzoo.models import build_model, count_parameters
 from normzoo.registry import get_norm
 
 __all__ = [
+    "AUTO_CHECKPOINT_STEPS",
     "EXIT_CODES",
+    "KEEP_ON_RESUME",
+    "RESULT_NEUTRAL_KEYS",
     "SCHEMA_VERSION",
     "SweepGuard",
     "SweepRejected",
@@ -99,6 +131,13 @@ SCHEMA_VERSION = 1
 #: exit status of a single run by its status.
 EXIT_CODES = {"ok": 0, "failed": 1, "config_error": 1, "invalid": 2, "diverged": 3}
 METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+#: statuses a rerun with resume=true keeps: deterministic results of the config
+KEEP_ON_RESUME = ("ok", "invalid", "diverged")
+#: config keys that do not change a run's result (a finished run recorded with other values counts)
+RESULT_NEUTRAL_KEYS = frozenset({"resume", "train.progress", "train.checkpoint", "report.out"})
+#: train.checkpoint=auto saves checkpoints for runs longer than this many optimizer steps
+AUTO_CHECKPOINT_STEPS = 20_000
 
 _last_status: str | None = None  # the status of the last run in this process (single-run exit code)
 _sweep_failed: int = 0  # failed runs counted by SweepGuard at the end of a multirun
@@ -224,6 +263,32 @@ def _git_rev() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@functools.lru_cache(maxsize=1)
+def _git_dirty() -> list[str] | None:
+    """Uncommitted paths under ``normzoo/`` and ``conf/`` of the source checkout, or None."""
+    root = Path(normzoo.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "normzoo", "conf"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return sorted(line[3:] for line in out.stdout.splitlines() if line.strip())
+
+
+def _task_overrides() -> list[str] | None:
+    """The job's command-line overrides (``hydra.overrides.task``), or None outside Hydra."""
+    try:
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except ValueError:
+        return None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -311,9 +376,17 @@ def _progress_mode(cfg: DictConfig) -> str:
 
 
 def fit(
-    model: nn.Module, data: DataBundle, cfg: DictConfig, device: torch.device, state: _Fit
+    model: nn.Module,
+    data: DataBundle,
+    cfg: DictConfig,
+    device: torch.device,
+    state: _Fit,
+    checkpoint: Path | None = None,
 ) -> None:
     """Train ``model`` in place; append one dict per epoch to ``state.curves``.
+
+    ``checkpoint``: a path to continue from when it holds a checkpoint of this config, and to
+    write (atomically) at the end of every epoch.
 
     Raises:
         Diverged: at the first step whose loss is NaN/inf.
@@ -339,6 +412,18 @@ def fit(
     forward = torch.compile(model) if cfg.train.compile else model
     generator = torch.Generator().manual_seed(int(cfg.seed))
     on_cpu = device.type == "cpu"
+    step, first_epoch, time_before = 0, 1, 0.0
+    saved = _load_checkpoint(checkpoint, cfg) if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        state.curves = list(saved["curves"])
+        step, first_epoch, time_before = saved["step"], saved["epoch"] + 1, saved["train_time_s"]
+        log.info("resuming from %s: epoch %d done, step %d", checkpoint, saved["epoch"], step)
 
     mode = _progress_mode(cfg)
     bar = None
@@ -349,15 +434,14 @@ def fit(
             log.warning("tqdm is not installed: plain log lines instead of a progress bar")
             mode = "log"
         else:
-            bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+            bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=False)
 
     model.train()
-    step = 0
     t0 = time.perf_counter()
     mkldnn_before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = _use_mkldnn(cfg, device)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
             order = epoch_order(data, batch_size, generator, grouped)
             xs, ys = data.train_x[order], data.train_y[order]  # one gather per epoch, then views
             # On CPU loss.item() costs no sync (0.3 us, less than any tensor op): every step is
@@ -399,7 +483,7 @@ def fit(
                 if bar is not None:
                     bar.update(1)
             state.steps = step
-            state.train_time_s = time.perf_counter() - t0
+            state.train_time_s = time_before + time.perf_counter() - t0
             test_loss, test_error = evaluate(
                 model, data.test_x, data.test_y, int(cfg.data.eval_batch_size)
             )
@@ -423,12 +507,83 @@ def fit(
                 bar.write(msg)
             elif mode == "log":
                 log.info(msg)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, cfg, model, opt, generator, device, epoch, state)
     finally:
         torch.backends.mkldnn.enabled = mkldnn_before
         state.steps = step
-        state.train_time_s = time.perf_counter() - t0
+        state.train_time_s = time_before + time.perf_counter() - t0
         if bar is not None:
             bar.close()
+
+
+def _comparable_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The flattened config as JSON stores it, without :data:`RESULT_NEUTRAL_KEYS`: two runs with
+    equal values here give the same result."""
+    flat = flatten(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    flat = json.loads(json.dumps(flat, default=str))
+    return {k: v for k, v in flat.items() if k not in RESULT_NEUTRAL_KEYS}
+
+
+def _save_checkpoint(
+    path: Path,
+    cfg: DictConfig,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    generator: torch.Generator,
+    device: torch.device,
+    epoch: int,
+    state: _Fit,
+) -> None:
+    """Everything the next epoch depends on, written to a temp file and renamed over ``path``."""
+    payload = {
+        "format": 1,
+        "config": json.dumps(_comparable_config(cfg), sort_keys=True),
+        "epoch": epoch,
+        "step": state.steps,
+        "train_time_s": state.train_time_s,
+        "curves": json.dumps(state.curves, allow_nan=True),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_checkpoint(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it exists, loads, and was written for this config."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved["curves"] = json.loads(saved["curves"])
+        same = json.loads(saved["config"]) == _comparable_config(cfg)
+    except Exception as exc:  # a damaged checkpoint costs the epochs it held, not the run
+        log.warning("ignoring unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
+        return None
+    if not same:
+        log.warning("ignoring checkpoint %s: written for another config", path)
+        return None
+    return saved
+
+
+def _use_checkpoint(cfg: DictConfig, total_steps: int) -> bool:
+    setting = cfg.train.get("checkpoint", "auto")
+    if setting == "auto":
+        return str(cfg.data.name) != "digits" or total_steps > AUTO_CHECKPOINT_STEPS
+    return bool(setting)
 
 
 def _use_mkldnn(cfg: DictConfig, device: torch.device) -> bool:
@@ -490,6 +645,7 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
         lr = _peak_lr(cfg)
     except Exception:
         lr = None
+    overrides = _task_overrides()
     return {
         "schema_version": SCHEMA_VERSION,
         "status": None,
@@ -520,8 +676,13 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
         "steps_per_s": None,
         "versions": _versions(),
         "git_rev": _git_rev(),
+        "git_dirty": _git_dirty(),
         "hostname": socket.gethostname(),
         "command": list(sys.argv),
+        "task_overrides": overrides,
+        "rerun_command": (
+            shlex.join(["normzoo-train", *overrides]) if overrides is not None else None
+        ),
         "started_at": _now(),
         "finished_at": None,
     }
@@ -549,11 +710,22 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
 
     Never raises for a failure of the run itself (it is recorded); a config error raises
     :class:`ConfigError` outside a multirun (in a multirun it is recorded as ``failed``).
+    With ``cfg.resume`` a finished result of the same config already in ``out_dir`` is kept and
+    nothing runs (the returned dict then has ``skipped=True``).
     """
     global _last_status
     t_start = time.perf_counter()
     out = _output_dir(out_dir)
+    if cfg.get("resume", False):
+        kept = _kept_result(out, cfg)
+        if kept is not None:
+            _last_status = kept["status"]
+            log.info("resume: %s is already %s; kept (resume=false reruns it)", out, kept["status"])
+            return {"status": kept["status"], "error": kept.get("error"), "dir": str(out),
+                    "skipped": True}  # fmt: skip
+    _remove_temp_files(out)
     record = _base_record(cfg)
+    checkpoint: Path | None = None
     fit_state = _Fit()
     model: nn.Module | None = None
     try:
@@ -588,7 +760,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
             record["lr"], cfg.train.epochs, steps_per_epoch * int(cfg.train.epochs), out,
         )  # fmt: skip
 
-        fit(model, data, cfg, device, fit_state)
+        if _use_checkpoint(cfg, steps_per_epoch * int(cfg.train.epochs)):
+            checkpoint = out / CHECKPOINT_FILE
+        fit(model, data, cfg, device, fit_state, checkpoint)
         last = fit_state.curves[-1]
         for key in ("train_loss", "train_error", "test_loss", "test_error"):
             record[key] = last[key]
@@ -635,9 +809,38 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         if record["status"] is not None:
             write_json_atomic(out / METRICS_FILE, record)
             _last_status = record["status"]
+        if record["status"] in KEEP_ON_RESUME:  # a finished result: nothing left to continue
+            with contextlib.suppress(OSError):
+                (out / CHECKPOINT_FILE).unlink()
     if record["status"] != "ok":
         log.info("status %s -> %s", record["status"], out / METRICS_FILE)
     return {"status": record["status"], "error": record["error"], "dir": str(out)}
+
+
+def _kept_result(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``metrics.json`` in ``out`` if a rerun keeps it: a status in :data:`KEEP_ON_RESUME`
+    recorded for the same config (up to :data:`RESULT_NEUTRAL_KEYS`)."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("status") not in KEEP_ON_RESUME:
+            return None
+        if _comparable_config(old.get("config") or {}) != _comparable_config(cfg):
+            log.info("resume: %s holds a result of another config; running again", out)
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable or not an object: run again
+    return old
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temp files of an atomic write killed mid-way (never read; a rerun writes new ones)."""
+    for name in (METRICS_FILE, CHECKPOINT_FILE):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -657,8 +860,9 @@ class SweepGuard(Callback):
     ``on_multirun_start``: before the first job, check every swept value (and the shared config)
     with :func:`normzoo.config.validate` / :func:`normzoo.config.check_value`: an out-of-range or
     mistyped value or an unknown group option stops the sweep before any training.
-    ``on_multirun_end``: count this sweep's ``metrics.json`` by status, log failed ones, and make
-    the process exit non-zero if any run ``failed``.
+    ``on_multirun_end``: count this sweep's ``metrics.json`` by status (and those older than the
+    sweep, kept by ``resume``), log failed ones, and make the process exit non-zero if any run of
+    this sweep ``failed``.
     """
 
     def __init__(self) -> None:
@@ -678,9 +882,11 @@ class SweepGuard(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         counts: dict[str, int] = {}
         failed = []
+        kept = 0
         for path in sorted(sweep_dir.glob(f"**/{METRICS_FILE}")):
             if path.stat().st_mtime < self.started - 1:
-                continue  # from an earlier sweep into the same dir
+                kept += 1  # written before this sweep started: kept by resume, or another sweep's
+                continue
             try:
                 status = json.loads(path.read_text()).get("status", "unreadable")
             except (OSError, ValueError):
@@ -689,6 +895,8 @@ class SweepGuard(Callback):
             if status in ("failed", "unreadable"):
                 failed.append(str(path.parent))
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs"
+        if kept:
+            summary += f" (+{kept} finished before this sweep, not rerun)"
         log.info("sweep %s: %s", sweep_dir, summary)
         for path in failed:
             log.error("failed run: %s", path)
