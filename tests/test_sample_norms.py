@@ -294,3 +294,15 @@ def test_empty_batch_and_empty_spatial_dims(name: str) -> None:
         assert torch.equal(layer.running_var, torch.ones(C))
     with pytest.raises(ValueError, match=r"non-empty spatial dims.*\(2, 6, 0, 3\)"):
         layer(torch.randn(2, C, 0, 3))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_large_mean_path_passes_gradcheck_on_2d_input(groups: int) -> None:
+    """The centred fallback on (N, C) input, where dy * (x - mu) is the per-(n, c) dot itself."""
+    x = (torch.randn(5, C, dtype=torch.float64) * 0.01 + 100.0).requires_grad_(True)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    assert GroupNormFunction.apply(x, w, b, groups, 1e-5)[0].isfinite().all()
+    assert torch.autograd.gradcheck(
+        lambda *t: GroupNormFunction.apply(*t, groups, 1e-5)[0], (x, w, b)
+    )

@@ -37,41 +37,32 @@ __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group
 _CANCELLATION_LIMIT = 64.0
 
 
-def _group_shape(t: Tensor, xg: Tensor) -> Tensor:
-    """View an (N, G, C/G) or (N, G) tensor so it broadcasts against xg of shape (N, G, C/G, *S)."""
-    return t.view(*t.shape, *([1] * (xg.dim() - t.dim())))
+def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
+    """Mean and biased variance per (sample, group), (N, G, 1, 1) each, and whether they were centred.
 
-
-def _group_stats(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, bool]:
-    """Mean and biased variance per (sample, group), (N, G) each, and whether they were centred.
-
-    CPU eager: two vectorised one-pass reductions, sum(x) and ||x||^2 (torch's ``var_mean`` is a
-    scalar Welford loop there, ~10x slower), var = E[x^2] - mu^2; a batch with mu^2 / var above
-    ``_CANCELLATION_LIMIT`` in any group falls back to the centred two-pass form (the check reads
-    one number, free on CPU). CUDA and ``torch.compile``: ``torch.var_mean``, one stable fused
-    reduction. Half-precision input is accumulated in float32.
+    ``x4`` is the input viewed as (N, G, C/G, S) (S = prod of the spatial dims, 1 for 2-D input),
+    ``m = C/G * S`` the values per group. CPU eager: two vectorised one-pass reductions, sum(x)
+    and ||x||^2 (torch's ``var_mean`` is a scalar Welford loop there, ~10-20x slower),
+    var = E[x^2] - mu^2; a batch with mu^2 / var above ``_CANCELLATION_LIMIT`` in any group falls
+    back to the centred two-pass form (the check reads one number, free on CPU). CUDA and
+    ``torch.compile``: ``torch.var_mean``, one stable fused reduction. Half-precision input is
+    accumulated in float32. The statistics keep their reduced dims so that they broadcast against
+    ``x4`` without reshapes.
     """
-    n, c = x.shape[0], x.shape[1]
-    m = (c // num_groups) * math.prod(x.shape[2:])
-    if x.is_contiguous():
-        xg, dims = x.view(n, num_groups, m), (-1,)  # (N, G, m)
-    else:  # channels_last and other layouts: (N, G, C/G, *S) is still a view
-        xg = x.unflatten(1, (num_groups, c // num_groups))
-        dims = tuple(range(2, xg.dim()))
-    if x.dtype not in (torch.float32, torch.float64):
-        xg = xg.float()
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        var, mean = torch.var_mean(xg, dim=dims, correction=0)
+    if x4.dtype not in (torch.float32, torch.float64):
+        x4 = x4.float()
+    if x4.device.type != "cpu" or torch.compiler.is_compiling():
+        var, mean = torch.var_mean(x4, dim=(2, 3), correction=0, keepdim=True)
         return mean, var, True
-    mean = xg.sum(dims).div_(m)
-    var = torch.linalg.vector_norm(xg, dim=dims).square_().div_(m)
+    mean = x4.sum((2, 3), keepdim=True).div_(m)
+    var = torch.linalg.vector_norm(x4, dim=(2, 3), keepdim=True).square_().div_(m)
     var.addcmul_(mean, mean, value=-1.0)
     # var - mu^2 / L < 0  <=>  mu^2 / var > L (also catches a var < 0 from rounding)
     margin = torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT)
     if margin.numel() == 0 or margin.min().item() >= 0:  # (an empty batch has nothing to check)
         return mean, var, False
-    centred = xg - _group_shape(mean, xg)
-    return mean, torch.linalg.vector_norm(centred, dim=dims).square_().div_(m), True
+    centred = torch.linalg.vector_norm(x4 - mean, dim=(2, 3), keepdim=True)
+    return mean, centred.square_().div_(m), True
 
 
 class GroupNormFunction(torch.autograd.Function):
@@ -80,8 +71,12 @@ class GroupNormFunction(torch.autograd.Function):
     ``apply(x, weight, bias, num_groups, eps) -> (y, mean, var)``; ``mean`` and ``var`` (biased),
     of shape (N, G), are returned for running statistics and are not differentiable.
 
-    Forward: the statistics (:func:`_group_stats`: two vectorised reductions on CPU), then
-    y = x * scale + shift with scale, shift per (sample, channel). Saved for backward: x, gamma,
+    Every step works on the input viewed as (N, G, C/G, S) (S = prod of the spatial dims; a view
+    for contiguous and channels_last input), so per-(sample, group) and per-(sample, channel)
+    terms broadcast without reshapes. Forward: the statistics (:func:`_group_stats`: two
+    vectorised reductions on CPU), then y = x * scale + shift with scale, shift per (sample,
+    channel): on 2-D input one ``addcmul`` of same-shape operands, else a multiply and an in-place
+    add (torch vectorises an op with one broadcast operand, not two). Saved for backward: x, gamma,
     and mean and rstd = 1 / sqrt(sigma2 + eps) per (sample, group) -- what torch's native kernel
     saves.
 
@@ -92,7 +87,7 @@ class GroupNormFunction(torch.autograd.Function):
 
     Both group means need only the per-(sample, channel) sums ``db = sum_S dy`` and
     ``dot = sum_S dy * (x - mu)`` (taken as ``sum_S dy * x - mu * db`` unless the forward had to
-    centre), so dx = a * dy + b * (x - mu) + c with a per (n, c) and b, c per (n, g): two
+    centre), so dx = a * dy + b * x + c with a = rstd * gamma per (n, c) and b, c per (n, g): two
     reductions and the dx passes. The buffer that holds dy * x for ``dot`` becomes dx, so backward
     allocates one input-sized tensor, as the native kernel does. Not twice differentiable.
     """
@@ -103,69 +98,82 @@ class GroupNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         n, c = x.shape[0], x.shape[1]
         cg = c // num_groups
-        mean, var, centred = _group_stats(x, num_groups)  # (N, G) each
+        s = math.prod(x.shape[2:])
+        x4 = x.reshape(n, num_groups, cg, s)  # a view for contiguous and channels_last input
+        mean, var, centred = _group_stats(x4, cg * s)  # (N, G, 1, 1) each
         rstd = var.add(eps).rsqrt_()
-        if weight is None:
-            scale = rstd.unsqueeze(-1).expand(n, num_groups, cg)  # (N, G, C/G)
+        if weight is None:  # scale, shift: (N, G, C/G, 1)
+            scale = rstd.expand(n, num_groups, cg, 1)
         else:
-            scale = rstd.unsqueeze(-1) * weight.view(num_groups, cg)
+            scale = rstd * weight.view(num_groups, cg, 1)
         if bias is None:
-            shift = scale * mean.unsqueeze(-1).neg()
+            shift = torch.mul(scale, mean).neg_()
         else:
-            shift = torch.addcmul(bias.view(num_groups, cg), scale, mean.unsqueeze(-1), value=-1.0)
-        view = (n, c, *([1] * (x.dim() - 2)))
-        y = x * scale.reshape(view).to(x.dtype)  # two passes beat one addcmul: torch vectorises
-        y.add_(shift.reshape(view).to(x.dtype))  # an op with one broadcast operand, not two
+            shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
+        if x.dtype != scale.dtype:  # half-precision input: statistics were taken in float32
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
+        # vectorises an op with one broadcast operand, not two)
+        y4 = torch.addcmul(shift, x4, scale) if s == 1 else torch.mul(x4, scale).add_(shift)
         ctx.centred = centred
         ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y4.view(x.shape), mean.view(n, num_groups), var.view(n, num_groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        x, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             return None, None, None, None, None
+        x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
         n, c = x.shape[0], x.shape[1]
         groups = mean.shape[1]
         cg = c // groups
-        m = cg * math.prod(x.shape[2:])
-        acc = mean.dtype  # float32 for half-precision input
-        xg, dyg = x.unflatten(1, (groups, cg)), dy.unflatten(1, (groups, cg))  # (N, G, C/G, *S)
-        sdims = tuple(range(3, xg.dim()))
-        # dot = sum_S dy * (x - mu) per (n, c); buf (dy * x or x - mu) is reused for dx below
-        buf = torch.sub(xg, _group_shape(mean.to(x.dtype), xg)) if ctx.centred else None
-        prod = dyg * (xg if buf is None else buf)
-        if sdims:
-            dot, db = prod.sum(sdims, dtype=acc), dyg.sum(sdims, dtype=acc)  # (N, G, C/G)
-        else:  # 2-D input: one value per (n, c), nothing to sum; prod is dot itself
-            dot, db = prod.to(acc), dyg.to(acc)
-            prod = None
+        s = math.prod(x.shape[2:])
+        low = x.dtype != mean.dtype  # half-precision input, float32 statistics
+        acc = mean.dtype
+        x4, dy4 = x.reshape(n, groups, cg, s), dy.reshape(n, groups, cg, s)
+        mean_x = mean.to(x.dtype) if low else mean
+        # dot = sum_S dy * (x - mu) per (n, c), db = sum_S dy: (N, G, C/G, 1); buf becomes dx
+        buf = torch.mul(dy4, x4 - mean_x if ctx.centred else x4)
+        if s > 1:
+            dot, db = buf.sum(-1, keepdim=True, dtype=acc), dy4.sum(-1, keepdim=True, dtype=acc)
+        else:  # 2-D input: one value per (n, c), nothing to sum; buf is dot itself
+            dot, db, buf = (buf.to(acc), dy4.to(acc), None) if low else (buf, dy4, None)
         if not ctx.centred:
-            dot = dot.addcmul_(_group_shape(mean, dot), db, value=-1.0)
+            dot = dot.addcmul_(mean, db, value=-1.0)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w3 = None if weight is None else weight.view(groups, cg).to(acc)
-            sum_g = (db if w3 is None else db * w3).sum(-1)  # (N, G): m * mean(g)
-            sum_gd = (dot if w3 is None else dot * w3).sum(-1)  # m * mean(g * x_hat) / rstd
-            b = sum_gd.mul_(rstd.pow(3)).mul_(-1.0 / m)  # coefficient of (x - mu)
-            c0 = (rstd * sum_g).mul_(-1.0 / m)  # constant
-            a = rstd.unsqueeze(-1).expand(n, groups, cg) if w3 is None else rstd.unsqueeze(-1) * w3
-            if buf is None:  # dx = a * dy + b * x + (c0 - b * mu), written over dy * x
+            w3 = None if weight is None else weight.view(groups, cg, 1)
+            if w3 is not None and low:
+                w3 = w3.to(acc)
+            # dx = a * dy + b * x + c0 with a = rstd * gamma, b = -rstd^3 / m * sum_c gamma * dot,
+            # c0 = -rstd / m * sum_c gamma * db - b * mu (b * (x - mu) + c0 if centred)
+            sum_gd = (dot if w3 is None else dot * w3).sum(2, keepdim=True)  # (N, G, 1, 1)
+            sum_g = (db if w3 is None else db * w3).sum(2, keepdim=True)
+            rk = rstd * (-1.0 / (cg * s))
+            b = sum_gd.mul_(rk).mul_(rstd).mul_(rstd)
+            c0 = sum_g.mul_(rk)
+            if not ctx.centred:
                 c0 = c0.addcmul_(b, mean, value=-1.0)
-                out = None if prod is None else prod
-                dxg = torch.mul(xg, _group_shape(b.to(x.dtype), xg), out=out)
-            else:  # dx = a * dy + b * (x - mu) + c0, written over x - mu
-                dxg = buf.mul_(_group_shape(b.to(x.dtype), xg))
-            dxg.add_(_group_shape(c0.to(x.dtype), xg))
-            dxg.addcmul_(dyg, _group_shape(a.to(x.dtype), xg))
-            grad_x = dxg.flatten(1, 2)
+            a = rstd.expand(n, groups, cg, 1) if w3 is None else rstd * w3
+            if low:
+                a, b, c0 = a.to(x.dtype), b.to(x.dtype), c0.to(x.dtype)
+            # written over buf (spatial input): first b * x (or b * (x - mu)), then + c0, + a * dy
+            if ctx.centred:
+                dx4 = torch.sub(x4, mean_x, out=buf).mul_(b)
+            else:
+                dx4 = torch.mul(x4, b, out=buf)
+            grad_x = dx4.add_(c0).addcmul_(dy4, a).view(x.shape)
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = (dot * rstd.unsqueeze(-1)).sum(0).view(c).to(weight.dtype)
+            grad_w = (dot * rstd).sum(0).view(c)
+            if low:
+                grad_w = grad_w.to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = db.sum(0).view(c).to(dy.dtype)
+            grad_b = db.sum(0).view(c)
+            if low:
+                grad_b = grad_b.to(dy.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
