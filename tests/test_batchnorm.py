@@ -253,3 +253,37 @@ def test_an_empty_batch_behaves_as_in_torch(name: str) -> None:
     assert x.grad is not None and x.grad.shape == x.shape
     for key, value in ref.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_momentum_none_running_stats_follow_torch_over_many_steps(dtype: torch.dtype) -> None:
+    """The cumulative factor is the tensor 1 / num_batches_tracked (no ``.item()``); its value is
+    torch's ``1.0 / float(count)`` rounded to the buffers' dtype, so the buffers track torch's."""
+    ours = BatchNorm(C, momentum=None).to(dtype)
+    ref = torch.nn.BatchNorm1d(C, momentum=None).to(dtype)
+    for step in range(7):
+        x = torch.randn(5, C, 3, dtype=dtype) * (step + 1) + step
+        ours(x)
+        ref(x)
+    assert int(ours.num_batches_tracked) == 7
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=tol, atol=tol)
+
+
+def test_momentum_none_has_no_graph_break_under_torch_compile() -> None:
+    """The cumulative average used to read the step count back with ``.item()``: a graph break."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(BatchNorm(C, momentum=None).double())(
+        torch.randn(6, C, 3, dtype=torch.float64)
+    )
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = BatchNorm(C, momentum=None).double()
+    module = BatchNorm(C, momentum=None).double()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        x = torch.randn(6, C, 3, dtype=torch.float64) + step
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+    assert int(module.num_batches_tracked) == 3
+    torch.testing.assert_close(module.running_mean, eager.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module.running_var, eager.running_var, rtol=1e-12, atol=1e-12)

@@ -130,17 +130,37 @@ class RunningStatsMixin:
             self.num_batches_tracked.zero_()
 
     def _momentum_factor(self) -> float:
-        """Increment ``num_batches_tracked`` and return this step's averaging factor."""
+        """Increment ``num_batches_tracked`` and return this step's averaging factor as a float.
+
+        For callers that need a Python number (torch's fused references take ``momentum`` as a
+        float); ``momentum=None`` reads the count back (``.item()``: a host sync, and a graph break
+        under ``torch.compile``). The from-scratch layers use :meth:`_averaging_weight`.
+        """
         assert self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked.item())
         return self.momentum
 
+    def _averaging_weight(self, dtype: torch.dtype | None = None) -> float | Tensor:
+        """Increment ``num_batches_tracked`` and return this step's averaging factor.
+
+        ``momentum`` as a float, or for ``momentum=None`` the 0-dim tensor
+        ``1 / num_batches_tracked`` in ``dtype`` (the running buffers' dtype; default float32),
+        computed on the device: no ``.item()``, so no host sync and no graph break under
+        ``torch.compile``. The value equals torch's ``1.0 / float(num_batches_tracked)`` rounded
+        to ``dtype``.
+        """
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return self.num_batches_tracked.to(dtype or torch.get_default_dtype()).reciprocal_()
+        return self.momentum
+
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
         """Blend this batch's per-channel mean and unbiased variance into the running buffers."""
         assert self.running_mean is not None and self.running_var is not None
-        factor = self._momentum_factor()
+        factor = self._averaging_weight(self.running_mean.dtype)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(var_unbiased.to(self.running_var.dtype), factor)

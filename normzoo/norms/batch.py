@@ -278,7 +278,7 @@ class BatchNorm(RunningStatsMixin, _NormBase):
         """torch's answer to an empty batch: an empty output, the statistics left alone (the step
         is still counted)."""
         if self.training and self.track_running_stats:
-            self._momentum_factor()
+            self._averaging_weight()
         return x.clone()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -528,7 +528,11 @@ class BatchRenorm(BatchNorm):
         assert self.num_batches_tracked is not None and self.running_mean is not None
         assert self.running_var is not None
         count = self.num_batches_tracked + 1
-        factor = count.reciprocal().to(mean.dtype) if self.momentum is None else self.momentum
+        factor = (
+            count.to(self.running_mean.dtype).reciprocal()
+            if self.momentum is None
+            else self.momentum
+        )
         self.num_batches_tracked = count
         self.running_mean = torch.lerp(self.running_mean, mean.detach(), factor)
         self.running_var = torch.lerp(self.running_var, var_unbiased.detach(), factor)
