@@ -16,6 +16,7 @@ Importing this module also registers
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import enum
 import inspect
@@ -46,6 +47,7 @@ __all__ = [
     "ReportConf",
     "ResNetConf",
     "TrainConf",
+    "check_override",
     "check_value",
     "flatten",
     "norm_choices",
@@ -322,6 +324,129 @@ def check_value(key: str, value: Any) -> None:
         ok = False
     if not ok:
         raise ConfigError(f"{key}={plain!r} is out of range: allowed {allowed}")
+
+
+#: the config nodes whose keys are fixed by a schema (``model`` depends on the model chosen)
+SECTIONS: dict[str, type] = {
+    "data": DataConf,
+    "optim": OptimConf,
+    "train": TrainConf,
+    "diagnostics": DiagnosticsConf,
+    "report": ReportConf,
+}
+_GROUPS = ("norm", "model", "data", "optim", "experiment")
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _schema_types(cls: type) -> dict[str, str]:
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
+
+
+def _closest(name: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" Did you mean {prefix}{close[0]}?" if close else ""
+
+
+def check_override(text: str, model: str | None = None) -> None:
+    """Check one command-line override against the schema before Hydra composes the config, so
+    that the message names the key *and* what is allowed (Hydra's names only the key).
+
+    Unknown keys of ``data``/``optim``/``train``/``diagnostics``/``report``/``model`` (for
+    ``model``: of the chosen ``model`` when given, else of any model) and of the top level, and
+    values of the wrong type (each value of a sweep) are refused. ``+``/``++``/``~`` overrides,
+    ``hydra.*``, group choices and the free-form ``norm``/``norm_options`` nodes are left to Hydra
+    and :func:`validate`; text Hydra cannot parse is left to Hydra's own error.
+
+    Raises:
+        ConfigError: ``"data.bach_size: no such key. Did you mean data.batch_size? data accepts
+        ..."`` or ``"data.batch_size='foo' is not an integer: allowed >= 1"``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Transformer
+
+    try:
+        override = OverridesParser.create().parse_override(text)
+    except Exception:
+        return
+    key = override.key_or_group
+    if (
+        override.is_hydra_override()
+        or key.startswith("hydra")
+        or override.is_add()
+        or override.is_force_add()
+        or override.is_delete()
+    ):
+        return
+    section, _, rest = key.partition(".")
+    field_name = rest.split(".")[0]
+    top = _schema_types(Config)
+    if not rest:
+        if key in _GROUPS:
+            return
+        if key not in top:
+            raise ConfigError(
+                f"{key}: no such key.{_closest(key, sorted(top))} Top-level keys: "
+                f"{', '.join(sorted(top))}"
+            )
+        types = top
+        field_name = key
+    elif section in SECTIONS:
+        types = _schema_types(SECTIONS[section])
+    elif section == "model":
+        schemas = [MODEL_SCHEMAS[model]] if model in MODEL_SCHEMAS else list(MODEL_SCHEMAS.values())
+        types = {k: v for schema in schemas for k, v in _schema_types(schema).items()}
+        which = f"model={model}" if model in MODEL_SCHEMAS else "the models"
+        if field_name not in types:
+            raise ConfigError(
+                f"{key}: no such key for {which}.{_closest(field_name, sorted(types), 'model.')} "
+                f"Allowed: {', '.join(f'model.{k}' for k in sorted(types))}"
+            )
+    elif section in top:  # the free-form norm / norm_options nodes: checked by validate()
+        return
+    else:
+        raise ConfigError(
+            f"{key}: no such key.{_closest(section, sorted(top))} Top-level keys: "
+            f"{', '.join(sorted(top))}"
+        )
+    if field_name not in types:
+        raise ConfigError(
+            f"{key}: no such key.{_closest(field_name, sorted(types), section + '.')} {section} "
+            f"accepts: {', '.join(sorted(types))}"
+        )
+    if field_name != (rest or key):  # a nested key below a field: left to Hydra
+        return
+    if override.is_sweep_override():
+        try:
+            values = list(override.sweep_iterator(transformer=Transformer.identity))
+        except Exception:
+            return
+    else:
+        values = [override.value()]
+    for value in values:
+        if not (isinstance(value, str) and "${" in value):  # interpolations resolve later
+            _check_type(key, types[field_name], value)
+
+
+def _check_type(key: str, type_name: str, value: Any) -> None:
+    allowed = RULES[key][1] if key in RULES else None
+    enum_type = {"Progress": Progress, "Device": Device}.get(type_name)
+    if enum_type is not None:
+        names = [m.name for m in enum_type]
+        if str(value) not in names:
+            raise ConfigError(f"{key}={value!r}: allowed one of {', '.join(names)}")
+        return
+    kind = _KINDS.get(type_name)
+    if kind is None:
+        return
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }[type_name]
+    if not ok:
+        raise ConfigError(
+            f"{key}={value!r} is not {kind}" + (f": allowed {allowed}" if allowed else "")
+        )
 
 
 def validate(cfg: DictConfig, *, skip: tuple[str, ...] = ()) -> None:

@@ -96,6 +96,7 @@ from normzoo.config import (
     CONF_DIR,
     ConfigError,
     InvalidCombination,
+    check_override,
     check_value,
     flatten,
     norm_choices,
@@ -965,8 +966,18 @@ def check_sweep(config: DictConfig) -> None:
 
 
 def _check_argv(argv: list[str]) -> None:
-    """Refuse an unknown ``norm=`` value before Hydra starts, suggesting the closest name."""
+    """Before Hydra starts: refuse an unknown ``norm=`` value (suggesting the closest name), and
+    unknown keys or mistyped values (:func:`normzoo.config.check_override`, naming what is
+    allowed)."""
     choices = set(norm_choices())
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    models = [a.split("=", 1)[1] for a in overrides if a.startswith("model=")]
+    if not models:  # the model a study or the defaults choose
+        studies = [a.split("=", 1)[1] for a in overrides if a.startswith("experiment=")]
+        models = [_default_model(studies[-1] if studies else None)]
+    model = models[-1] if models[-1] and "," not in models[-1] else None
+    for arg in overrides:
+        check_override(arg, model)
     for arg in argv:
         if not arg.startswith("norm="):
             continue
@@ -976,6 +987,24 @@ def _check_argv(argv: list[str]) -> None:
         for name in value.split(","):
             if name.strip() and name.strip() not in choices:
                 raise ConfigError(suggest_norm(name.strip()))
+
+
+def _default_model(study: str | None) -> str | None:
+    """The ``model`` option the defaults lists choose (a study's ``override /model`` first)."""
+    files = ([CONF_DIR / "experiment" / f"{study}.yaml"] if study else []) + [
+        CONF_DIR / "config.yaml"
+    ]
+    for path in files:
+        try:
+            defaults = OmegaConf.load(path).get("defaults") or []
+        except Exception:
+            continue
+        for entry in defaults:
+            if isinstance(entry, DictConfig):
+                for key, value in entry.items():
+                    if str(key).removeprefix("override ").strip("/") == "model":
+                        return str(value)
+    return None
 
 
 # ``../conf`` next to this package, as an absolute path: Hydra resolves a relative config_path

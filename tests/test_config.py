@@ -16,6 +16,7 @@ from normzoo.config import (
     NORM_RESERVED_KEYS,
     ConfigError,
     InvalidCombination,
+    check_override,
     flatten,
     norm_choices,
     norm_layer_options,
@@ -198,3 +199,38 @@ def test_flatten_resolves_and_uses_dotted_keys(hydra_conf) -> None:
 def test_invalid_combination_is_a_value_error() -> None:
     assert issubclass(InvalidCombination, ValueError)
     assert Path(CONF_DIR, "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "model", "message"),
+    [
+        ("data.bach_size=8", None,
+         "data.bach_size: no such key. Did you mean data.batch_size? data accepts: batch_size,"),
+        ("data.batch_size=foo", None, "data.batch_size='foo' is not an integer: allowed >= 1"),
+        ("data.batch_size=8,foo", None, "data.batch_size='foo' is not an integer"),  # a sweep
+        ("train.epochs=1.5", None, "train.epochs=1.5 is not an integer: allowed >= 1"),
+        ("optim.base_lr=fast", None, "optim.base_lr='fast' is not a number: allowed > 0"),
+        ("device=gpu", None, "device='gpu': allowed one of auto, cpu, cuda"),
+        ("train.progress=fast", None, "train.progress='fast': allowed one of auto, bar, log, none"),
+        ("resume=maybe", None, "resume='maybe' is not true or false"),
+        ("sed=1", None, "sed: no such key. Did you mean seed? Top-level keys:"),
+        ("model.channels=[4]", "mlp",
+         "model.channels: no such key for model=mlp. Allowed: model.name, model.widths"),
+        ("model.widht=[4]", None, "Did you mean model.width"),
+    ],
+)  # fmt: skip
+def test_command_line_overrides_are_checked_naming_what_is_allowed(override, model, message):
+    with pytest.raises(ConfigError) as err:
+        check_override(override, model)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.batch_size=8", "data.batch_size=2,4,8", "optim.base_lr=1", "train.checkpoint=true",
+     "report.out=null", "norm=gn", "norm.num_groups=4", "+norm_options.gn.num_groups=2",
+     "model=mlp", "model.widths=[8]", "hydra.sweep.dir=/tmp/x", "hydra/launcher=local_joblib",
+     "seed=range(0,3)", "data.batch_size=${optim.reference_batch_size}", "device=cpu"],
+)  # fmt: skip
+def test_good_overrides_pass_the_command_line_check(override: str) -> None:
+    check_override(override, None)

@@ -221,3 +221,32 @@ def test_nested_sections_are_hoisted(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text(json.dumps(data))
     row = load_sweep(tmp_path).iloc[0]
     assert row["norm"] == "gn" and row["kl"] == 0.5 and row["x.y"] == 1
+
+
+def test_normzoo_report_lists_a_corrupt_metrics_json_and_does_not_fail(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from normzoo.config import CONF_DIR
+    from normzoo.report import main
+    from normzoo.train import run
+
+    sweep = tmp_path / "sweep"
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "norm=ln", "data.batch_size=16", "data.train_subset=160", "data.test_subset=60",
+            "model=mlp", "model.widths=[8]", "train.epochs=1", "train.progress=none",
+            "diagnostics.precise_samples=32", "device=cpu"])  # fmt: skip
+    ok = _run_dir(sweep, ["norm=ln", "seed=0"], None)
+    assert run(cfg, out_dir=ok)["status"] == "ok"
+    _run_dir(sweep, ["norm=ln", "seed=1"], '{"status": "ok", "test_err')  # half-written
+    killed = _run_dir(sweep, ["norm=ln", "seed=2"], None)
+    # what SIGKILL during the atomic write leaves: a complete-looking temp file, no metrics.json
+    (killed / ".metrics.json.x1.tmp").write_text((ok / "metrics.json").read_text())
+    assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    text = Path(capsys.readouterr().out.strip()).read_text()
+    assert "corrupt" in text and "does not parse" in text and "missing" in text
+    assert ".metrics.json.x1.tmp" in text  # named as a partial file, not counted as a result
+    df = load_sweep(sweep)
+    assert sorted(df["status"]) == ["corrupt", "missing", "ok"] and df["overrides"].is_unique

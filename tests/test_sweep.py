@@ -25,7 +25,13 @@ TINY = [
 
 
 def cli(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    # no GPU visible, whatever the machine: device=cuda must be refused the same way everywhere
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "0",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     return subprocess.run(
         [sys.executable, "-m", "normzoo.train", *args],
         cwd=tmp_path,
@@ -95,11 +101,18 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     [
         (["norm=nope"], "Did you mean norm=none?"),
         (["data.batch_size=0"], "data.batch_size=0 is out of range"),
-        (["data.batch_size=foo"], "data.batch_size"),
+        (["data.batch_size=foo"], "data.batch_size='foo' is not an integer: allowed >= 1"),
+        (["data.bach_size=8"], "data.bach_size: no such key. Did you mean data.batch_size?"),
+        (["device=cuda"], "device=cuda but no CUDA GPU is visible"),
+        (["data=mnist", "data.root=nowhere"], "data=mnist: not found under data.root='nowhere'"),
+        (["-m", "norm=bn,gn", "data.batch_size=8,0"], "data.batch_size=0 is out of range"),
     ],
 )
 def test_config_errors_fail_at_start_naming_the_problem(tmp_path, args, needle) -> None:
-    proc = cli(tmp_path, *args, *TINY, f"hydra.sweep.dir={tmp_path / 's'}", timeout=120)
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    proc = cli(tmp_path, *flags, *TINY, *overrides, f"hydra.sweep.dir={tmp_path / 's'}",
+               timeout=120)  # fmt: skip
     assert proc.returncode == 1
     assert needle in proc.stderr
     assert not list(tmp_path.rglob("metrics.json"))  # nothing ran

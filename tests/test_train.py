@@ -110,6 +110,12 @@ def test_invalid_combination_is_recorded_before_training(hydra_conf, tmp_path: P
     assert m["steps"] == 0 and m["curves"] == [] and m["test_error"] is None
 
 
+def test_groups_not_dividing_a_width_are_invalid_before_training(hydra_conf, tmp_path) -> None:
+    m = run(tmp_path, "norm=gn", "norm.num_groups=3")  # the widths are 8
+    assert m["status"] == "invalid" and "num_groups=3 must divide num_channels=8" in m["error"]
+    assert m["steps"] == 0 and m["curves"] == [] and m["test_error"] is None
+
+
 def test_batch_larger_than_the_training_set_is_invalid(hydra_conf, tmp_path: Path) -> None:
     m = run(tmp_path, "norm=ln", "data.batch_size=512")
     assert m["status"] == "invalid" and "exceeds" in m["error"]
