@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import normzoo
+from normzoo.norms import sample
 from normzoo.norms.sample import GroupNorm, GroupNormFunction, InstanceNorm, LayerNorm
 
 C = 6
@@ -306,3 +307,48 @@ def test_large_mean_path_passes_gradcheck_on_2d_input(groups: int) -> None:
     assert torch.autograd.gradcheck(
         lambda *t: GroupNormFunction.apply(*t, groups, 1e-5)[0], (x, w, b)
     )
+
+
+@pytest.mark.parametrize(
+    ("groups", "shape", "shift"),
+    [(1, (3, C), 0.0), (2, (3, C, 4), 0.0), (3, (2, C, 2, 2), 100.0), (2, (3, C), 100.0)],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_preallocated_output_path_passes_gradcheck(
+    monkeypatch: pytest.MonkeyPatch,
+    groups: int,
+    shape: tuple[int, ...],
+    shift: float,
+    channels_last: bool,
+) -> None:
+    """Large inputs write y and dx into buffers allocated up front; force that path on small ones."""
+    monkeypatch.setattr(sample, "_PREALLOCATE_BYTES", 0)
+    x = torch.randn(shape, dtype=torch.float64) + shift
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    y = GroupNormFunction.apply(x, w, b, groups, 1e-5)[0]
+    ref = torch.nn.functional.group_norm(x, groups, w, b, 1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    if channels_last and x.dim() == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(
+        lambda *t: GroupNormFunction.apply(*t, groups, 1e-5)[0], (x, w, b)
+    )
+
+
+def test_preallocated_output_path_with_unmergeable_spatial_dims(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(N, C, H, W) with H, W transposed in memory: no (N, G, C/G, H*W) view; a contiguous buffer."""
+    monkeypatch.setattr(sample, "_PREALLOCATE_BYTES", 0)
+    x = torch.randn(2, C, 3, 5, dtype=torch.float64).transpose(2, 3).requires_grad_(True)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    y = GroupNormFunction.apply(x, w, b, 2, 1e-5)[0]
+    torch.testing.assert_close(
+        y, torch.nn.functional.group_norm(x, 2, w, b, 1e-5), rtol=1e-10, atol=1e-10
+    )
+    assert torch.autograd.gradcheck(lambda *t: GroupNormFunction.apply(*t, 2, 1e-5)[0], (x, w, b))
