@@ -1014,7 +1014,14 @@ def _default_model(study: str | None) -> str | None:
 def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     global _last_status
     try:
-        return run(cfg)
+        result = run(cfg)
+        if result["status"] == "invalid" and not _is_multirun():  # say it where errors are said
+            print(
+                f"normzoo-train: error: invalid combination, nothing trained: {result['error']} "
+                f"(recorded in {Path(result['dir']) / METRICS_FILE})",
+                file=sys.stderr,
+            )
+        return result
     except (ConfigError, DataNotFoundError) as exc:  # single run: refuse before anything ran
         print(f"normzoo-train: error: {exc}", file=sys.stderr)
         _last_status = "config_error"

@@ -99,12 +99,8 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["norm=nope"], "Did you mean norm=none?"),
-        (["data.batch_size=0"], "data.batch_size=0 is out of range"),
-        (["data.batch_size=foo"], "data.batch_size='foo' is not an integer: allowed >= 1"),
-        (["data.bach_size=8"], "data.bach_size: no such key. Did you mean data.batch_size?"),
-        (["device=cuda"], "device=cuda but no CUDA GPU is visible"),
-        (["data=mnist", "data.root=nowhere"], "data=mnist: not found under data.root='nowhere'"),
+        (["norm=nope"], "Did you mean norm=none?"),  # refused before Hydra starts
+        (["data.batch_size=0"], "data.batch_size=0 is out of range"),  # refused by run()
         (["-m", "norm=bn,gn", "data.batch_size=8,0"], "data.batch_size=0 is out of range"),
     ],
 )
@@ -118,8 +114,45 @@ def test_config_errors_fail_at_start_naming_the_problem(tmp_path, args, needle) 
     assert not list(tmp_path.rglob("metrics.json"))  # nothing ran
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["data.batch_size=foo"], "data.batch_size='foo' is not an integer: allowed >= 1"),
+        (["data.bach_size=8"], "data.bach_size: no such key. Did you mean data.batch_size?"),
+        (["model.widths=[8]"], "model.widths: no such key for model=cnn. Allowed: model.channels"),
+        (["device=cuda"], "device=cuda but no CUDA GPU is visible"),
+        (["data=mnist", "data.root=nowhere"], "data=mnist: not found under data.root='nowhere'"),
+        (["-m", "data=digits,cifar10", "data.root=nowhere"], "data=cifar10: not found"),
+        (["-m", "norm=bn,gn", "train.epochs=1,2.5"], "train.epochs=2.5 is not an integer"),
+    ],
+)
+def test_config_errors_in_process_main(tmp_path, monkeypatch, capsys, args, needle) -> None:
+    """The same entry point as the console script, in this process (no interpreter start-up)."""
+    import torch
+
+    import normzoo.train as train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    monkeypatch.setattr(sys, "argv", ["normzoo-train", *flags, *TINY, *overrides,
+                                      f"hydra.sweep.dir={tmp_path / 's'}",
+                                      f"hydra.run.dir={tmp_path / 'r'}"])  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        train.main()
+    code = stop.value.code  # a multirun refused by SweepGuard exits with the message as its code
+    assert code == 1 or str(code).startswith("normzoo-train: error:"), code
+    assert needle in f"{code} {capsys.readouterr().err}"
+    assert not list(tmp_path.rglob("metrics.json"))  # nothing ran
+
+
 def test_single_run_exit_status_says_invalid(tmp_path: Path) -> None:
     proc = cli(tmp_path, "norm=in", "model=mlp", *[t for t in TINY if not t.startswith("model.")],
                f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
     assert proc.returncode == 2
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "invalid"
+    assert (
+        "normzoo-train: error: invalid combination, nothing trained: instancenorm needs "
+        "spatial dims" in proc.stderr
+    )
