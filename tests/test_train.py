@@ -28,7 +28,7 @@ KEYS = {
     "reference", "model", "data", "batch_size", "seed", "base_lr", "lr", "epochs", "optimizer",
     "device", "threads", "config", "train_loss", "train_error", "test_loss", "test_error",
     "curves", "steps", "wall_time_s", "steps_per_s", "versions", "git_rev", "hostname", "command",
-    "started_at", "finished_at",
+    "started_at", "finished_at", "git_dirty", "task_overrides", "rerun_command",
 }  # fmt: skip
 TIMING = {"wall_time_s", "train_time_s", "steps_per_s", "started_at", "finished_at",
           "diagnostics_seconds"}  # fmt: skip
@@ -79,6 +79,11 @@ def test_ok_run_writes_the_full_record(hydra_conf, tmp_path: Path) -> None:
     )
     assert m["steps_per_s"] > 0 and m["wall_time_s"] >= m["train_time_s"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+    # outside Hydra there are no task overrides to rerun with; the config is still all there
+    assert m["task_overrides"] is None and m["rerun_command"] is None
+    assert m["git_dirty"] is None or all(
+        p.startswith(("normzoo/", "conf/")) for p in m["git_dirty"]
+    )
 
 
 def test_same_config_and_seed_give_identical_metrics(hydra_conf, tmp_path: Path) -> None:
