@@ -352,3 +352,17 @@ def test_preallocated_output_path_with_unmergeable_spatial_dims(
         y, torch.nn.functional.group_norm(x, 2, w, b, 1e-5), rtol=1e-10, atol=1e-10
     )
     assert torch.autograd.gradcheck(lambda *t: GroupNormFunction.apply(*t, 2, 1e-5)[0], (x, w, b))
+
+
+def test_not_twice_differentiable_and_create_graph_grads_match() -> None:
+    """Backward skips ``once_differentiable``'s wrapper only without grad mode; with
+    ``create_graph=True`` the grads are the same and differentiating them again raises."""
+    x = torch.randn(3, C, 5, dtype=torch.float64, requires_grad=True)
+    layer = _randomise(GroupNorm(C, num_groups=2).double())
+    dy = torch.randn_like(x, requires_grad=True)  # so that the graph of the grads needs dy
+    plain = torch.autograd.grad(layer(x), x, dy)[0]
+    (graph,) = torch.autograd.grad(layer(x), x, dy, create_graph=True)
+    torch.testing.assert_close(graph, plain, rtol=0, atol=0)
+    assert graph.requires_grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        graph.sum().backward()

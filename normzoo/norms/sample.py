@@ -157,62 +157,71 @@ class GroupNormFunction(torch.autograd.Function):
         return y, mean.view(n, num_groups), var.view(n, num_groups)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        if dy is None:
-            return None, None, None, None, None
-        x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
-        n, c = x.shape[0], x.shape[1]
-        groups = mean.shape[1]
-        cg = c // groups
-        s = math.prod(x.shape[2:])
-        low = x.dtype != mean.dtype  # half-precision input, float32 statistics
-        acc = mean.dtype
-        x4, dy4 = x.reshape(n, groups, cg, s), dy.reshape(n, groups, cg, s)
-        mean_x = mean.to(x.dtype) if low else mean
-        # dot = sum_S dy * (x - mu) per (n, c), db = sum_S dy: (N, G, C/G, 1); the product goes
-        # into the buffer that becomes dx (allocated first: see _empty_like_viewed)
-        dx, dx4 = _empty_like_viewed(x, x4.shape) if _is_large(x) else (None, None)
-        prod = dx4 = torch.mul(dy4, x4 - mean_x if ctx.centred else x4, out=dx4)
-        if s > 1:
-            dot, db = prod.sum(-1, keepdim=True, dtype=acc), dy4.sum(-1, keepdim=True, dtype=acc)
-        else:  # 2-D input: one value per (n, c), nothing to sum; prod is dot itself
-            dot, db = (prod.to(acc), dy4.to(acc)) if low else (prod, dy4)
+        if torch.is_grad_enabled():  # create_graph=True: grads that raise if differentiated again
+            return _group_norm_backward_once(ctx, dy)
+        return _group_norm_backward(ctx, dy)  # (what once_differentiable does without grad mode)
+
+
+def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
+    """:meth:`GroupNormFunction.backward` (see its class docstring for the formulas)."""
+    if dy is None:
+        return None, None, None, None, None
+    x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
+    n, c = x.shape[0], x.shape[1]
+    groups = mean.shape[1]
+    cg = c // groups
+    s = math.prod(x.shape[2:])
+    low = x.dtype != mean.dtype  # half-precision input, float32 statistics
+    acc = mean.dtype
+    x4, dy4 = x.reshape(n, groups, cg, s), dy.reshape(n, groups, cg, s)
+    mean_x = mean.to(x.dtype) if low else mean
+    # dot = sum_S dy * (x - mu) per (n, c), db = sum_S dy: (N, G, C/G, 1); the product goes
+    # into the buffer that becomes dx (allocated first: see _empty_like_viewed)
+    dx, dx4 = _empty_like_viewed(x, x4.shape) if _is_large(x) else (None, None)
+    prod = dx4 = torch.mul(dy4, x4 - mean_x if ctx.centred else x4, out=dx4)
+    if s > 1:
+        dot, db = prod.sum(-1, keepdim=True, dtype=acc), dy4.sum(-1, keepdim=True, dtype=acc)
+    else:  # 2-D input: one value per (n, c), nothing to sum; prod is dot itself
+        dot, db = (prod.to(acc), dy4.to(acc)) if low else (prod, dy4)
+    if not ctx.centred:
+        dot = dot.addcmul_(mean, db, value=-1.0)
+    grad_x = grad_w = grad_b = None
+    if weight is not None and ctx.needs_input_grad[1]:  # (before dx overwrites a 2-D dot)
+        grad_w = (dot * rstd).sum(0).view(c)
+        if low:
+            grad_w = grad_w.to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_b = db.sum(0).view(c)
+        if low:
+            grad_b = grad_b.to(dy.dtype)
+    if ctx.needs_input_grad[0]:
+        w3 = None if weight is None else weight.view(groups, cg, 1)
+        if w3 is not None and low:
+            w3 = w3.to(acc)
+        # dx = a * dy + b * x + c0 with a = rstd * gamma, b = -rstd^3 / m * sum_c gamma * dot,
+        # c0 = -rstd / m * sum_c gamma * db - b * mu (b * (x - mu) + c0 if centred)
+        sum_gd = (dot if w3 is None else dot * w3).sum(2, keepdim=True)  # (N, G, 1, 1)
+        sum_g = (db if w3 is None else db * w3).sum(2, keepdim=True)
+        rk = rstd * (-1.0 / (cg * s))
+        b = sum_gd.mul_(rk).mul_(rstd).mul_(rstd)
+        c0 = sum_g.mul_(rk)
         if not ctx.centred:
-            dot = dot.addcmul_(mean, db, value=-1.0)
-        grad_x = grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[1]:  # (before dx overwrites a 2-D dot)
-            grad_w = (dot * rstd).sum(0).view(c)
-            if low:
-                grad_w = grad_w.to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = db.sum(0).view(c)
-            if low:
-                grad_b = grad_b.to(dy.dtype)
-        if ctx.needs_input_grad[0]:
-            w3 = None if weight is None else weight.view(groups, cg, 1)
-            if w3 is not None and low:
-                w3 = w3.to(acc)
-            # dx = a * dy + b * x + c0 with a = rstd * gamma, b = -rstd^3 / m * sum_c gamma * dot,
-            # c0 = -rstd / m * sum_c gamma * db - b * mu (b * (x - mu) + c0 if centred)
-            sum_gd = (dot if w3 is None else dot * w3).sum(2, keepdim=True)  # (N, G, 1, 1)
-            sum_g = (db if w3 is None else db * w3).sum(2, keepdim=True)
-            rk = rstd * (-1.0 / (cg * s))
-            b = sum_gd.mul_(rk).mul_(rstd).mul_(rstd)
-            c0 = sum_g.mul_(rk)
-            if not ctx.centred:
-                c0 = c0.addcmul_(b, mean, value=-1.0)
-            a = rstd.expand(n, groups, cg, 1) if w3 is None else rstd * w3
-            if low:
-                a, b, c0 = a.to(x.dtype), b.to(x.dtype), c0.to(x.dtype)
-            # written over the product: first b * x (or b * (x - mu)), then + c0, + a * dy
-            if ctx.centred:
-                torch.sub(x4, mean_x, out=dx4).mul_(b)
-            else:
-                torch.mul(x4, b, out=dx4)
-            dx4.add_(c0).addcmul_(dy4, a)
-            grad_x = dx4.view(x.shape) if dx is None else dx
-        return grad_x, grad_w, grad_b, None, None
+            c0 = c0.addcmul_(b, mean, value=-1.0)
+        a = rstd.expand(n, groups, cg, 1) if w3 is None else rstd * w3
+        if low:
+            a, b, c0 = a.to(x.dtype), b.to(x.dtype), c0.to(x.dtype)
+        # written over the product: first b * x (or b * (x - mu)), then + c0, + a * dy
+        if ctx.centred:
+            torch.sub(x4, mean_x, out=dx4).mul_(b)
+        else:
+            torch.mul(x4, b, out=dx4)
+        dx4.add_(c0).addcmul_(dy4, a)
+        grad_x = dx4.view(x.shape) if dx is None else dx
+    return grad_x, grad_w, grad_b, None, None
+
+
+_group_norm_backward_once = once_differentiable(_group_norm_backward)
 
 
 def group_norm(
