@@ -366,3 +366,19 @@ def test_not_twice_differentiable_and_create_graph_grads_match() -> None:
     assert graph.requires_grad
     with pytest.raises(RuntimeError, match="once_differentiable"):
         graph.sum().backward()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_input_compiles_without_graph_break(channels_last: bool) -> None:
+    """Inputs above ``_PREALLOCATE_BYTES`` take the preallocating path in eager mode only."""
+    torch._dynamo.reset()
+    layer = _randomise(GroupNorm(8, num_groups=2))
+    x = torch.randn(2, 8, 128, 128)  # 1 MiB in float32
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() * x.element_size() >= sample._PREALLOCATE_BYTES
+    dy = torch.randn_like(x)
+    eager = _fwd_bwd(layer, x, dy)
+    compiled = _fwd_bwd(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, dy)
+    for a, b in zip(compiled, eager, strict=True):
+        assert _max_rel(a, b) <= 1e-5

@@ -72,7 +72,10 @@ _PREALLOCATE_BYTES = 1 << 20
 
 
 def _is_large(x: Tensor) -> bool:
-    return x.numel() * x.element_size() >= _PREALLOCATE_BYTES
+    """Eager inputs of ``_PREALLOCATE_BYTES`` or more (a compiled graph plans its own buffers)."""
+    return x.numel() * x.element_size() >= _PREALLOCATE_BYTES and not (
+        torch.compiler.is_compiling()
+    )
 
 
 def _empty_like_viewed(x: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -212,10 +215,10 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
         if low:
             a, b, c0 = a.to(x.dtype), b.to(x.dtype), c0.to(x.dtype)
         # written over the product: first b * x (or b * (x - mu)), then + c0, + a * dy
-        if ctx.centred:
-            torch.sub(x4, mean_x, out=dx4).mul_(b)
-        else:
-            torch.mul(x4, b, out=dx4)
+        # (no out= under torch.compile: dynamo rejects a non-contiguous out, e.g. channels_last)
+        out = None if torch.compiler.is_compiling() else dx4
+        centred = torch.sub(x4, mean_x, out=out).mul_(b) if ctx.centred else None
+        dx4 = torch.mul(x4, b, out=out) if centred is None else centred
         dx4.add_(c0).addcmul_(dy4, a)
         grad_x = dx4.view(x.shape) if dx is None else dx
     return grad_x, grad_w, grad_b, None, None
