@@ -190,11 +190,8 @@ def _draw_case(
         if plain_bn:
             kw.update(rmax=1.0, dmax=0.0, schedule="none")  # exactly BatchNorm
         else:
-            # limits a float32 holds exactly: BatchRenorm keeps its limits in buffers made at the
-            # default dtype, so a float64 layer clips at float32(dmax) (pinned by the xfail below)
             for key in ("rmax", "dmax"):
-                v = data.draw(st.floats(1.0 if key == "rmax" else 0.0, 4.0), label=key)
-                kw[key] = float(torch.tensor(v, dtype=torch.float32))
+                kw[key] = data.draw(st.floats(1.0 if key == "rmax" else 0.0, 4.0), label=key)
             kw["schedule"] = "none"
     if "track_running_stats" in options and track is not None:
         kw["track_running_stats"] = track
@@ -587,13 +584,18 @@ def test_weight_norm_output_is_invariant_to_scaling_v(name: str, data: st.DataOb
         _finite(f"grad {pname}", p.grad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BatchRenorm builds its [rmax, dmax] buffers at torch's default dtype (float32), so "
-    "after .double() a float64 layer clips at float32(dmax), not dmax",
-)
-def test_batch_renorm_limits_are_exact_in_float64() -> None:
-    """The minimal case found by the properties above: dmax = 0.1, a float64 layer, d clipped."""
-    layer = normzoo.build_norm("batchrenorm", 1, rmax=1.0, dmax=0.1, schedule="none").double()
+@pytest.mark.parametrize("schedule", ["none", "auto"])
+def test_batch_renorm_limits_are_exact_in_float64(schedule: str) -> None:
+    """A case the properties above found (dmax = 0.1, float64 layer, d clipped): the limits are
+    rounded once, to the layer's dtype, also after .double() and after set_progress."""
+    layer = normzoo.build_norm("batchrenorm", 1, rmax=1.0, dmax=0.1, schedule=schedule).double()
+    if schedule == "auto":
+        layer.set_progress(1.0)
     layer(torch.tensor([[0.0], [1.0]], dtype=torch.float64))  # d_raw = 0.5 / sqrt(1 + eps) > dmax
     assert layer.last_d.item() == 0.1
+    assert layer.current_dmax == 0.1
+    layer.float()  # and back: float32(0.1), as a float32 layer built directly holds it
+    direct = normzoo.build_norm("batchrenorm", 1, rmax=1.0, dmax=0.1, schedule=schedule)
+    if schedule == "auto":
+        direct.set_progress(1.0)
+    assert layer._limits_now().tolist() == direct._limits_now().tolist()

@@ -440,15 +440,18 @@ class BatchRenorm(BatchNorm):
         def constant(*values: float) -> Tensor:
             return torch.tensor(values, **factory)  # type: ignore[arg-type]
 
-        # [rmax, dmax] limits: plain BN, fully relaxed, as last set by set_progress
+        # [rmax, dmax] limits: plain BN, fully relaxed, as last set by set_progress; the values are
+        # (re)written from Python floats by _fill_constants, also after every .to()/.double(), so a
+        # float64 layer clips at exactly rmax/dmax, not at their float32 roundings
         self.register_buffer("_limits_bn", constant(1.0, 0.0), persistent=False)
-        self.register_buffer("_limits_full", constant(self.rmax, self.dmax), persistent=False)
+        self.register_buffer("_limits_full", constant(1.0, 0.0), persistent=False)
         self.register_buffer("_limits_progress", constant(1.0, 0.0), persistent=False)
         # the step schedule's relaxation lengths (at least 1 step: a jump if start == end)
-        spans = (
+        self._spans = tuple(
             float(max(s - relax_start_step, 1)) for s in (rmax_relaxed_step, dmax_relaxed_step)
         )
-        self.register_buffer("_relax_steps", constant(*spans), persistent=False)
+        self.register_buffer("_relax_steps", constant(1.0, 1.0), persistent=False)
+        self._fill_constants()
         self.register_buffer("clip_fraction_r", constant(0.0).squeeze(0), persistent=False)
         self.register_buffer("clip_fraction_d", constant(0.0).squeeze(0), persistent=False)
         self.register_buffer("last_r", constant(*[1.0] * num_features), persistent=False)
@@ -463,12 +466,36 @@ class BatchRenorm(BatchNorm):
         p = _check_progress(progress)
         self.progress = p
         self._progress_driven = True
+        with torch.no_grad():
+            self._limits_progress.copy_(self._exact(*self._progress_limits(p)))
+
+    def _progress_limits(self, p: float) -> tuple[float, float]:
+        """(rmax, dmax) at progress p, in Python floats (double precision)."""
         fr = _relaxed_fraction(p, self.relax_start, self.rmax_relaxed)
         fd = _relaxed_fraction(p, self.relax_start, self.dmax_relaxed)
+        return 1.0 + (self.rmax - 1.0) * fr, self.dmax * fd
+
+    @staticmethod
+    def _exact(*values: float) -> Tensor:
+        """Values as a float64 CPU tensor: ``copy_`` into a buffer then rounds once, to its dtype."""
+        return torch.tensor(values, dtype=torch.float64)
+
+    def _fill_constants(self) -> None:
+        """Write the limit buffers from the Python-float settings, in the buffers' own dtype."""
         with torch.no_grad():
-            self._limits_progress.copy_(
-                torch.tensor([1.0 + (self.rmax - 1.0) * fr, self.dmax * fd])
-            )
+            self._limits_bn.copy_(self._exact(1.0, 0.0))
+            self._limits_full.copy_(self._exact(self.rmax, self.dmax))
+            self._relax_steps.copy_(self._exact(*self._spans))
+            limits = (1.0, 0.0) if self.progress is None else self._progress_limits(self.progress)
+            self._limits_progress.copy_(self._exact(*limits))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # a dtype change (.double(), .half(), .to(dtype)) converts the buffers' values; refill them
+        # from the Python floats so each holds the setting rounded once, to its new dtype
+        super()._apply(fn, recurse)
+        if "_relax_steps" in self._buffers:  # not during __init__
+            self._fill_constants()
+        return self
 
     def _limits_now(self) -> Tensor:
         """The (2,) tensor [rmax, dmax] for the next training step (tensor ops only: no sync)."""
