@@ -176,6 +176,12 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     df["gap_ema"] = (df["err_ema"] - df["err_batch"]).abs()
     df["gap_precise"] = (df["err_precise"] - df["err_batch"]).abs()
     df["gap_narrowing"] = df["gap_ema"] - df["gap_precise"]
+    # a sweep run with diagnostics off, or an older schema: NaN columns, not a KeyError later
+    for metric in _METRICS:
+        if metric not in df:
+            df[metric] = np.nan
+        else:
+            df[metric] = pd.to_numeric(df[metric], errors="coerce")
     return df
 
 
@@ -419,12 +425,32 @@ def _degradation_claims(t: _Table) -> list[str]:
             f"{b0}–{b1} ({lo_v:.1f}% to {hi_v:.1f}%), within its seed spread (std up to "
             f"{std:.1f} points): neither flat nor a clear trend."
         )
-    for layer, span, lo_v, hi_v, b0, b1, _ in varying:
-        out.append(
-            f"{layer} has no batch statistics but its error varies by {span:.1f} points across "
-            f"batch sizes {b0}–{b1} ({lo_v:.1f}% to {hi_v:.1f}%): not flat."
-        )
+    for layer, span, lo_v, hi_v, *_ in varying:
+        out.append(_varying_claim(t, layer, span, lo_v, hi_v))
     return out
+
+
+def _varying_claim(t: _Table, layer: str, span: float, lo_v: float, hi_v: float) -> str:
+    """A layer without batch statistics whose error is not flat: say whether the variation is a
+    small-batch loss (the smallest batch clearly worse than the middle batch size) or lies
+    elsewhere (e.g. at the largest batches, which get the fewest steps under a fixed epoch budget)."""
+    bs = t.batches(layer)
+    mid = bs[len(bs) // 2]
+    cells = {b: t.cell(layer, b, "err_ema") for b in bs}
+    worst = max(cells, key=lambda b: cells[b].mean)
+    head = (
+        f"{layer} has no batch statistics; its error varies by {span:.1f} points across batch "
+        f"sizes {bs[0]}–{bs[-1]} ({lo_v:.1f}% to {hi_v:.1f}%, highest at batch {worst})"
+    )
+    if _differs(cells[bs[0]], cells[mid]) > 0:
+        return (
+            f"{head}, and it is clearly worse at batch {bs[0]} ({_pct(cells[bs[0]])}) than at "
+            f"batch {mid} ({_pct(cells[mid])}): a small-batch loss."
+        )
+    return (
+        f"{head}, but not at small batch: at batch {bs[0]} it is {_pct(cells[bs[0]])} against "
+        f"{_pct(cells[mid])} at batch {mid} (not clearly higher)."
+    )
 
 
 def _smallest_batch_ranking(t: _Table) -> list[str]:

@@ -142,6 +142,44 @@ def test_layers_are_split_by_model_when_the_sweep_varies_it() -> None:
         _sentence(lines, rf"^BatchNorm · {model}'s test error rises")
 
 
+def test_a_layer_that_varies_only_at_large_batch_is_not_called_a_small_batch_loss() -> None:
+    def large_batch_worse(norm: str, b: int) -> float:  # LayerNorm 5 points worse at batch 32
+        return 0.05 + (0.05 if norm == "layernorm" and b == 32 else 0.0)
+
+    lines = findings(_frame(large_batch_worse, norms=("batchnorm", "layernorm")))
+    line = _sentence(lines, r"^LayerNorm has no batch statistics; its error varies")
+    assert "highest at batch 32" in line and "but not at small batch" in line
+
+    def small_batch_worse(norm: str, b: int) -> float:
+        return 0.05 + (0.05 if norm == "layernorm" and b == 2 else 0.0)
+
+    lines = findings(_frame(small_batch_worse, norms=("batchnorm", "layernorm")))
+    line = _sentence(lines, r"^LayerNorm has no batch statistics; its error varies")
+    assert "clearly worse at batch 2" in line and "a small-batch loss" in line
+
+
+def test_a_sweep_without_diagnostics_gets_findings_and_a_report(tmp_path: Path) -> None:
+    """Runs with ``diagnostics.enabled=false`` have no mismatch columns: NaN, not a KeyError."""
+    df = _frame().drop(
+        columns=[
+            "test_error_batch_stats",
+            "test_error_precise",
+            "kl_batch_vs_ema",
+            "batch_dependence",
+            "batch_dependence_floor",
+            "ema_mean_gap",
+            "ema_log_std_gap",
+            "brn_clip_r",
+            "brn_clip_d",
+        ]
+    )
+    lines = findings(df)
+    _sentence(lines, r"^BatchNorm's test error rises")
+    assert not any("PreciseBN" in s or "clipped" in s for s in lines)
+    write_report(df, tmp_path)
+    assert "BatchNorm's test error rises" in (tmp_path / "report.md").read_text()
+
+
 def test_report_files_figures_and_tables(tmp_path: Path) -> None:
     df = _frame()
     failed = {"norm": "layernorm", "batch_size": 8, "seed": 9, "status": "failed"}
