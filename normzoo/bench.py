@@ -947,6 +947,28 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
     return cfg
 
 
+def steady_heap() -> str:
+    """Stop glibc from returning freed memory to the OS between timed blocks.
+
+    By default glibc serves large tensors with ``mmap`` and trims the heap when it shrinks, so a
+    timed step can pay page faults that depend on what the previous step freed: noise that differs
+    between the two contenders. Raising M_TRIM_THRESHOLD and M_MMAP_THRESHOLD to 1 GiB keeps the
+    pages mapped (both contenders alike). Returns what was done, for the provenance.
+    """
+    if not sys.platform.startswith("linux"):
+        return "default allocator (not Linux)"
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_trim_threshold, 1 << 30) == 1
+        ok &= libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return "default allocator (no glibc mallopt)"
+    return "glibc mallopt: trim and mmap thresholds 1 GiB" if ok else "mallopt refused"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``normzoo-bench`` and ``python -m normzoo.bench``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -954,7 +976,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _config_from_args(args)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    heap = steady_heap()
     info = provenance(shlex.join(["normzoo-bench", *argv]))
+    info["heap"] = heap
     t0 = time.perf_counter()
     try:
         rows = run_bench(config)
