@@ -382,3 +382,23 @@ def test_large_input_compiles_without_graph_break(channels_last: bool) -> None:
     compiled = _fwd_bwd(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, dy)
     for a, b in zip(compiled, eager, strict=True):
         assert _max_rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
+@pytest.mark.parametrize("shape", [(4, 8, 5, 5), (4, 8, 64, 64)])  # below and above 1 MiB
+@pytest.mark.parametrize("compiled", [False, True])
+def test_output_takes_an_inplace_op(name: str, shape: tuple[int, ...], compiled: bool) -> None:
+    """ResNet's ReLU(inplace=True) follows the norm: the output must not be a Function's view."""
+    kw = {"num_groups": 4} if name == "groupnorm" else {}
+    layer = normzoo.build_norm(name, shape[1], **kw)
+    block = nn.Sequential(layer, nn.ReLU(inplace=True))
+    ref = nn.Sequential(normzoo.build_norm(f"native_{name}", shape[1], **kw), nn.ReLU())
+    ref.load_state_dict(block.state_dict())
+    run = torch.compile(block, fullgraph=True) if compiled else block
+    x = torch.randn(shape, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y, yr = run(x), ref(xr)
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)

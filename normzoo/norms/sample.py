@@ -99,7 +99,8 @@ class GroupNormFunction(torch.autograd.Function):
     """y = gamma * (x - mu) / sqrt(sigma2 + eps) + beta with statistics per (sample, group).
 
     ``apply(x, weight, bias, num_groups, eps) -> (y, mean, var)``; ``mean`` and ``var`` (biased),
-    of shape (N, G), are returned for running statistics and are not differentiable.
+    of shape (N, G, 1, 1), are returned for running statistics and are not differentiable (no
+    output is a view, so in-place ops on ``y`` such as ``ReLU(inplace=True)`` work).
 
     Every step works on the input viewed as (N, G, C/G, S) (S = prod of the spatial dims; a view
     for contiguous and channels_last input), so per-(sample, group) and per-(sample, channel)
@@ -132,7 +133,10 @@ class GroupNormFunction(torch.autograd.Function):
         cg = c // num_groups
         s = math.prod(x.shape[2:])
         x4 = x.reshape(n, num_groups, cg, s)  # a view for contiguous and channels_last input
-        y, y4 = _empty_like_viewed(x, x4.shape) if _is_large(x) else (None, None)
+        # eager: y is allocated first and written through its view y4, so the output is not a view
+        # (a view output of a Function refuses in-place ops such as ReLU(inplace=True))
+        compiling = torch.compiler.is_compiling()
+        y, y4 = (None, None) if compiling else _empty_like_viewed(x, x4.shape)
         mean, var, centred = _group_stats(x4, cg * s)  # (N, G, 1, 1) each
         rstd = var.add(eps).rsqrt_()
         if weight is None:  # scale, shift: (N, G, C/G, 1)
@@ -147,17 +151,18 @@ class GroupNormFunction(torch.autograd.Function):
             scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
         # vectorises an op with one broadcast operand, not two)
-        if s == 1:
-            y4 = torch.addcmul(shift, x4, scale, out=y4)
+        if compiling:  # the graph owns its buffers; y in x's shape, so it is not a view of y4
+            per_channel = (n, c) + (1,) * (x.dim() - 2)
+            y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
+        elif s == 1:
+            torch.addcmul(shift, x4, scale, out=y4)
         else:
-            y4 = torch.mul(x4, scale, out=y4).add_(shift)
-        if y is None:
-            y = y4.view(x.shape)
+            torch.mul(x4, scale, out=y4).add_(shift)
         ctx.centred = centred
         ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, var)
-        return y, mean.view(n, num_groups), var.view(n, num_groups)
+        return y, mean, var  # mean, var: (N, G, 1, 1), viewed as (N, G) by group_norm()
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
@@ -240,7 +245,8 @@ def group_norm(
             f"expected non-empty spatial dims (each group needs values to normalise), "
             f"got input of shape {tuple(x.shape)}"
         )
-    return GroupNormFunction.apply(x, weight, bias, num_groups, eps)  # type: ignore[no-any-return]
+    y, mean, var = GroupNormFunction.apply(x, weight, bias, num_groups, eps)
+    return y, mean.view(x.shape[0], num_groups), var.view(x.shape[0], num_groups)
 
 
 @register_norm(
