@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,32 @@ def test_multirun_sweep_writes_one_ok_metrics_per_job(tmp_path: Path, launcher: 
         assert m["norm"] in ("native_batchnorm", "layernorm") and m["batch_size"] in (4, 16)
         assert m["threads"] == 1 and "test_error_precise" in m
     assert "sweep" in proc.stderr + proc.stdout and "4 ok" in proc.stderr + proc.stdout
+    # the sweep ran through normzoo's sweeper plugin (found by Hydra's plugin scan)
+    sweeper = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["sweeper"]
+    assert sweeper["_target_"] == "hydra_plugins.normzoo_sweeper.NormzooSweeper"
+
+
+@pytest.mark.parametrize("validate_all", [False, True])
+def test_sweeper_composes_only_the_first_job_up_front(validate_all: bool) -> None:
+    """Hydra's own check composes every job (0.1 s each); SweepGuard has checked every value."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    # the class Hydra's plugin scan found and will instantiate (its scan loads the module itself)
+    found = {f"{c.__module__}.{c.__name__}": c for c in Plugins.instance().discover(Sweeper)}
+    NormzooSweeper = found["hydra_plugins.normzoo_sweeper.NormzooSweeper"]
+    composed = []
+
+    class Loader:
+        def load_sweep_config(self, master_config, sweep_overrides):
+            composed.append(sweep_overrides)
+
+    sweeper = NormzooSweeper(max_batch_size=None, params=None, validate_all=validate_all)
+    sweeper.config, sweeper.hydra_context = object(), None
+    sweeper.config_loader = Loader()
+    batch = [["norm=bn", "seed=0"], ["norm=gn", "seed=0"], ["norm=ln", "seed=0"]]
+    sweeper.validate_batch_is_legal(batch)
+    assert composed == (batch if validate_all else batch[:1])
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:

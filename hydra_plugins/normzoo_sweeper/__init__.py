@@ -1,0 +1,44 @@
+"""Hydra sweeper ``hydra/sweeper=normzoo``: Hydra's basic sweeper without its per-job re-composition.
+
+Hydra's ``BasicSweeper`` composes the full config of *every* job in the parent process before it
+launches any (``Sweeper.validate_batch_is_legal``): about 0.1 s per job, 34 s of the 294-job digits
+study on 2 cores. normzoo's ``SweepGuard`` callback has already checked every swept value against the
+schema and the registry before that point, so this sweeper composes only the first job of each
+batch (which catches a broken primary config) and leaves the rest to the launcher, which composes
+each job anyway when it runs it. ``hydra.sweeper.validate_all=true`` restores Hydra's behaviour.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class NormzooSweeperConf:
+    _target_: str = "hydra_plugins.normzoo_sweeper.NormzooSweeper"
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
+    validate_all: bool = False
+
+
+class NormzooSweeper(BasicSweeper):
+    """``BasicSweeper`` (same grid, order and batching) that composes one job per batch up front."""
+
+    def __init__(
+        self,
+        max_batch_size: int | None,
+        params: dict[str, str] | None = None,
+        validate_all: bool = False,
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.validate_all = validate_all
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        super().validate_batch_is_legal(batch if self.validate_all else batch[:1])
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="normzoo", node=NormzooSweeperConf, provider="normzoo"
+)
