@@ -134,13 +134,18 @@ def _read_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+#: sweepers that run the cartesian product of their params as Hydra's BasicSweeper does (normzoo's
+#: default ``hydra/sweeper=normzoo`` is a BasicSweeper with a cheaper up-front check)
+GRID_SWEEPERS = frozenset({"BasicSweeper", "NormzooSweeper"})
+
+
 def expected_jobs(sweep_dir: str | os.PathLike[str]) -> list[list[str]] | None:
     """The jobs a basic-sweeper multirun defines, from ``<sweep dir>/multirun.yaml``.
 
     Expands ``hydra.sweeper.params`` followed by the command line's ``hydra.overrides.task`` exactly
     as Hydra's BasicSweeper does (a later override of a key replaces an earlier one; the cartesian
     product of the sweeps). Returns None when there is no (readable) ``multirun.yaml`` or the sweeper
-    is not the basic one (an optimiser decides its jobs as it goes).
+    is not one of :data:`GRID_SWEEPERS` (an optimiser decides its jobs as it goes).
     """
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():
@@ -149,8 +154,8 @@ def expected_jobs(sweep_dir: str | os.PathLike[str]) -> list[list[str]] | None:
         conf = _read_yaml(path)
         hydra_conf = conf.get("hydra", {}) or {}
         sweeper = hydra_conf.get("sweeper", {}) or {}
-        target = str(sweeper.get("_target_", "BasicSweeper"))
-        if "BasicSweeper" not in target:
+        target = str(sweeper.get("_target_", "BasicSweeper")).rsplit(".", 1)[-1]
+        if target not in GRID_SWEEPERS:
             return None
         params = sweeper.get("params") or {}
         task = list((hydra_conf.get("overrides") or {}).get("task") or [])

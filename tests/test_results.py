@@ -27,14 +27,17 @@ BATCHES = (2, 4)
 SEEDS = (0, 1)
 
 
-def _multirun_yaml(root: Path, task: list[str]) -> None:
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _multirun_yaml(root: Path, task: list[str], target: str = BASIC) -> None:
     conf = {
         "norm": "batchnorm",
         "batch_size": 32,
         "hydra": {
             "sweep": {"dir": str(root), "subdir": "${hydra.job.override_dirname}"},
             "sweeper": {
-                "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                "_target_": target,
                 "max_batch_size": None,
                 "params": {"norm": "bn,layernorm", "data.batch_size": "2,4"},
             },
@@ -136,9 +139,15 @@ def test_columns_are_tidy(sweep: Path) -> None:
     assert list(df.columns[:5]) == ["norm", "batch_size", "seed", "status", "error"]
 
 
-def test_expected_jobs_follow_hydra_basic_sweeper(tmp_path: Path) -> None:
-    _multirun_yaml(tmp_path, ["seed=range(3)", "data.batch_size=8"])  # command line wins
+@pytest.mark.parametrize(
+    "target", [BASIC, "hydra_plugins.normzoo_sweeper.NormzooSweeper", "some.optuna.Sweeper"]
+)
+def test_expected_jobs_follow_hydra_basic_sweeper(tmp_path: Path, target: str) -> None:
+    _multirun_yaml(tmp_path, ["seed=range(3)", "data.batch_size=8"], target)  # command line wins
     jobs = expected_jobs(tmp_path)
+    if target.endswith("optuna.Sweeper"):  # not a grid: its jobs are not known in advance
+        assert jobs is None
+        return
     assert jobs is not None and len(jobs) == 2 * 3
     assert all("data.batch_size=8" in job for job in jobs)
     assert expected_jobs(tmp_path / "nowhere") is None
