@@ -976,9 +976,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _config_from_args(args)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    heap = steady_heap()
     info = provenance(shlex.join(["normzoo-bench", *argv]))
-    info["heap"] = heap
+    info["heap"] = steady_heap()
     t0 = time.perf_counter()
     try:
         rows = run_bench(config)

@@ -275,9 +275,8 @@ def _flag(value: Any) -> bool | None:
 
 
 def _summary(runs: pd.DataFrame) -> pd.DataFrame:
-    metrics = [m for m in _METRICS if m in runs]
-    agg = aggregate_seeds(runs, metrics, by=("layer", "batch_size"))
-    return agg
+    """Seed aggregates of every metric for a :func:`prepare` frame (which has all of them)."""
+    return aggregate_seeds(runs, list(_METRICS), by=("layer", "batch_size"))
 
 
 # ----------------------------------------------------------------------------- claims
@@ -1153,9 +1152,10 @@ def write_report(
     if ok.empty:
         md += ["_No run finished ok: no figures or tables._", ""]
     else:
-        t = _Table(_summary(ok), ok)
+        summary = _summary(ok)
+        t = _Table(summary, ok)
         styles = _styles(t)
-        write_csv(_summary(ok), out / "summary.csv")
+        write_csv(summary, out / "summary.csv")
         long, err_md, deg_md = _degradation_tables(t)
         write_csv(long, out / "degradation.csv")
         write_csv(_mismatch_table(t), out / "mismatch.csv")

@@ -65,9 +65,10 @@ def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
     return mean, centred.square_().div_(m), True
 
 
-#: Inputs of at least this many bytes get their output buffers allocated first (see
+#: In the backward, inputs of at least this many bytes get their dx buffer allocated first (see
 #: :func:`_empty_like_viewed`); below it the allocation order does not matter and the extra ops
-#: would only add per-call cost.
+#: would only add per-call cost. (The eager forward always allocates y first: its output must not
+#: be a view.)
 _PREALLOCATE_BYTES = 1 << 20
 
 
