@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 import normzoo
+from normzoo.norms import batch
 from normzoo.norms.batch import BatchNorm, _batch_stats
 
 C = 4
@@ -144,15 +145,16 @@ def _naive_var(x: Tensor, dims: list[int]) -> Tensor:
     return (x * x).mean(dims) - x.mean(dims) ** 2
 
 
-def test_large_mean_falls_back_to_centred_statistics() -> None:
-    """|mean| >> std cancels in E[x^2] - E[x]^2; the guard recomputes from the centred input."""
+def test_large_mean_falls_back_to_centred_statistics(stats_route: str) -> None:
+    """|mean| >> std cancels in E[x^2] - E[x]^2; the guard recomputes from the centred input (on
+    the one-pass route; small inputs are centred from the start)."""
     x64 = torch.randn(16, C, 8, 8, dtype=torch.float64) * 0.5 + 3000.0
     x = x64.float()
     dims = [0, 2, 3]
     true_var = x.double().var(dim=dims, unbiased=False)
     naive_err = ((_naive_var(x, dims).double() - true_var).abs() / true_var).max().item()
     assert naive_err > 1e-2  # the one-pass formula is useless here ...
-    _, var, centred = _batch_stats(x, x.numel() // C, torch.empty_like(x))
+    _, var, centred, _ = _batch_stats(x, x.numel() // C, torch.empty_like(x))
     assert centred  # ... so the guard took the centred route
     assert ((var.double() - true_var).abs() / true_var).max().item() < 1e-5
     ours, ref = _pair()
@@ -183,10 +185,23 @@ def test_large_mean_falls_back_to_centred_statistics() -> None:
 
 
 def test_well_conditioned_input_takes_the_one_pass_route() -> None:
-    x = torch.randn(8, C, 5) * 2.0 + 1.0
-    _, var, centred = _batch_stats(x, x.numel() // C, torch.empty_like(x))
-    assert not centred
-    torch.testing.assert_close(var, x.var(dim=(0, 2), unbiased=False), rtol=1e-5, atol=1e-6)
+    x = torch.randn(16, C, 32, 33) * 2.0 + 1.0  # above _SMALL_NUMEL
+    assert x.numel() > batch._SMALL_NUMEL
+    _, var, centred, xc = _batch_stats(x, x.numel() // C, torch.empty_like(x))
+    assert not centred and xc is None
+    torch.testing.assert_close(var, x.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(8, C), (8, C, 5), (2, C, 3, 3)])
+def test_small_input_takes_the_centred_route(shape: tuple[int, ...]) -> None:
+    """Small inputs skip the one-pass sums: centred statistics, x - mean left in the scratch."""
+    x = torch.randn(shape, dtype=torch.float64) * 2.0 + 1.0
+    scratch = torch.empty_like(x)
+    dims = [0, *range(2, x.dim())]
+    mean, var, centred, xc = _batch_stats(x, x.numel() // C, scratch)
+    assert centred and xc is scratch
+    torch.testing.assert_close(xc, x - mean.view(-1, *[1] * (x.dim() - 2)), rtol=0, atol=0)
+    torch.testing.assert_close(var, x.var(dim=dims, unbiased=False), rtol=1e-12, atol=0)
 
 
 def test_bfloat16_matches_native() -> None:

@@ -83,7 +83,9 @@ CASES = activation_cases()
 @pytest.mark.parametrize(
     ("name", "mode", "shape"), CASES, ids=[f"{n}-{m}-{len(s)}d" for n, m, s in CASES]
 )
-def test_activation_gradcheck(name: str, mode: str, shape: tuple[int, ...]) -> None:
+def test_activation_gradcheck(
+    name: str, mode: str, shape: tuple[int, ...], stats_route: str
+) -> None:
     options = _activation_options(name)
     if mode == "eval":
         options["track_running_stats"] = True
@@ -96,7 +98,7 @@ def test_activation_gradcheck(name: str, mode: str, shape: tuple[int, ...]) -> N
     _gradcheck(layer, x)
 
 
-def test_batchrenorm_gradcheck_with_clipping_active() -> None:
+def test_batchrenorm_gradcheck_with_clipping_active(stats_route: str) -> None:
     """r = clip(sigma_B / sigma) and d = clip((mu_B - mu) / sigma) are stop-gradient: the backward is
     the derivative of the forward only where they are locally constant, i.e. clipped. Here every
     channel clips both, at limits other than BatchNorm's (1, 0), so the renorm terms of the

@@ -213,7 +213,7 @@ def weight_parity(case: Case, dtype: torch.dtype, seed: int = 0) -> dict[str, fl
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("case", ACTIVATION_CASES, ids=[c.id for c in ACTIVATION_CASES])
-def test_activation_parity(case: Case, dtype: torch.dtype) -> None:
+def test_activation_parity(case: Case, dtype: torch.dtype, stats_route: str) -> None:
     errors = activation_parity(case, dtype)
     assert {"train_output", "train_grad_input", "eval_output"} <= set(errors)
     worst = max(errors, key=errors.__getitem__)

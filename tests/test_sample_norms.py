@@ -208,7 +208,7 @@ def test_hand_written_backward_passes_gradcheck(
 
 
 @pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
-def test_large_mean_does_not_cancel_in_float32(name: str) -> None:
+def test_large_mean_does_not_cancel_in_float32(name: str, stats_route: str) -> None:
     """mu^2 / sigma^2 = 1e6: the one-pass E[x^2] - mu^2 would lose every bit of sigma^2 in float32."""
     kw = {"num_groups": 2} if name == "groupnorm" else {}
     ours = _randomise(normzoo.build_norm(name, C, **kw))
@@ -222,7 +222,7 @@ def test_large_mean_does_not_cancel_in_float32(name: str) -> None:
         assert _max_rel(a.double(), b) <= 1e-3
 
 
-def test_large_mean_path_passes_gradcheck() -> None:
+def test_large_mean_path_passes_gradcheck(stats_route: str) -> None:
     x = (torch.randn(2, C, 3, 2, dtype=torch.float64) + 100.0).requires_grad_(True)
     w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
     b = torch.randn(C, dtype=torch.float64, requires_grad=True)
@@ -298,7 +298,7 @@ def test_empty_batch_and_empty_spatial_dims(name: str) -> None:
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_large_mean_path_passes_gradcheck_on_2d_input(groups: int) -> None:
+def test_large_mean_path_passes_gradcheck_on_2d_input(groups: int, stats_route: str) -> None:
     """The centred fallback on (N, C) input, where dy * (x - mu) is the per-(n, c) dot itself."""
     x = (torch.randn(5, C, dtype=torch.float64) * 0.01 + 100.0).requires_grad_(True)
     w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)

@@ -58,10 +58,16 @@ def _affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor
 #: channel the statistics are recomputed from the centred input (64: at most ~6 of 24 bits in float32).
 _CANCELLATION_LIMIT = 64.0
 
+#: CPU eager inputs of at most this many elements skip the one-pass statistics and its
+#: cancellation check: at such sizes each tensor op costs its ~1-3 us of dispatch, not memory
+#: traffic, and the centred two-pass form needs fewer ops (and no host read).
+_SMALL_NUMEL = 1 << 14
 
-def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """Per-channel batch mean and biased variance of ``x`` (N, C, *S), and whether the backward pass
-    must centre ``x`` before its reductions. ``scratch`` (like x) is overwritten.
+
+def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bool, Tensor | None]:
+    """Per-channel batch mean and biased variance of ``x`` (N, C, *S), whether the backward pass
+    must centre ``x`` before its reductions, and ``scratch`` if it now holds ``x - mean`` (else
+    None; ``scratch``, like x, is overwritten either way).
 
     On CPU in eager mode the fast route is two plain sums, ``sum(x)`` and ``sum(x * x)`` (torch's
     vectorised sum is ~10x faster there than ``torch.var_mean``'s Welford loop; sum(x * x) is a
@@ -69,17 +75,26 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     output, so no buffer is allocated for it): var = E[x^2] - E[x]^2. That
     formula cancels when |mean| >> std, so a batch with mean^2 / var > ``_CANCELLATION_LIMIT`` in
     any channel falls back to centred two-pass sums (the check reads one number, free on CPU).
-    Elsewhere (CUDA, ``torch.compile``) ``torch.var_mean`` is one fused, stable kernel, and the
-    backward centres x inside its fused reductions. Half-precision input is accumulated in float32.
+    Inputs of at most ``_SMALL_NUMEL`` elements take the centred two-pass form directly: there a
+    tensor op costs its dispatch, not its memory traffic, and this form needs the fewest ops
+    (sum, subtract, square, sum), leaves x - mean in ``scratch`` for the output, and reads nothing
+    back to the host. Elsewhere (CUDA, ``torch.compile``) ``torch.var_mean`` is one fused, stable
+    kernel, and the backward centres x inside its fused reductions. Half-precision input is
+    accumulated in float32.
     """
     dims = _reduce_dims(x)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return mean, var, True
-    if x.dtype not in (torch.float32, torch.float64):
+        return mean, var, True, None
+    converted = x.dtype not in (torch.float32, torch.float64)
+    if converted:
         x = x.float()
         scratch = torch.empty_like(x)
     mean = x.sum(dims).div_(m)
+    if x.numel() <= _SMALL_NUMEL:
+        centred = torch.sub(x, _channel_view(mean, x), out=scratch)
+        var = torch.mul(centred, centred).sum(dims).div_(m)
+        return mean, var, True, None if converted else centred
     if x.dim() > 2 and x.is_contiguous():  # (N*C, prod(S)) rows: a vectorised norm, no x * x pass
         rows = torch.linalg.vector_norm(x.view(x.shape[0] * x.shape[1], -1), dim=1)
         mean_sq_x = torch.mul(rows, rows).view(x.shape[0], -1).sum(0).div_(m)  # E[x^2]
@@ -88,9 +103,9 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     var = torch.addcmul(mean_sq_x, mean, mean, value=-1)
     # var - mean^2 / L < 0  <=>  mean^2 / var > L (also catches a var < 0 from rounding)
     if torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT).min().item() >= 0:
-        return mean, var, False
+        return mean, var, False, None
     centred = torch.sub(x, _channel_view(mean, x), out=scratch)
-    return mean, centred.square_().sum(dims).div_(m), True
+    return mean, centred.square_().sum(dims).div_(m), True, None
 
 
 def _renorm_terms(
@@ -158,7 +173,7 @@ class _BatchNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         m = _values_per_channel(x)
         y = torch.empty_like(x)
-        mean, var, centred = _batch_stats(x, m, scratch=y)
+        mean, var, centred, xc = _batch_stats(x, m, scratch=y)  # xc: y holds x - mean
         invstd = torch.rsqrt(var + eps)
         g = invstd if weight is None else weight * invstd
         r = d = None
@@ -173,7 +188,8 @@ class _BatchNormFunction(torch.autograd.Function):
                 offset = offset + bias
             extra = (clip_r, clip_d, r, d)
         if centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
-            torch.sub(x, _channel_view(mean, x), out=y)
+            if xc is None:
+                torch.sub(x, _channel_view(mean, x), out=y)
             if offset is None:
                 y.mul_(_channel_view(g, x))
             else:

@@ -36,33 +36,46 @@ __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group
 #: group the statistics are recomputed from the centred input (64: at most ~6 of 24 bits in float32).
 _CANCELLATION_LIMIT = 64.0
 
+#: CPU eager inputs of at most this many elements take the centred two-pass statistics directly
+#: (see :func:`_group_stats`).
+_SMALL_NUMEL = 1 << 14
 
-def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
-    """Mean and biased variance per (sample, group), (N, G, 1, 1) each, and whether they were centred.
+
+def _group_stats(
+    x4: Tensor, m: int, out4: Tensor | None = None
+) -> tuple[Tensor, Tensor, bool, Tensor | None]:
+    """Mean and biased variance per (sample, group), (N, G, 1, 1) each, whether they were centred,
+    and ``out4`` if it now holds ``x4 - mean`` (else None).
 
     ``x4`` is the input viewed as (N, G, C/G, S) (S = prod of the spatial dims, 1 for 2-D input),
     ``m = C/G * S`` the values per group. CPU eager: two vectorised one-pass reductions, sum(x)
     and ||x||^2 (torch's ``var_mean`` is a scalar Welford loop there, ~10-20x slower),
     var = E[x^2] - mu^2; a batch with mu^2 / var above ``_CANCELLATION_LIMIT`` in any group falls
-    back to the centred two-pass form (the check reads one number, free on CPU). CUDA and
-    ``torch.compile``: ``torch.var_mean``, one stable fused reduction. Half-precision input is
-    accumulated in float32. The statistics keep their reduced dims so that they broadcast against
-    ``x4`` without reshapes.
+    back to the centred two-pass form (the check reads one number, free on CPU). Inputs of at most
+    ``_SMALL_NUMEL`` elements take the centred form directly, written into ``out4`` (the future
+    output) when given: at that size an op costs its dispatch, not its memory traffic, and the
+    centred form needs the fewest ops and no host read. CUDA and ``torch.compile``:
+    ``torch.var_mean``, one stable fused reduction. Half-precision input is accumulated in
+    float32. The statistics keep their reduced dims so that they broadcast against ``x4`` without
+    reshapes.
     """
     if x4.dtype not in (torch.float32, torch.float64):
-        x4 = x4.float()
+        x4, out4 = x4.float(), None
     if x4.device.type != "cpu" or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x4, dim=(2, 3), correction=0, keepdim=True)
-        return mean, var, True
+        return mean, var, True, None
     mean = x4.sum((2, 3), keepdim=True).div_(m)
+    if x4.numel() <= _SMALL_NUMEL:
+        xc = torch.sub(x4, mean, out=out4)
+        return mean, torch.mul(xc, xc).sum((2, 3), keepdim=True).div_(m), True, out4
     var = torch.linalg.vector_norm(x4, dim=(2, 3), keepdim=True).square_().div_(m)
     var.addcmul_(mean, mean, value=-1.0)
     # var - mu^2 / L < 0  <=>  mu^2 / var > L (also catches a var < 0 from rounding)
     margin = torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT)
     if margin.numel() == 0 or margin.min().item() >= 0:  # (an empty batch has nothing to check)
-        return mean, var, False
+        return mean, var, False, None
     centred = torch.linalg.vector_norm(x4 - mean, dim=(2, 3), keepdim=True)
-    return mean, centred.square_().div_(m), True
+    return mean, centred.square_().div_(m), True, None
 
 
 #: In the backward, inputs of at least this many bytes get their dx buffer allocated first (see
@@ -138,27 +151,32 @@ class GroupNormFunction(torch.autograd.Function):
         # (a view output of a Function refuses in-place ops such as ReLU(inplace=True))
         compiling = torch.compiler.is_compiling()
         y, y4 = (None, None) if compiling else _empty_like_viewed(x, x4.shape)
-        mean, var, centred = _group_stats(x4, cg * s)  # (N, G, 1, 1) each
+        mean, var, centred, xc = _group_stats(x4, cg * s, y4)  # (N, G, 1, 1) each
         rstd = var.add(eps).rsqrt_()
         if weight is None:  # scale, shift: (N, G, C/G, 1)
             scale = rstd.expand(n, num_groups, cg, 1)
         else:
             scale = rstd * weight.view(num_groups, cg, 1)
-        if bias is None:
-            shift = torch.mul(scale, mean).neg_()
+        if xc is not None:  # small input: y4 holds x - mu, y = (x - mu) * scale + beta
+            xc.mul_(scale)
+            if bias is not None:
+                xc.add_(bias.view(num_groups, cg, 1))
         else:
-            shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
-        if x.dtype != scale.dtype:  # half-precision input: statistics were taken in float32
-            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
-        # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
-        # vectorises an op with one broadcast operand, not two)
-        if compiling:  # the graph owns its buffers; y in x's shape, so it is not a view of y4
-            per_channel = (n, c) + (1,) * (x.dim() - 2)
-            y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
-        elif s == 1:
-            torch.addcmul(shift, x4, scale, out=y4)
-        else:
-            torch.mul(x4, scale, out=y4).add_(shift)
+            if bias is None:
+                shift = torch.mul(scale, mean).neg_()
+            else:
+                shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
+            if x.dtype != scale.dtype:  # half-precision input: statistics were taken in float32
+                scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+            # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
+            # vectorises an op with one broadcast operand, not two)
+            if compiling:  # the graph owns its buffers; y in x's shape, so not a view of y4
+                per_channel = (n, c) + (1,) * (x.dim() - 2)
+                y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
+            elif s == 1:
+                torch.addcmul(shift, x4, scale, out=y4)
+            else:
+                torch.mul(x4, scale, out=y4).add_(shift)
         ctx.centred = centred
         ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
         ctx.save_for_backward(x, weight, mean, rstd)
