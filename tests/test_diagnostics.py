@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normzoo
+from normzoo import diagnostics
 from normzoo.diagnostics import find_norm_layers, population_stats, run_diagnostics
 from normzoo.norms.native import NativeBatchNorm
 
@@ -272,3 +273,81 @@ def test_bad_arguments_are_refused() -> None:
         run_diagnostics(model, _data(), batch_size=0)
     with pytest.raises(TypeError, match="train_y"):
         run_diagnostics(model, SimpleNamespace(train_x=torch.zeros(2, 6)), batch_size=2)
+
+
+def _two_bn_model(norm: str, conv: bool) -> nn.Sequential:
+    if conv:
+        return nn.Sequential(
+            nn.Conv2d(6, 8, 3, padding=1),
+            _build(norm, 8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, stride=2),
+            _build(norm, 8),
+            nn.Flatten(),
+            nn.Linear(8 * 2 * 2, 3),
+        )
+    return nn.Sequential(
+        nn.Linear(6, 16), _build(norm, 16), nn.ReLU(), nn.Linear(16, 16), _build(norm, 16)
+    )
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "batchrenorm", "native_batchnorm", "torch_bn"])
+@pytest.mark.parametrize("conv", [False, True], ids=["dense", "conv"])
+@pytest.mark.parametrize("batch_size", [2, 3, 8])
+def test_ghost_batches_give_the_statistics_of_one_forward_per_batch(
+    norm: str, conv: bool, batch_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PreciseBN's ghost batches (many batches per forward, each normalised on its own) give the
+    per-batch statistics of the one-forward-per-batch loop, including a last forward with fewer
+    batches, and leave the model as it was (modules and state)."""
+    monkeypatch.setattr(diagnostics, "GHOST_SAMPLES", 16)  # several forwards, the last one short
+    data = _data(n_train=50, shape=(4, 4) if conv else ())
+    if norm == "torch_bn":
+        model = _two_bn_model("native_batchnorm", conv)
+        for i in (1, 4):
+            bn = (nn.BatchNorm2d if conv else nn.BatchNorm1d)(model[i].num_features)
+            bn.load_state_dict(model[i].state_dict())
+            model[i] = bn
+    else:
+        model = _two_bn_model(norm, conv)
+    if norm == "batchrenorm":  # clipping active, so the moving statistics enter the output
+        for i in (1, 4):
+            model[i].set_progress(1.0)
+    model = model.double()
+    _train(model, SimpleNamespace(**{k: v.double() if k.endswith("_x") else v
+                                     for k, v in vars(data).items()}), steps=5)  # fmt: skip
+    x = data.train_x.double()
+    snap = _snapshot(model)
+    modules = list(model.named_modules())
+    kw = {"batch_size": batch_size, "num_samples": 90, "seed": 3}
+    ghost = population_stats(model, x, ghost=True, **kw)
+    one_by_one = population_stats(model, x, ghost=False, **kw)
+    assert ghost.keys() == one_by_one.keys() == {"1", "4"}
+    for key, (mean, var, count) in one_by_one.items():
+        assert (
+            ghost[key][2]
+            == count
+            == (90 + batch_size - 1)
+            // batch_size
+            * batch_size
+            * (16 if conv and key == "1" else 4 if conv else 1)
+        )
+        torch.testing.assert_close(ghost[key][0], mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ghost[key][1], var, rtol=1e-10, atol=1e-12)
+    _assert_bitwise_same(model, snap)
+    assert list(model.named_modules()) == modules
+
+
+def test_ghost_batches_fall_back_for_a_shared_layer() -> None:
+    """A batch-statistics layer used at two places cannot be widened in one place only: one
+    forward per batch, same statistics as the sequential loop."""
+    bn = normzoo.build_norm("batchnorm", 6)
+    model = nn.Sequential(bn, nn.ReLU(), bn).double()
+    x = _data(n_train=40).train_x.double()
+    layers = find_norm_layers(model)
+    with diagnostics._ghost_batches(model, layers, 4) as wide:
+        assert wide is None
+    kw = {"batch_size": 4, "num_samples": 40}
+    a = population_stats(model, x, ghost=True, **kw)
+    b = population_stats(model, x, ghost=False, **kw)
+    torch.testing.assert_close(a["0"][1], b["0"][1], rtol=0, atol=0)
