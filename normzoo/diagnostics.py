@@ -5,7 +5,8 @@ in training (statistics of the current batch) and at inference (running EMA stat
 measures that mismatch on the test set, the same way for every layer, so that layers without batch
 statistics are *measured* to have none rather than assumed to:
 
-* ``test_error`` / ``test_loss`` — eval mode: every norm layer uses its running (EMA) statistics.
+* ``test_error`` / ``test_loss`` — eval mode: every norm layer uses its running (EMA) statistics
+  (in batches of ``eval_batch_size``: eval-mode outputs do not depend on the batch).
 * ``test_error_batch_stats`` / ``test_loss_batch_stats`` — the norm layers in training mode, i.e.
   normalising with the statistics of test batches of the training batch size. Nothing is learnt: the
   forward runs under ``no_grad`` and every buffer is restored after each batch.
@@ -543,6 +544,7 @@ def run_diagnostics(
     precise_samples: int = 4096,
     seed: int = 0,
     probe_samples: int = 64,
+    eval_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Measure the train/inference mismatch of a trained classifier (see the module docstring).
 
@@ -557,6 +559,10 @@ def run_diagnostics(
         probe_samples: at most this many test samples are probed for batch dependence (and at
             most ``max(16, PROBE_BUDGET // batch_size)``, since each costs two forwards of a
             full batch); the eval-mode floor uses the first ``FLOOR_PROBES`` of them.
+        eval_batch_size: the batch size of the eval-mode passes (EMA and PreciseBN statistics),
+            whose outputs do not depend on the batch (default: ``batch_size``). Ignored, i.e.
+            ``batch_size`` is used, when a layer normalises with batch statistics even in eval
+            mode (one without running statistics).
 
     Returns:
         A JSON-serialisable dict (floats, ints, None, a list of per-layer dicts).
@@ -565,6 +571,12 @@ def run_diagnostics(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if precise_samples < 1:
         raise ValueError(f"precise_samples must be >= 1, got {precise_samples!r}")
+    if eval_batch_size is not None and (
+        isinstance(eval_batch_size, bool)
+        or not isinstance(eval_batch_size, int)
+        or eval_batch_size < 1
+    ):
+        raise ValueError(f"eval_batch_size must be a positive int, got {eval_batch_size!r}")
     for key in ("train_x", "train_y", "test_x", "test_y"):
         if not isinstance(getattr(data, key, None), Tensor):
             raise TypeError(f"data must have a tensor attribute {key!r} (e.g. a DataBundle)")
@@ -575,15 +587,18 @@ def run_diagnostics(
     started = time.perf_counter()
     layers = find_norm_layers(model)
     running = [layer for layer in layers if layer.has_running_stats]
+    eval_batch = eval_batch_size or batch_size
+    if any(layer.uses_batch_stats and not layer.has_running_stats for layer in layers):
+        eval_batch = batch_size  # eval mode still normalises with batch statistics
     gen = torch.Generator().manual_seed(seed)
     test_order = torch.randperm(n_test, generator=gen).to(data.test_x.device)
     x, y = data.test_x, data.test_y
     result: dict[str, Any] = {}
 
     with preserved_state(model, layers) as volatile:
-        # (a) eval mode, EMA statistics; same batches as (b) so per-sample outputs are comparable
+        # (a) eval mode, EMA statistics (per-sample outputs, compared with (b) sample by sample)
         _set_mode(model, layers, norm_training=False)
-        ema_logits = _logits(model, x, test_order, batch_size, volatile)
+        ema_logits = _logits(model, x, test_order, eval_batch, volatile)
         result["test_error"], result["test_loss"] = _error_and_loss(ema_logits, y)
 
         # (b) batch statistics at the training batch size
@@ -613,7 +628,7 @@ def run_diagnostics(
                     layer.module.running_mean.copy_(pop[layer.name][0])
                     layer.module.running_var.copy_(pop[layer.name][1])
             _set_mode(model, layers, norm_training=False)
-            precise_logits = _logits(model, x, test_order, batch_size, None)
+            precise_logits = _logits(model, x, test_order, eval_batch, None)
             _restore_volatile(volatile)  # the EMA buffers back
             used = math.ceil(precise_samples / min(batch_size, data.train_x.shape[0]))
             result["precise_samples"] = used * min(batch_size, data.train_x.shape[0])
@@ -672,5 +687,6 @@ def run_diagnostics(
     ]
     result["num_norm_layers"] = len(layers)
     result["diagnostics_batch_size"] = batch_size
+    result["diagnostics_eval_batch_size"] = eval_batch
     result["diagnostics_seconds"] = time.perf_counter() - started
     return result

@@ -775,6 +775,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
                     batch_size=int(cfg.data.batch_size),
                     precise_samples=int(cfg.diagnostics.precise_samples),
                     seed=int(cfg.seed),
+                    eval_batch_size=int(cfg.data.eval_batch_size),
                 )
             )
         record["status"] = "ok"

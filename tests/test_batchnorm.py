@@ -302,3 +302,31 @@ def test_momentum_none_has_no_graph_break_under_torch_compile() -> None:
     assert int(module.num_batches_tracked) == 3
     torch.testing.assert_close(module.running_mean, eager.running_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(module.running_var, eager.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["batchnorm", "batchrenorm"])
+@pytest.mark.parametrize("layout", ["2d", "4d", "channels_last"])
+def test_compiled_backward_matches_eager(name: str, layout: str) -> None:
+    """Under torch.compile the statistics are centred (var_mean) and the backward takes its
+    centred form, which writes dx in place without ``out=`` there (dynamo refuses a
+    non-contiguous out)."""
+    shape = (6, C) if layout == "2d" else (3, C, 4, 5)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, dtype=torch.float64)
+    eager = normzoo.build_norm(name, C).double()
+    module = normzoo.build_norm(name, C).double()
+    with torch.no_grad():
+        for m in (eager, module):
+            m.weight.copy_(torch.linspace(0.5, 1.5, C))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    results = []
+    for layer in (eager, compiled):
+        inp = x.clone().requires_grad_(True)
+        layer(inp).backward(dy)
+        results.append(
+            (inp.grad, *(p.grad for p in (eager if layer is eager else module).parameters()))
+        )
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)

@@ -351,3 +351,26 @@ def test_ghost_batches_fall_back_for_a_shared_layer() -> None:
     a = population_stats(model, x, ghost=True, **kw)
     b = population_stats(model, x, ghost=False, **kw)
     torch.testing.assert_close(a["0"][1], b["0"][1], rtol=0, atol=0)
+
+
+def test_eval_mode_passes_take_the_eval_batch_size() -> None:
+    """EMA and PreciseBN logits do not depend on the batch in eval mode: a large eval batch gives
+    the numbers of training-size batches; a layer without running statistics keeps the batch size
+    (it normalises with batch statistics in eval mode too)."""
+    data = _data(n_test=37)
+    model = _dense("batchnorm")
+    _train(model, data)
+    small = run_diagnostics(model, data, batch_size=4, precise_samples=16)
+    large = run_diagnostics(model, data, batch_size=4, precise_samples=16, eval_batch_size=1000)
+    assert small["diagnostics_eval_batch_size"] == 4
+    assert large["diagnostics_eval_batch_size"] == 1000
+    for key in ("test_error", "test_error_precise", "test_error_batch_stats"):
+        assert large[key] == small[key], key
+    for key in ("test_loss", "test_loss_precise", "kl_batch_vs_ema"):
+        assert large[key] == pytest.approx(small[key], rel=1e-5, abs=1e-9), key
+    untracked = _dense("batchnorm")
+    untracked[1] = normzoo.build_norm("batchnorm", 16, track_running_stats=False)
+    out = run_diagnostics(untracked, data, batch_size=4, precise_samples=16, eval_batch_size=1000)
+    assert out["diagnostics_eval_batch_size"] == 4
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        run_diagnostics(model, data, batch_size=4, eval_batch_size=0)

@@ -154,6 +154,11 @@ class _BatchNormFunction(torch.autograd.Function):
         dx      = g / m * (m * dy - sum(dy) - x_hat * dot)
                 = g * dy + a * x + b,  a = -g * invstd * dot / m,  b = -g * sum(dy) / m - a * mean
 
+    The second form (one pass over x after the reductions) serves the one-pass route; where the
+    forward centred (small inputs, the cancellation fallback, CUDA and ``torch.compile``) the
+    backward centres x once and computes dx = g * (dy - (sum(dy) + (x - mean) * invstd * dot) / m)
+    in place in that buffer: fewer ops, which is what small inputs pay for.
+
     Saved for backward: x and per-channel vectors (mean, invstd, g; r, d for Batch Renorm) -- torch's
     native kernel saves x and five. Memory traffic: forward two reductions and the output pass;
     backward two reductions and the dx passes; one large buffer allocated per direction (the output
@@ -214,24 +219,26 @@ class _BatchNormFunction(torch.autograd.Function):
         k = -1.0 / _values_per_channel(x)
         sum_dy = dy.sum(dims)
         dx = dweight = None
-        if need_x or need_w:
+        if ctx.centred and (need_x or need_w):
+            xc = x - _channel_view(mean, x)  # becomes dx
+            dot = torch.mul(dy, xc).sum(dims).mul_(invstd)
+            if need_w:
+                dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
+            if need_x:  # dx = g * (dy + k * (sum_dy + (x - mean) * invstd * dot)): five ops
+                t = xc.mul_(_channel_view(invstd * dot, x)).add_(_channel_view(sum_dy, x))
+                # (no out= under torch.compile: dynamo rejects a non-contiguous out)
+                out = None if torch.compiler.is_compiling() else t
+                dx = torch.add(dy, t, alpha=k, out=out).mul_(_channel_view(g, x))
+        elif need_x or need_w:
             buf = torch.empty_like(x)  # first holds dy * x, then becomes dx
-            if ctx.centred:
-                xc = x - _channel_view(mean, x)
-                dot = torch.mul(dy, xc, out=buf).sum(dims).mul_(invstd)
-            else:
-                dot = torch.mul(dy, x, out=buf).sum(dims)
-                dot = torch.addcmul(dot, mean, sum_dy, value=-1).mul_(invstd)
+            dot = torch.mul(dy, x, out=buf).sum(dims)
+            dot = torch.addcmul(dot, mean, sum_dy, value=-1).mul_(invstd)
             if need_w:
                 dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
             if need_x:
                 a = (g * invstd).mul_(dot).mul_(k)
-                b = (g * sum_dy).mul_(k)
-                if ctx.centred:
-                    dx = _affine_into(buf, xc, a, b)
-                else:
-                    dx = _affine_into(buf, x, a, b.addcmul_(a, mean, value=-1))
-                dx = dx.addcmul_(dy, _channel_view(g, x))
+                b = (g * sum_dy).mul_(k).addcmul_(a, mean, value=-1)
+                dx = _affine_into(buf, x, a, b).addcmul_(dy, _channel_view(g, x))
         return dx, dweight, sum_dy if need_b else None, None, None, None, None
 
 
