@@ -154,7 +154,7 @@ def test_large_mean_falls_back_to_centred_statistics(stats_route: str) -> None:
     true_var = x.double().var(dim=dims, unbiased=False)
     naive_err = ((_naive_var(x, dims).double() - true_var).abs() / true_var).max().item()
     assert naive_err > 1e-2  # the one-pass formula is useless here ...
-    _, var, centred, _ = _batch_stats(x, x.numel() // C, torch.empty_like(x))
+    _, var, centred = _batch_stats(x, x.numel() // C, torch.empty_like(x))
     assert centred  # ... so the guard took the centred route
     assert ((var.double() - true_var).abs() / true_var).max().item() < 1e-5
     ours, ref = _pair()
@@ -185,23 +185,30 @@ def test_large_mean_falls_back_to_centred_statistics(stats_route: str) -> None:
 
 
 def test_well_conditioned_input_takes_the_one_pass_route() -> None:
-    x = torch.randn(16, C, 32, 33) * 2.0 + 1.0  # above _SMALL_NUMEL
-    assert x.numel() > batch._SMALL_NUMEL
-    _, var, centred, xc = _batch_stats(x, x.numel() // C, torch.empty_like(x))
-    assert not centred and xc is None
-    torch.testing.assert_close(var, x.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    x = torch.randn(8, C, 5) * 2.0 + 1.0
+    _, var, centred = _batch_stats(x, x.numel() // C, torch.empty_like(x))
+    assert not centred
+    torch.testing.assert_close(var, x.var(dim=(0, 2), unbiased=False), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(8, C), (8, C, 5), (2, C, 3, 3)])
-def test_small_input_takes_the_centred_route(shape: tuple[int, ...]) -> None:
-    """Small inputs skip the one-pass sums: centred statistics, x - mean left in the scratch."""
+def test_small_input_takes_the_small_route(shape: tuple[int, ...]) -> None:
+    """Small CPU inputs take the forward with the fewest ops, which saves x - mean (not x) for
+    the backward; larger ones (or _SMALL_NUMEL = 0) the one-pass route, which saves x."""
     x = torch.randn(shape, dtype=torch.float64) * 2.0 + 1.0
-    scratch = torch.empty_like(x)
-    dims = [0, *range(2, x.dim())]
-    mean, var, centred, xc = _batch_stats(x, x.numel() // C, scratch)
-    assert centred and xc is scratch
-    torch.testing.assert_close(xc, x - mean.view(-1, *[1] * (x.dim() - 2)), rtol=0, atol=0)
-    torch.testing.assert_close(var, x.var(dim=dims, unbiased=False), rtol=1e-12, atol=0)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        BatchNorm(C).double()(x.requires_grad_(True))
+    mean = x.detach().mean([0, *range(2, x.dim())])
+    xc = x.detach() - mean.view(-1, *[1] * (x.dim() - 2))
+    assert any(t.shape == x.shape and torch.allclose(t, xc) for t in saved)
+    assert not any(t is x for t in saved)
+    big = torch.randn(64, C, 70, dtype=torch.float64) + 1.0
+    assert big.numel() > batch._SMALL_NUMEL
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        BatchNorm(C).double()(big.requires_grad_(True))
+    assert any(t is big for t in saved)
 
 
 def test_bfloat16_matches_native() -> None:

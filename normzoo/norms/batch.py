@@ -64,10 +64,9 @@ _CANCELLATION_LIMIT = 64.0
 _SMALL_NUMEL = 1 << 14
 
 
-def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bool, Tensor | None]:
-    """Per-channel batch mean and biased variance of ``x`` (N, C, *S), whether the backward pass
-    must centre ``x`` before its reductions, and ``scratch`` if it now holds ``x - mean`` (else
-    None; ``scratch``, like x, is overwritten either way).
+def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Per-channel batch mean and biased variance of ``x`` (N, C, *S), and whether the backward pass
+    must centre ``x`` before its reductions. ``scratch`` (like x) is overwritten.
 
     On CPU in eager mode the fast route is two plain sums, ``sum(x)`` and ``sum(x * x)`` (torch's
     vectorised sum is ~10x faster there than ``torch.var_mean``'s Welford loop; sum(x * x) is a
@@ -75,26 +74,18 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     output, so no buffer is allocated for it): var = E[x^2] - E[x]^2. That
     formula cancels when |mean| >> std, so a batch with mean^2 / var > ``_CANCELLATION_LIMIT`` in
     any channel falls back to centred two-pass sums (the check reads one number, free on CPU).
-    Inputs of at most ``_SMALL_NUMEL`` elements take the centred two-pass form directly: there a
-    tensor op costs its dispatch, not its memory traffic, and this form needs the fewest ops
-    (sum, subtract, square, sum), leaves x - mean in ``scratch`` for the output, and reads nothing
-    back to the host. Elsewhere (CUDA, ``torch.compile``) ``torch.var_mean`` is one fused, stable
-    kernel, and the backward centres x inside its fused reductions. Half-precision input is
-    accumulated in float32.
+    Elsewhere (CUDA, ``torch.compile``) ``torch.var_mean`` is one fused, stable kernel, and the
+    backward centres x inside its fused reductions. Half-precision input is accumulated in float32.
+    (Small inputs do not come here: see :meth:`_BatchNormFunction._small_forward`.)
     """
     dims = _reduce_dims(x)
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return mean, var, True, None
-    converted = x.dtype not in (torch.float32, torch.float64)
-    if converted:
+        return mean, var, True
+    if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
         scratch = torch.empty_like(x)
     mean = x.sum(dims).div_(m)
-    if x.numel() <= _SMALL_NUMEL:
-        centred = torch.sub(x, _channel_view(mean, x), out=scratch)
-        var = torch.mul(centred, centred).sum(dims).div_(m)
-        return mean, var, True, None if converted else centred
     if x.dim() > 2 and x.is_contiguous():  # (N*C, prod(S)) rows: a vectorised norm, no x * x pass
         rows = torch.linalg.vector_norm(x.view(x.shape[0] * x.shape[1], -1), dim=1)
         mean_sq_x = torch.mul(rows, rows).view(x.shape[0], -1).sum(0).div_(m)  # E[x^2]
@@ -103,22 +94,23 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     var = torch.addcmul(mean_sq_x, mean, mean, value=-1)
     # var - mean^2 / L < 0  <=>  mean^2 / var > L (also catches a var < 0 from rounding)
     if torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT).min().item() >= 0:
-        return mean, var, False, None
+        return mean, var, False
     centred = torch.sub(x, _channel_view(mean, x), out=scratch)
-    return mean, centred.square_().sum(dims).div_(m), True, None
+    return mean, centred.square_().sum(dims).div_(m), True
 
 
 def _renorm_terms(
-    mean: Tensor, var: Tensor, ref_mean: Tensor, ref_var: Tensor, limits: Tensor, eps: float
+    mean: Tensor, var_eps: Tensor, ref_mean: Tensor, ref_var: Tensor, limits: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batch Renorm's r, d (C,) and the fractions of channels where each was clipped (0-dim).
 
     r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mu_B - mu) / sigma, -dmax, dmax) with
-    sigma_B = sqrt(var + eps), sigma = sqrt(ref_var + eps) and ``limits`` = [rmax, dmax].
+    sigma_B = sqrt(var_eps), var_eps = var + eps, sigma = sqrt(ref_var + eps) and ``limits`` =
+    [rmax, dmax].
     """
     rmax, dmax = limits.unbind()
     ref_invstd = torch.rsqrt(ref_var + eps)
-    r_raw = torch.sqrt(var + eps).mul_(ref_invstd)
+    r_raw = torch.sqrt(var_eps).mul_(ref_invstd)
     d_raw = (mean - ref_mean).mul_(ref_invstd)
     r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
     d = torch.clamp(d_raw, -dmax, dmax)
@@ -126,6 +118,43 @@ def _renorm_terms(
     clip_r = torch.ne(r, r_raw).mean(dtype=mean.dtype)
     clip_d = torch.ne(d, d_raw).mean(dtype=mean.dtype)
     return r, d, clip_r, clip_d
+
+
+def _is_small(x: Tensor) -> bool:
+    """Small float32/float64 CPU input in eager mode: the forward with the fewest ops."""
+    return (
+        x.numel() <= _SMALL_NUMEL
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _scale_and_offset(
+    invstd: Tensor,
+    var_eps: Tensor,
+    mean: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    ref_mean: Tensor | None,
+    ref_var: Tensor | None,
+    limits: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
+    """Per-channel g, offset with y = (x - mean) * g + offset: g = gamma * invstd and
+    offset = beta (BatchNorm), or g = gamma * r * invstd and offset = gamma * d + beta (Batch
+    Renorm, when ``ref_mean`` is given); also r, d and the Batch Renorm outputs
+    (clip_r, clip_d, r, d) (None, None and () for BatchNorm)."""
+    g = invstd if weight is None else weight * invstd
+    if ref_mean is None:
+        return g, bias, None, None, ()
+    assert ref_var is not None and limits is not None
+    r, d, clip_r, clip_d = _renorm_terms(mean, var_eps, ref_mean, ref_var, limits, eps)
+    g = g * r
+    offset = d if weight is None else weight * d  # gamma * d
+    if bias is not None:
+        offset = offset + bias
+    return g, offset, r, d, (clip_r, clip_d, r, d)
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -176,25 +205,22 @@ class _BatchNormFunction(torch.autograd.Function):
         ref_var: Tensor | None = None,
         limits: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)  # mean, var (, r, d) get no gradient: skip their zeros
+        if _is_small(x):
+            return _BatchNormFunction._small_forward(
+                ctx, x, weight, bias, eps, ref_mean, ref_var, limits
+            )
+        ctx.small = False
         m = _values_per_channel(x)
         y = torch.empty_like(x)
-        mean, var, centred, xc = _batch_stats(x, m, scratch=y)  # xc: y holds x - mean
-        invstd = torch.rsqrt(var + eps)
-        g = invstd if weight is None else weight * invstd
-        r = d = None
-        extra: tuple[Tensor, ...] = ()
-        offset = bias  # y = (x - mean) * g + offset
-        if ref_mean is not None:
-            assert ref_var is not None and limits is not None
-            r, d, clip_r, clip_d = _renorm_terms(mean, var, ref_mean, ref_var, limits, eps)
-            g = g * r
-            offset = d if weight is None else weight * d  # gamma * d
-            if bias is not None:
-                offset = offset + bias
-            extra = (clip_r, clip_d, r, d)
+        mean, var, centred = _batch_stats(x, m, scratch=y)
+        var_eps = var + eps
+        invstd = torch.rsqrt(var_eps)
+        g, offset, r, d, extra = _scale_and_offset(
+            invstd, var_eps, mean, weight, bias, eps, ref_mean, ref_var, limits
+        )
         if centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
-            if xc is None:
-                torch.sub(x, _channel_view(mean, x), out=y)
+            torch.sub(x, _channel_view(mean, x), out=y)
             if offset is None:
                 y.mul_(_channel_view(g, x))
             else:
@@ -203,8 +229,49 @@ class _BatchNormFunction(torch.autograd.Function):
             shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
             _affine_into(y, x, g, shift)
         ctx.centred = centred
-        ctx.set_materialize_grads(False)  # mean, var (, r, d) get no gradient: skip their zeros
         ctx.save_for_backward(x, mean, invstd, g, r, d)
+        ctx.mark_non_differentiable(mean, var, *extra)
+        return (y, mean, var, *extra)
+
+    @staticmethod
+    def _small_forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        ref_mean: Tensor | None,
+        ref_var: Tensor | None,
+        limits: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        """:meth:`forward` for small CPU inputs (:func:`_is_small`), where each op costs its
+        dispatch (a few us), not its memory traffic: the fewest ops. Centred two-pass statistics
+        (stable, no host read), y = (x - mean) * g + offset in one ``addcmul``, and the centred
+        input saved for the backward instead of x (same size; the backward needs it, so it is not
+        recomputed)."""
+        dims = _reduce_dims(x)
+        m = _values_per_channel(x)
+        flat = x.dim() == 2  # (N, C): per-channel vectors broadcast as they are
+        mean = x.sum(dims).div_(m)
+        xc = x - (mean if flat else _channel_view(mean, x))
+        sq = torch.linalg.vecdot(xc, xc, dim=0) if flat else torch.mul(xc, xc).sum(dims)
+        var = sq.div_(m)
+        var_eps = var + eps
+        invstd = var_eps.rsqrt()
+        g, offset, r, d, extra = _scale_and_offset(
+            invstd, var_eps, mean, weight, bias, eps, ref_mean, ref_var, limits
+        )
+        if not flat:
+            g_c = _channel_view(g, x)
+            y = (
+                torch.mul(xc, g_c)
+                if offset is None
+                else torch.addcmul(_channel_view(offset, x), xc, g_c)
+            )
+        else:
+            y = torch.mul(xc, g) if offset is None else torch.addcmul(offset, xc, g)
+        ctx.small = True
+        ctx.save_for_backward(xc, invstd, g, r, d)
         ctx.mark_non_differentiable(mean, var, *extra)
         return (y, mean, var, *extra)
 
@@ -213,6 +280,8 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:  # grads are not materialised: y did not take part in the loss
             return (None,) * 7
+        if ctx.small:
+            return _BatchNormFunction._small_backward(ctx, dy)
         x, mean, invstd, g, r, d = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dims = _reduce_dims(x)
@@ -239,6 +308,32 @@ class _BatchNormFunction(torch.autograd.Function):
                 a = (g * invstd).mul_(dot).mul_(k)
                 b = (g * sum_dy).mul_(k).addcmul_(a, mean, value=-1)
                 dx = _affine_into(buf, x, a, b).addcmul_(dy, _channel_view(g, x))
+        return dx, dweight, sum_dy if need_b else None, None, None, None, None
+
+    @staticmethod
+    def _small_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        """:meth:`backward` for :meth:`_small_forward` (saved: x - mean, not x), in the fewest
+        ops: dot = invstd * sum(dy * (x - mean)) and
+        dx = g * (dy - (sum(dy) + (x - mean) * invstd * dot) / m)."""
+        xc, invstd, g, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dims = _reduce_dims(xc)
+        flat = xc.dim() == 2
+        sum_dy = dy.sum(dims)
+        dx = dweight = None
+        if need_x or need_w:
+            raw = torch.linalg.vecdot(dy, xc, dim=0) if flat else torch.mul(dy, xc).sum(dims)
+            dot = raw.mul_(invstd)
+            if need_w:
+                dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
+            if need_x:
+                u = invstd * dot
+                if flat:
+                    t = torch.addcmul(sum_dy, xc, u)
+                else:
+                    t = torch.addcmul(_channel_view(sum_dy, xc), xc, _channel_view(u, xc))
+                dx = torch.add(dy, t, alpha=-1.0 / _values_per_channel(xc), out=t)
+                dx.mul_(g if flat else _channel_view(g, xc))
         return dx, dweight, sum_dy if need_b else None, None, None, None, None
 
 
