@@ -98,6 +98,27 @@ def test_activation_gradcheck(
     _gradcheck(layer, x)
 
 
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [(n, s) for n, m, s in CASES if m == "train"],
+    ids=[f"{n}-{len(s)}d" for n, m, s in CASES if m == "train"],
+)
+def test_backward_twice_with_retain_graph(
+    name: str, shape: tuple[int, ...], stats_route: str
+) -> None:
+    """A second backward through the same graph gives the same gradients: the backward passes
+    must not modify what the forward saved (they work in place on their own buffers only)."""
+    layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
+    x = torch.randn(shape, dtype=DT).requires_grad_(True)
+    dy = torch.randn(shape, dtype=DT)
+    inputs = [x, *layer.parameters()]
+    y = layer(x)
+    first = torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    second = torch.autograd.grad(y, inputs, dy)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_batchrenorm_gradcheck_with_clipping_active(stats_route: str) -> None:
     """r = clip(sigma_B / sigma) and d = clip((mu_B - mu) / sigma) are stop-gradient: the backward is
     the derivative of the forward only where they are locally constant, i.e. clipped. Here every

@@ -157,10 +157,18 @@ class RunningStatsMixin:
             return self.num_batches_tracked.to(dtype or torch.get_default_dtype()).reciprocal_()
         return self.momentum
 
-    @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
-        """Blend this batch's per-channel mean and unbiased variance into the running buffers."""
-        assert self.running_mean is not None and self.running_var is not None
-        factor = self._averaging_weight(self.running_mean.dtype)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(var_unbiased.to(self.running_var.dtype), factor)
+        """Blend this batch's per-channel mean and unbiased variance into the running buffers.
+
+        (Called once per training step: no ``no_grad`` context and no dtype conversion unless
+        needed, since at small sizes each costs as much as the update itself.)
+        """
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None
+        if mean.requires_grad or var_unbiased.requires_grad:
+            mean, var_unbiased = mean.detach(), var_unbiased.detach()
+        if mean.dtype != running_mean.dtype:
+            mean, var_unbiased = mean.to(running_mean.dtype), var_unbiased.to(running_var.dtype)
+        factor = self._averaging_weight(running_mean.dtype)
+        running_mean.lerp_(mean, factor)
+        running_var.lerp_(var_unbiased, factor)

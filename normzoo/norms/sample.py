@@ -41,41 +41,43 @@ _CANCELLATION_LIMIT = 64.0
 _SMALL_NUMEL = 1 << 14
 
 
-def _group_stats(
-    x4: Tensor, m: int, out4: Tensor | None = None
-) -> tuple[Tensor, Tensor, bool, Tensor | None]:
-    """Mean and biased variance per (sample, group), (N, G, 1, 1) each, whether they were centred,
-    and ``out4`` if it now holds ``x4 - mean`` (else None).
+def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
+    """Mean and biased variance per (sample, group), (N, G, 1, 1) each, and whether they were centred.
 
     ``x4`` is the input viewed as (N, G, C/G, S) (S = prod of the spatial dims, 1 for 2-D input),
     ``m = C/G * S`` the values per group. CPU eager: two vectorised one-pass reductions, sum(x)
     and ||x||^2 (torch's ``var_mean`` is a scalar Welford loop there, ~10-20x slower),
     var = E[x^2] - mu^2; a batch with mu^2 / var above ``_CANCELLATION_LIMIT`` in any group falls
-    back to the centred two-pass form (the check reads one number, free on CPU). Inputs of at most
-    ``_SMALL_NUMEL`` elements take the centred form directly, written into ``out4`` (the future
-    output) when given: at that size an op costs its dispatch, not its memory traffic, and the
-    centred form needs the fewest ops and no host read. CUDA and ``torch.compile``:
-    ``torch.var_mean``, one stable fused reduction. Half-precision input is accumulated in
-    float32. The statistics keep their reduced dims so that they broadcast against ``x4`` without
-    reshapes.
+    back to the centred two-pass form (the check reads one number, free on CPU). CUDA and
+    ``torch.compile``: ``torch.var_mean``, one stable fused reduction. Half-precision input is
+    accumulated in float32. The statistics keep their reduced dims so that they broadcast against
+    ``x4`` without reshapes. (Small inputs do not come here: see
+    :meth:`GroupNormFunction._small_forward`.)
     """
     if x4.dtype not in (torch.float32, torch.float64):
-        x4, out4 = x4.float(), None
+        x4 = x4.float()
     if x4.device.type != "cpu" or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x4, dim=(2, 3), correction=0, keepdim=True)
-        return mean, var, True, None
+        return mean, var, True
     mean = x4.sum((2, 3), keepdim=True).div_(m)
-    if x4.numel() <= _SMALL_NUMEL:
-        xc = torch.sub(x4, mean, out=out4)
-        return mean, torch.mul(xc, xc).sum((2, 3), keepdim=True).div_(m), True, out4
     var = torch.linalg.vector_norm(x4, dim=(2, 3), keepdim=True).square_().div_(m)
     var.addcmul_(mean, mean, value=-1.0)
     # var - mu^2 / L < 0  <=>  mu^2 / var > L (also catches a var < 0 from rounding)
     margin = torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT)
     if margin.numel() == 0 or margin.min().item() >= 0:  # (an empty batch has nothing to check)
-        return mean, var, False, None
+        return mean, var, False
     centred = torch.linalg.vector_norm(x4 - mean, dim=(2, 3), keepdim=True)
-    return mean, centred.square_().div_(m), True, None
+    return mean, centred.square_().div_(m), True
+
+
+def _is_small(x: Tensor) -> bool:
+    """Small float32/float64 CPU input in eager mode: the forward with the fewest ops."""
+    return (
+        x.numel() <= _SMALL_NUMEL
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
 
 
 #: In the backward, inputs of at least this many bytes get their dx buffer allocated first (see
@@ -144,6 +146,10 @@ class GroupNormFunction(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
+        if _is_small(x):
+            return GroupNormFunction._small_forward(ctx, x, weight, bias, num_groups, eps)
+        ctx.small = False
         n, c = x.shape[0], x.shape[1]
         cg = c // num_groups
         s = math.prod(x.shape[2:])
@@ -152,38 +158,65 @@ class GroupNormFunction(torch.autograd.Function):
         # (a view output of a Function refuses in-place ops such as ReLU(inplace=True))
         compiling = torch.compiler.is_compiling()
         y, y4 = (None, None) if compiling else _empty_like_viewed(x, x4.shape)
-        mean, var, centred, xc = _group_stats(x4, cg * s, y4)  # (N, G, 1, 1) each
+        mean, var, centred = _group_stats(x4, cg * s)  # (N, G, 1, 1) each
         rstd = var.add(eps).rsqrt_()
         if weight is None:  # scale, shift: (N, G, C/G, 1)
             scale = rstd.expand(n, num_groups, cg, 1)
         else:
             scale = rstd * weight.view(num_groups, cg, 1)
-        if xc is not None:  # small input: y4 holds x - mu, y = (x - mu) * scale + beta
-            xc.mul_(scale)
-            if bias is not None:
-                xc.add_(bias.view(num_groups, cg, 1))
+        if bias is None:
+            shift = torch.mul(scale, mean).neg_()
         else:
-            if bias is None:
-                shift = torch.mul(scale, mean).neg_()
-            else:
-                shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
-            if x.dtype != scale.dtype:  # half-precision input: statistics were taken in float32
-                scale, shift = scale.to(x.dtype), shift.to(x.dtype)
-            # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
-            # vectorises an op with one broadcast operand, not two)
-            if compiling:  # the graph owns its buffers; y in x's shape, so not a view of y4
-                per_channel = (n, c) + (1,) * (x.dim() - 2)
-                y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
-            elif s == 1:
-                torch.addcmul(shift, x4, scale, out=y4)
-            else:
-                torch.mul(x4, scale, out=y4).add_(shift)
+            shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
+        if x.dtype != scale.dtype:  # half-precision input: statistics were taken in float32
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
+        # vectorises an op with one broadcast operand, not two)
+        if compiling:  # the graph owns its buffers; y in x's shape, so it is not a view of y4
+            per_channel = (n, c) + (1,) * (x.dim() - 2)
+            y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
+        elif s == 1:
+            torch.addcmul(shift, x4, scale, out=y4)
+        else:
+            torch.mul(x4, scale, out=y4).add_(shift)
         ctx.centred = centred
-        ctx.lean = xc is not None  # small input: the backward with the fewest ops
-        ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var  # mean, var: (N, G, 1, 1), viewed as (N, G) by group_norm()
+
+    @staticmethod
+    def _small_forward(
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` for small CPU inputs (:func:`_is_small`), where an op costs its
+        dispatch, not its memory traffic: centred two-pass statistics (stable, no host read),
+        x_hat = (x - mu) * rstd, y = x_hat * gamma + beta in one ``addcmul``, and x_hat saved for
+        the backward instead of x (same size; the backward needs it, so it is not recomputed)."""
+        n, c = x.shape[0], x.shape[1]
+        cg = c // num_groups
+        s = math.prod(x.shape[2:])
+        m = cg * s
+        x4 = x.reshape(n, num_groups, cg, s)
+        y, y4 = _empty_like_viewed(x, x4.shape)  # y written through y4: not a view (see above)
+        mean = x4.sum((2, 3), keepdim=True).div_(m)
+        x_hat = x4 - mean
+        var = torch.mul(x_hat, x_hat).sum((2, 3), keepdim=True).div_(m)
+        rstd = var.add(eps).rsqrt_()
+        x_hat.mul_(rstd)
+        if weight is None and bias is None:
+            y4.copy_(x_hat)
+        elif weight is None:
+            torch.add(x_hat, bias.view(num_groups, cg, 1), out=y4)
+        elif bias is None:
+            torch.mul(x_hat, weight.view(num_groups, cg, 1), out=y4)
+        else:
+            torch.addcmul(
+                bias.view(num_groups, cg, 1), x_hat, weight.view(num_groups, cg, 1), out=y4
+            )
+        ctx.small = True
+        ctx.save_for_backward(x_hat, weight, rstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
@@ -196,7 +229,7 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
     """:meth:`GroupNormFunction.backward` (see its class docstring for the formulas)."""
     if dy is None:
         return None, None, None, None, None
-    if ctx.lean:
+    if ctx.small:
         return _group_norm_backward_small(ctx, dy)
     x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
     n, c = x.shape[0], x.shape[1]
@@ -253,32 +286,25 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
 
 
 def _group_norm_backward_small(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-    """The backward for small inputs (float32/64 on the CPU), where an op costs its dispatch:
-    the class docstring's formula as written, with x_hat = (x - mu) * rstd and g = dy * gamma::
+    """The backward of :meth:`GroupNormFunction._small_forward` (saved: x_hat, gamma, rstd), in
+    the fewest ops: the class docstring's formula as written, with g = dy * gamma::
 
         dx = rstd * (g - (sum(g) + x_hat * sum(g * x_hat)) / m)        (sums over the group)
-
-    in place in the x_hat buffer: about half the ops of the two-reduction form, with one more
-    pass over memory (irrelevant at this size).
     """
-    x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
-    n, c = x.shape[0], x.shape[1]
-    groups = mean.shape[1]
-    cg = c // groups
-    s = math.prod(x.shape[2:])
-    x4, dy4 = x.reshape(n, groups, cg, s), dy.reshape(n, groups, cg, s)
-    x_hat = torch.sub(x4, mean).mul_(rstd)
+    x_hat, weight, rstd = ctx.saved_tensors  # x_hat: (N, G, C/G, S), rstd: (N, G, 1, 1)
+    _, groups, cg, s = x_hat.shape
+    dy4 = dy.reshape(x_hat.shape)
     grad_x = grad_w = grad_b = None
     if weight is not None and ctx.needs_input_grad[1]:
-        grad_w = torch.mul(dy4, x_hat).sum((0, 3)).view(c)
+        grad_w = torch.mul(dy4, x_hat).sum((0, 3)).view(-1)
     if ctx.needs_input_grad[2]:
-        grad_b = dy4.sum((0, 3)).view(c)
+        grad_b = dy4.sum((0, 3)).view(-1)
     if ctx.needs_input_grad[0]:
         g = dy4 if weight is None else dy4 * weight.view(groups, cg, 1)
         sum_g = g.sum((2, 3), keepdim=True)
         sum_gx = torch.mul(g, x_hat).sum((2, 3), keepdim=True)
-        t = x_hat.mul_(sum_gx).add_(sum_g)
-        grad_x = torch.add(g, t, alpha=-1.0 / (cg * s), out=t).mul_(rstd).reshape(x.shape)
+        t = torch.addcmul(sum_g, x_hat, sum_gx)
+        grad_x = torch.add(g, t, alpha=-1.0 / (cg * s), out=t).mul_(rstd).reshape(dy.shape)
     return grad_x, grad_w, grad_b, None, None
 
 
