@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import RunningStatsMixin, _NormBase
+from normzoo.norms._base import RunningStatsMixin, _cpu_scalar, _NormBase
 from normzoo.registry import register_norm
 
 __all__ = ["RENORM_SCHEDULES", "BatchNorm", "BatchRenorm", "set_progress"]
@@ -252,11 +252,12 @@ class _BatchNormFunction(torch.autograd.Function):
         dims = _reduce_dims(x)
         m = _values_per_channel(x)
         flat = x.dim() == 2  # (N, C): per-channel vectors broadcast as they are
-        mean = x.sum(dims).div_(m)
+        inv_m = _cpu_scalar(1.0 / m, x.dtype)  # (cached 0-dim tensors: no per-call wrapping)
+        mean = x.sum(dims).mul_(inv_m)
         xc = x - (mean if flat else _channel_view(mean, x))
         sq = torch.linalg.vecdot(xc, xc, dim=0) if flat else torch.mul(xc, xc).sum(dims)
-        var = sq.div_(m)
-        var_eps = var + eps
+        var = sq.mul_(inv_m)
+        var_eps = torch.add(var, _cpu_scalar(eps, x.dtype))
         invstd = var_eps.rsqrt()
         g, offset, r, d, extra = _scale_and_offset(
             invstd, var_eps, mean, weight, bias, eps, ref_mean, ref_var, limits

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import RunningStatsMixin, _NormBase
+from normzoo.norms._base import RunningStatsMixin, _cpu_scalar, _NormBase
 from normzoo.registry import register_norm
 
 __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group_norm"]
@@ -117,6 +117,7 @@ class GroupNormFunction(torch.autograd.Function):
     ``apply(x, weight, bias, num_groups, eps) -> (y, mean, var)``; ``mean`` and ``var`` (biased),
     of shape (N, G, 1, 1), are returned for running statistics and are not differentiable (no
     output is a view, so in-place ops on ``y`` such as ``ReLU(inplace=True)`` work).
+    ``apply(x, weight, bias, num_groups, eps, False) -> y`` leaves the statistics out.
 
     Every step works on the input viewed as (N, G, C/G, S) (S = prod of the spatial dims; a view
     for contiguous and channels_last input), so per-(sample, group) and per-(sample, channel)
@@ -144,11 +145,17 @@ class GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        num_groups: int,
+        eps: float,
+        stats: bool = True,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
         if _is_small(x):
-            return GroupNormFunction._small_forward(ctx, x, weight, bias, num_groups, eps)
+            return GroupNormFunction._small_forward(ctx, x, weight, bias, num_groups, eps, stats)
         ctx.small = False
         n, c = x.shape[0], x.shape[1]
         cg = c // num_groups
@@ -181,40 +188,50 @@ class GroupNormFunction(torch.autograd.Function):
             torch.mul(x4, scale, out=y4).add_(shift)
         ctx.centred = centred
         ctx.save_for_backward(x, weight, mean, rstd)
+        if not stats:
+            return y
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var  # mean, var: (N, G, 1, 1), viewed as (N, G) by group_norm()
 
     @staticmethod
     def _small_forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        num_groups: int,
+        eps: float,
+        stats: bool,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward` for small CPU inputs (:func:`_is_small`), where an op costs its
         dispatch, not its memory traffic: centred two-pass statistics (stable, no host read),
-        x_hat = (x - mu) * rstd, y = x_hat * gamma + beta in one ``addcmul``, and x_hat saved for
-        the backward instead of x (same size; the backward needs it, so it is not recomputed)."""
+        x_hat = (x - mu) * rstd, y = x_hat * gamma + beta in one ``addcmul`` (a new tensor in x's
+        shape, so not a view), x_hat saved for the backward instead of x (same size; the backward
+        needs it, so it is not recomputed), constants as cached 0-dim tensors."""
         n, c = x.shape[0], x.shape[1]
         cg = c // num_groups
         s = math.prod(x.shape[2:])
-        m = cg * s
+        inv_m = _cpu_scalar(1.0 / (cg * s), x.dtype)
         x4 = x.reshape(n, num_groups, cg, s)
-        y, y4 = _empty_like_viewed(x, x4.shape)  # y written through y4: not a view (see above)
-        mean = x4.sum((2, 3), keepdim=True).div_(m)
+        mean = x4.sum((2, 3), keepdim=True).mul_(inv_m)
         x_hat = x4 - mean
-        var = torch.mul(x_hat, x_hat).sum((2, 3), keepdim=True).div_(m)
-        rstd = var.add(eps).rsqrt_()
+        var = torch.mul(x_hat, x_hat).sum((2, 3), keepdim=True).mul_(inv_m)
+        rstd = torch.add(var, _cpu_scalar(eps, x.dtype)).rsqrt_()
         x_hat.mul_(rstd)
+        flat = x_hat.view(x.shape)  # (a view of x_hat: y below is a new tensor)
+        per_channel = (c,) + (1,) * (x.dim() - 2)
         if weight is None and bias is None:
-            y4.copy_(x_hat)
+            y = flat.clone()
         elif weight is None:
-            torch.add(x_hat, bias.view(num_groups, cg, 1), out=y4)
+            y = torch.add(flat, bias.view(per_channel))
         elif bias is None:
-            torch.mul(x_hat, weight.view(num_groups, cg, 1), out=y4)
+            y = torch.mul(flat, weight.view(per_channel))
         else:
-            torch.addcmul(
-                bias.view(num_groups, cg, 1), x_hat, weight.view(num_groups, cg, 1), out=y4
-            )
+            y = torch.addcmul(bias.view(per_channel), flat, weight.view(per_channel))
         ctx.small = True
         ctx.save_for_backward(x_hat, weight, rstd)
+        if not stats:
+            return y
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -228,7 +245,7 @@ class GroupNormFunction(torch.autograd.Function):
 def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
     """:meth:`GroupNormFunction.backward` (see its class docstring for the formulas)."""
     if dy is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     if ctx.small:
         return _group_norm_backward_small(ctx, dy)
     x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
@@ -282,7 +299,7 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
         dx4 = torch.mul(x4, b, out=out) if centred is None else centred
         dx4.add_(c0).addcmul_(dy4, a)
         grad_x = dx4.view(x.shape) if dx is None else dx
-    return grad_x, grad_w, grad_b, None, None
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 def _group_norm_backward_small(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -305,7 +322,7 @@ def _group_norm_backward_small(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...
         sum_gx = torch.mul(g, x_hat).sum((2, 3), keepdim=True)
         t = torch.addcmul(sum_g, x_hat, sum_gx)
         grad_x = torch.add(g, t, alpha=-1.0 / (cg * s), out=t).mul_(rstd).reshape(dy.shape)
-    return grad_x, grad_w, grad_b, None, None
+    return grad_x, grad_w, grad_b, None, None, None
 
 
 _group_norm_backward_once = once_differentiable(_group_norm_backward)
@@ -319,13 +336,25 @@ def group_norm(
     Raises:
         ValueError: if a group would hold no values (an empty spatial dim).
     """
+    _check_spatial(x)
+    y, mean, var = GroupNormFunction.apply(x, weight, bias, num_groups, eps)
+    return y, mean.view(x.shape[0], num_groups), var.view(x.shape[0], num_groups)
+
+
+def _check_spatial(x: Tensor) -> None:
     if x.dim() > 2 and math.prod(x.shape[2:]) == 0:
         raise ValueError(
             f"expected non-empty spatial dims (each group needs values to normalise), "
             f"got input of shape {tuple(x.shape)}"
         )
-    y, mean, var = GroupNormFunction.apply(x, weight, bias, num_groups, eps)
-    return y, mean.view(x.shape[0], num_groups), var.view(x.shape[0], num_groups)
+
+
+def _normalise(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """:func:`group_norm`'s output alone (the statistics are not returned: fewer ops)."""
+    _check_spatial(x)
+    return GroupNormFunction.apply(x, weight, bias, num_groups, eps, False)
 
 
 @register_norm(
@@ -370,7 +399,7 @@ class GroupNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)[0]
+        return _normalise(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_groups={self.num_groups}"
@@ -396,7 +425,7 @@ class LayerNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return group_norm(x, 1, self.weight, self.bias, self.eps)[0]
+        return _normalise(x, 1, self.weight, self.bias, self.eps)
 
 
 @register_norm(
@@ -478,9 +507,10 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
                 f"{list(x.shape)} (InstanceNorm normalises each (sample, channel) over its spatial "
                 f"values)"
             )
+        if not (self.training and self.track_running_stats and x.shape[0] > 0):
+            return _normalise(x, self.num_features, self.weight, self.bias, self.eps)
         y, mean, var = group_norm(x, self.num_features, self.weight, self.bias, self.eps)
-        if self.training and self.track_running_stats and x.shape[0] > 0:
-            self._update_running_stats(mean.mean(0), var.mean(0) * (m / (m - 1)))
+        self._update_running_stats(mean.mean(0), var.mean(0) * (m / (m - 1)))
         return y
 
     def extra_repr(self) -> str:
