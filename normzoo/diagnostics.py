@@ -14,7 +14,8 @@ statistics are *measured* to have none rather than assumed to:
   in BatchNorm", arXiv:2105.07576): the running statistics are replaced by population statistics
   recomputed over >= ``precise_samples`` training samples in batches of the training batch size,
   size-weighted: ``mu_pop = E[mu_B]``, ``var_pop = E[mu_B^2 + var_B] - mu_pop^2``; then eval mode.
-  The original buffers are restored afterwards.
+  The original buffers are restored afterwards. Up to ``GHOST_SAMPLES`` samples (whole batches)
+  go through one forward, each batch normalised on its own (:func:`population_stats`).
 * ``kl_batch_vs_ema`` — mean over test samples of ``KL(p_batch || p_ema)`` between the two predictive
   distributions (nats).
 * ``batch_dependence`` — how far one sample's output moves when its batch companions are replaced:

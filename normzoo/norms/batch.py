@@ -58,9 +58,9 @@ def _affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor
 #: channel the statistics are recomputed from the centred input (64: at most ~6 of 24 bits in float32).
 _CANCELLATION_LIMIT = 64.0
 
-#: CPU eager inputs of at most this many elements skip the one-pass statistics and its
-#: cancellation check: at such sizes each tensor op costs its ~1-3 us of dispatch, not memory
-#: traffic, and the centred two-pass form needs fewer ops (and no host read).
+#: float32/64 CPU eager inputs of at most this many elements (64 KiB in float32) take
+#: ``_small_forward``/``_small_backward``: at such sizes each tensor op costs its few us of dispatch,
+#: not its memory traffic, so those count ops, not passes over memory.
 _SMALL_NUMEL = 1 << 14
 
 
@@ -189,7 +189,8 @@ class _BatchNormFunction(torch.autograd.Function):
     in place in that buffer: fewer ops, which is what small inputs pay for.
 
     Saved for backward: x and per-channel vectors (mean, invstd, g; r, d for Batch Renorm) -- torch's
-    native kernel saves x and five. Memory traffic: forward two reductions and the output pass;
+    native kernel saves x and five (small inputs: x - mean instead of x and mean, see
+    :meth:`_small_forward`). Memory traffic: forward two reductions and the output pass;
     backward two reductions and the dx passes; one large buffer allocated per direction (the output
     buffer doubles as scratch for x * x and dy * x). Not twice differentiable.
     """

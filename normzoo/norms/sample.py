@@ -36,8 +36,8 @@ __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group
 #: group the statistics are recomputed from the centred input (64: at most ~6 of 24 bits in float32).
 _CANCELLATION_LIMIT = 64.0
 
-#: CPU eager inputs of at most this many elements take the centred two-pass statistics directly
-#: (see :func:`_group_stats`).
+#: float32/64 CPU eager inputs of at most this many elements take
+#: :meth:`GroupNormFunction._small_forward` and :func:`_group_norm_backward_small` (fewest ops).
 _SMALL_NUMEL = 1 << 14
 
 
@@ -126,7 +126,7 @@ class GroupNormFunction(torch.autograd.Function):
     channel): on 2-D input one ``addcmul`` of same-shape operands, else a multiply and an in-place
     add (torch vectorises an op with one broadcast operand, not two). Saved for backward: x, gamma,
     and mean and rstd = 1 / sqrt(sigma2 + eps) per (sample, group) -- what torch's native kernel
-    saves.
+    saves (small inputs: x_hat instead of x and mean, see :meth:`_small_forward`).
 
     Backward, with x_hat = (x - mu) * rstd over a group's m values and g = dy * gamma::
 
@@ -139,8 +139,9 @@ class GroupNormFunction(torch.autograd.Function):
     reductions and the dx passes. The buffer that holds dy * x for ``dot`` becomes dx, so backward
     allocates one input-sized tensor, as the native kernel does; for inputs of 1 MiB and more, y
     and that buffer are allocated before any small temporary (:func:`_empty_like_viewed`).
-    Inputs small enough for the forward's centred route take :func:`_group_norm_backward_small`
-    (the first formula as written, fewer ops). Not twice differentiable.
+    Small inputs (:func:`_is_small`) take :meth:`_small_forward` and
+    :func:`_group_norm_backward_small` (the first formula as written: fewer ops). Not twice
+    differentiable.
     """
 
     @staticmethod
@@ -218,7 +219,7 @@ class GroupNormFunction(torch.autograd.Function):
         var = torch.mul(x_hat, x_hat).sum((2, 3), keepdim=True).mul_(inv_m)
         rstd = torch.add(var, _cpu_scalar(eps, x.dtype)).rsqrt_()
         x_hat.mul_(rstd)
-        flat = x_hat.view(x.shape)  # (a view of x_hat: y below is a new tensor)
+        flat = x_hat.reshape(x.shape)  # (a view of x_hat: y below is a new tensor)
         per_channel = (c,) + (1,) * (x.dim() - 2)
         if weight is None and bias is None:
             y = flat.clone()
