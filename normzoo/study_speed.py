@@ -14,7 +14,11 @@ has none; ``none`` is the same module on both sides), or ``--norms``.
 
 Writes ``study_speed.md`` and ``study_speed.csv`` into ``--out`` (default ``reports/bench``).
 ``--compare-only`` rebuilds them from existing sweep dirs (their end-to-end times are kept in
-``<sweep dir>/study_speed.json``). Arguments after ``--`` go to both sweeps, e.g.
+``<sweep dir>/study_speed.json``). ``--interleaved`` runs one sweep holding both sides instead
+(``norm=batchnorm,native_batchnorm,...``; the study's grid runs the norms innermost but for the
+seed, so a layer's runs and its reference's run back to back): its run-time ratio is immune to
+the machine getting faster or slower between two sweeps, which on a shared VM moves the two-sweep
+ratio by 0.1 and more; the end-to-end ratio needs the two sweeps. Arguments after ``--`` go to both sweeps, e.g.
 ``normzoo-study-speed -- train.epochs=1`` for a quick look. The machine should be otherwise idle:
 the two sweeps run at different times, so anything else running skews the ratio.
 """
@@ -184,7 +188,7 @@ def write_report(
     lines = ["# Study wall time: from-scratch layers against their native references", ""]
     lines += [f"- **{k}**: {v}" for k, v in info.items()]
     lines += ["", "```bash"]
-    lines += [times[side].get("command", "?") for side in _SIDES if side in times]
+    lines += [times[k].get("command", "?") for k in (*_SIDES, "interleaved") if k in times]
     lines += ["```", ""]
     total = tables["layers"].iloc[-1]
     walls = {side: times.get(side, {}).get("wall_s") for side in _SIDES}
@@ -195,13 +199,18 @@ def write_report(
             f"{_minutes(walls['scratch'])} | {_minutes(walls['native'])} | "
             f"**{walls['scratch'] / walls['native']:.2f}** |"
         )
+    if times.get("interleaved", {}).get("wall_s"):
+        lines.append(
+            f"| end-to-end wall time of the one interleaved sweep (both sides) | "
+            f"{_minutes(times['interleaved']['wall_s'])} | | |"
+        )
     for col, label in (("wall_time_s", "run time"), ("train_time_s", "training time")):
         lines.append(
             f"| sum of the runs' {label} (`{col}`, {int(total['runs'])} runs ok on both sides) | "
             f"{total[f'{col}_scratch']:.1f} s | {total[f'{col}_native']:.1f} s | "
             f"**{total[f'{col}_ratio']:.2f}** |"
         )
-    rcs = {side: times.get(side, {}).get("returncode") for side in _SIDES}
+    rcs = {k: v.get("returncode") for k, v in times.items()}
     if any(rc not in (0, None) for rc in rcs.values()):
         lines += ["", f"Exit status of the sweeps: {rcs} (non-zero: some runs did not finish ok)."]
     lines += [
@@ -259,6 +268,13 @@ def _parser() -> argparse.ArgumentParser:
         help="which sweep runs first (default scratch-first)",
     )
     p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="one sweep holding both sides (norm=a,native_a,b,native_b,...): each layer's runs "
+        "and its reference's run back to back, so machine drift hits both alike; compares run "
+        "times only (there is one end-to-end time)",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="delete existing speed_* sweep dirs first"
     )
     p.add_argument(
@@ -282,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(args.sweep_root)
     dirs = {side: root / f"speed_{side}" for side in _SIDES}
     norms = {"scratch": [s for s, _ in pairs], "native": [n for _, n in pairs]}
+    if args.interleaved:  # one sweep, both sides; the study's grid runs norm inside batch, model
+        dirs = {side: root / "speed_interleaved" for side in _SIDES}
+        norms = {"interleaved": [name for pair in pairs for name in pair]}
     from normzoo.bench import provenance
 
     info = provenance(shlex.join(["normzoo-study-speed", *full]))
@@ -295,9 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"normzoo-study-speed: no sweep dir {d}", file=sys.stderr)
                 return 2
             f = d / TIMES_FILE
-            times[side] = json.loads(f.read_text()) if f.exists() else {}
+            times["interleaved" if args.interleaved else side] = (
+                json.loads(f.read_text()) if f.exists() else {}
+            )
     else:
-        existing = [str(d) for d in dirs.values() if d.exists()]
+        existing = sorted({str(d) for d in dirs.values() if d.exists()})
         if existing and not args.overwrite:
             print(
                 f"normzoo-study-speed: {', '.join(existing)} already exist(s): a timing needs "
@@ -308,10 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         for d in existing:
             shutil.rmtree(d)
-        order = _SIDES if args.order == "scratch-first" else _SIDES[::-1]
-        for side in order:
-            times[side] = run_sweep(args.study, norms[side], dirs[side], extra)
-        info["order"] = " then ".join(order)
+        if args.interleaved:
+            times["interleaved"] = run_sweep(
+                args.study, norms["interleaved"], dirs["scratch"], extra
+            )
+            info["order"] = "interleaved in one sweep"
+        else:
+            order = _SIDES if args.order == "scratch-first" else _SIDES[::-1]
+            for side in order:
+                times[side] = run_sweep(args.study, norms[side], dirs[side], extra)
+            info["order"] = " then ".join(order)
         if hasattr(os, "getloadavg"):
             info["load average at end (1/5/15 min)"] = " / ".join(
                 f"{v:.2f}" for v in os.getloadavg()

@@ -92,3 +92,17 @@ def test_cli_times_two_tiny_sweeps(tmp_path: Path) -> None:
         ["--compare-only", "--norms", "layernorm", "--sweep-root", str(root), "--out", str(out)]
     )
     assert rc == 0
+
+
+def test_one_interleaved_sweep_compares_within_itself(tmp_path: Path) -> None:
+    d = tmp_path / "speed_interleaved"
+    for seed in (0, 1):
+        _run(d, "groupnorm", "cnn", 4, seed, 2.0)
+        _run(d, "native_groupnorm", "cnn", 4, seed, 1.6)
+    tables = compare_sweeps(d, d, [("groupnorm", "native_groupnorm")])
+    total = tables["layers"].iloc[-1]
+    assert total["runs"] == 2
+    assert total["wall_time_s_ratio"] == pytest.approx(1.25)
+    times = {"interleaved": {"wall_s": 30.0, "command": "c", "returncode": 0}}
+    text = write_report(tmp_path / "o", tables, times, {})["md"].read_text()
+    assert "one interleaved sweep" in text and "30.0 s" in text and "**1.25**" in text
