@@ -561,11 +561,19 @@ def _precise_claims(t: _Table) -> list[str]:
         ema_gap, pre_gap = t.cell(layer, lo, "gap_ema"), t.cell(layer, lo, "gap_precise")
         sign = _paired(t.cell(layer, lo, "gap_narrowing"))
         verb = {1: "narrows", -1: "widens", 0: "does not clearly change"}[sign]
-        out.append(
+        text = (
             f"At batch {lo}, PreciseBN {verb} {layer}'s train/inference gap "
             f"(|inference error − batch-statistics error|): {_pct(ema_gap, ' points')} with EMA "
             f"statistics, {_pct(pre_gap, ' points')} with population statistics."
         )
+        err_batch, err_precise = t.cell(layer, lo, "err_batch"), t.cell(layer, lo, "err_precise")
+        if sign < 0 and err_precise.mean < err_batch.mean:
+            text += (
+                f" It widens because inference with population statistics "
+                f"({_pct(err_precise)}) is better than normalising with the batch's own "
+                f"statistics ({_pct(err_batch)}): the gap is then a gain, not a loss."
+            )
+        out.append(text)
     return out
 
 

@@ -100,6 +100,10 @@ def test_findings_state_the_effects_with_the_numbers_of_the_data() -> None:
     assert f"over {n_without} runs" in zero
     precise = _sentence(lines, r"^PreciseBN recalibration lowers BatchNorm's error")
     assert _stat(df, "batchnorm", 2, "test_error_precise") in precise
+    # population statistics beat the batch's own: the gap widens, and the sentence says why
+    gap = _sentence(lines, r"^At batch 2, PreciseBN widens BatchNorm's train/inference gap")
+    assert "the gap is then a gain, not a loss" in gap
+    assert _stat(df, "batchnorm", 2, "test_error_batch_stats") in gap
     _sentence(lines, r"^BatchNorm's batch dependence .* falling with every larger batch")
     _sentence(lines, r"^Batch Renorm clipped r in 30\.0 ± 0\.0%")
     assert lines[-1] == f"All {len(df)} runs finished ok."
