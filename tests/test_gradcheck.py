@@ -160,3 +160,20 @@ def test_every_from_scratch_layer_is_covered() -> None:
     assert covered == set(normzoo.list_norms(references=False))
     assert {"batchnorm", "batchrenorm"} <= covered
     assert ("batchnorm", "eval", (3, C, 5)) in CASES
+
+
+@pytest.mark.parametrize("name", sorted({n for n, _, _ in CASES}))
+def test_training_after_a_first_call_under_inference_mode(name: str) -> None:
+    """The small-input paths cache 0-dim constants on first use; created under inference_mode,
+    they must still serve a later training step (an inference tensor cannot be saved for
+    backward)."""
+    from normzoo.norms import _base
+
+    _base._cpu_scalar.cache_clear()
+    layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
+    x = torch.randn(3, C, 5, dtype=DT)
+    with torch.inference_mode():
+        layer(x)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
