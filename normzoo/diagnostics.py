@@ -45,7 +45,7 @@ import functools
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,9 +422,9 @@ def population_stats(
 
         return fn
 
-    per_forward = size * max(1, GHOST_SAMPLES // size) if ghost else size
-    with preserved_state(model, layers) as volatile, _ghost_batches(model, layers, size) as wide:
-        per_forward = per_forward if wide is not None else size
+    widened = _ghost_batches(model, layers, size) if ghost else nullcontext(None)
+    with preserved_state(model, layers) as volatile, widened as wide:
+        per_forward = size if wide is None else size * max(1, GHOST_SAMPLES // size)
         hooked = wide or {layer.name: layer.module for layer in layers}
         handles = [
             hooked[layer.name].register_forward_pre_hook(hook(layer.name, layer.per_instance))

@@ -320,8 +320,21 @@ def test_ghost_batches_give_the_statistics_of_one_forward_per_batch(
     snap = _snapshot(model)
     modules = list(model.named_modules())
     kw = {"batch_size": batch_size, "num_samples": 90, "seed": 3}
+    layer, calls = model[1], []  # (widened copies inherit this hook from the layer)
+    handle = layer.register_forward_hook(
+        lambda m, a, out: calls.append((m is layer, *a[0].shape[:2]))
+    )
+    channels = layer.num_features
     ghost = population_stats(model, x, ghost=True, **kw)
+    # widened copies normalised several batches at once: (batch_size, G * channels), G > 1
+    assert calls and all(
+        not own and n == batch_size and c % channels == 0 and c > channels for own, n, c in calls
+    )
+    calls.clear()
     one_by_one = population_stats(model, x, ghost=False, **kw)
+    batches = (90 + batch_size - 1) // batch_size
+    assert calls == [(True, batch_size, channels)] * batches  # the layer itself, once per batch
+    handle.remove()
     assert ghost.keys() == one_by_one.keys() == {"1", "4"}
     for key, (mean, var, count) in one_by_one.items():
         assert (
