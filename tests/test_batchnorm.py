@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 import normzoo
-from normzoo.norms import batch
+from normzoo.norms import _base
 from normzoo.norms.batch import BatchNorm, _batch_stats
 
 C = 4
@@ -204,7 +204,7 @@ def test_small_input_takes_the_small_route(shape: tuple[int, ...]) -> None:
     assert any(t.shape == x.shape and torch.allclose(t, xc) for t in saved)
     assert not any(t is x for t in saved)
     big = torch.randn(64, C, 70, dtype=torch.float64) + 1.0
-    assert big.numel() > batch._SMALL_NUMEL
+    assert big.numel() > _base._SMALL_NUMEL
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         BatchNorm(C).double()(big.requires_grad_(True))

@@ -15,6 +15,23 @@ from torch import Tensor, nn
 __all__ = ["RunningStatsMixin", "_NormBase"]
 
 
+#: float32/64 CPU eager inputs of at most this many elements (64 KiB in float32) take the layers'
+#: small-input paths (BatchNorm/Batch Renorm ``_small_forward``, GroupNormFunction
+#: ``_small_forward``): at such sizes each tensor op costs its few us of dispatch, not its memory
+#: traffic, so those count ops, not passes over memory.
+_SMALL_NUMEL = 1 << 14
+
+
+def _is_small(x: Tensor) -> bool:
+    """Small float32/float64 CPU input in eager mode: the forward with the fewest ops."""
+    return (
+        x.numel() <= _SMALL_NUMEL
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
+
+
 @functools.lru_cache(maxsize=512)
 def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
     """A 0-dim CPU tensor holding ``value`` (read-only by convention: never written to).

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import RunningStatsMixin, _cpu_scalar, _NormBase
+from normzoo.norms._base import RunningStatsMixin, _cpu_scalar, _is_small, _NormBase
 from normzoo.registry import register_norm
 
 __all__ = ["RENORM_SCHEDULES", "BatchNorm", "BatchRenorm", "set_progress"]
@@ -57,11 +57,6 @@ def _affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor
 #: One-pass sums lose about log2(1 + mean^2 / var) bits to cancellation; above this ratio in any
 #: channel the statistics are recomputed from the centred input (64: at most ~6 of 24 bits in float32).
 _CANCELLATION_LIMIT = 64.0
-
-#: float32/64 CPU eager inputs of at most this many elements (64 KiB in float32) take
-#: ``_small_forward``/``_small_backward``: at such sizes each tensor op costs its few us of dispatch,
-#: not its memory traffic, so those count ops, not passes over memory.
-_SMALL_NUMEL = 1 << 14
 
 
 def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bool]:
@@ -118,16 +113,6 @@ def _renorm_terms(
     clip_r = torch.ne(r, r_raw).mean(dtype=mean.dtype)
     clip_d = torch.ne(d, d_raw).mean(dtype=mean.dtype)
     return r, d, clip_r, clip_d
-
-
-def _is_small(x: Tensor) -> bool:
-    """Small float32/float64 CPU input in eager mode: the forward with the fewest ops."""
-    return (
-        x.numel() <= _SMALL_NUMEL
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
-    )
 
 
 def _scale_and_offset(

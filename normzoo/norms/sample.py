@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import RunningStatsMixin, _cpu_scalar, _NormBase
+from normzoo.norms._base import RunningStatsMixin, _cpu_scalar, _is_small, _NormBase
 from normzoo.registry import register_norm
 
 __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group_norm"]
@@ -35,10 +35,6 @@ __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group
 #: One-pass sums lose about log2(1 + mu^2 / sigma2) bits to cancellation; above this ratio in any
 #: group the statistics are recomputed from the centred input (64: at most ~6 of 24 bits in float32).
 _CANCELLATION_LIMIT = 64.0
-
-#: float32/64 CPU eager inputs of at most this many elements take
-#: :meth:`GroupNormFunction._small_forward` and :func:`_group_norm_backward_small` (fewest ops).
-_SMALL_NUMEL = 1 << 14
 
 
 def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
@@ -68,16 +64,6 @@ def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
         return mean, var, False
     centred = torch.linalg.vector_norm(x4 - mean, dim=(2, 3), keepdim=True)
     return mean, centred.square_().div_(m), True
-
-
-def _is_small(x: Tensor) -> bool:
-    """Small float32/float64 CPU input in eager mode: the forward with the fewest ops."""
-    return (
-        x.numel() <= _SMALL_NUMEL
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
-    )
 
 
 #: In the backward, inputs of at least this many bytes get their dx buffer allocated first (see
