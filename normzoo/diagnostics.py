@@ -276,11 +276,20 @@ _PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
 
 def _widenable(module: nn.Module) -> bool:
     """Whether ``module`` normalises per channel over (N, *S) with per-channel state only:
-    normzoo's BatchNorm (and Batch Renorm), its native reference, torch's BatchNorm1d/2d/3d."""
+    normzoo's BatchNorm (and Batch Renorm), its native reference, torch's BatchNorm1d/2d/3d --
+    and has no hooks of its own (a widened copy would call them with (B, G * C, *S) input, or
+    skip them: either way not what their owner registered them for)."""
     from normzoo.norms.batch import BatchNorm
     from normzoo.norms.native import NativeBatchNorm
 
     if not isinstance(module, BatchNorm | NativeBatchNorm | nn.modules.batchnorm._BatchNorm):
+        return False
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    ):
         return False
     if isinstance(module, nn.SyncBatchNorm | nn.modules.lazy.LazyModuleMixin):
         return False

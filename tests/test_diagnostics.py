@@ -320,10 +320,18 @@ def test_ghost_batches_give_the_statistics_of_one_forward_per_batch(
     snap = _snapshot(model)
     modules = list(model.named_modules())
     kw = {"batch_size": batch_size, "num_samples": 90, "seed": 3}
-    layer, calls = model[1], []  # (widened copies inherit this hook from the layer)
-    handle = layer.register_forward_hook(
-        lambda m, a, out: calls.append((m is layer, *a[0].shape[:2]))
-    )
+    # which module normalised what: the class's forward records the calls of model[1] and of its
+    # widened copies (deep copies: they carry the mark)
+    layer, calls = model[1], []
+    layer.probe_mark = True
+    real_forward = type(layer).forward
+
+    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if getattr(m, "probe_mark", False):
+            calls.append((m is layer, *x.shape[:2]))
+        return real_forward(m, x)
+
+    monkeypatch.setattr(type(layer), "forward", forward)
     channels = layer.num_features
     ghost = population_stats(model, x, ghost=True, **kw)
     # widened copies normalised several batches at once: (batch_size, G * channels), G > 1
@@ -334,7 +342,7 @@ def test_ghost_batches_give_the_statistics_of_one_forward_per_batch(
     one_by_one = population_stats(model, x, ghost=False, **kw)
     batches = (90 + batch_size - 1) // batch_size
     assert calls == [(True, batch_size, channels)] * batches  # the layer itself, once per batch
-    handle.remove()
+    monkeypatch.undo()
     assert ghost.keys() == one_by_one.keys() == {"1", "4"}
     for key, (mean, var, count) in one_by_one.items():
         assert (
@@ -349,6 +357,24 @@ def test_ghost_batches_give_the_statistics_of_one_forward_per_batch(
         torch.testing.assert_close(ghost[key][1], var, rtol=1e-10, atol=1e-12)
     _assert_bitwise_same(model, snap)
     assert list(model.named_modules()) == modules
+
+
+def test_ghost_batches_fall_back_for_a_layer_with_hooks() -> None:
+    """A user's hook on a batch-statistics layer sees what it saw before ghost batches: the layer
+    itself, one batch of (batch_size, C) per forward; statistics as the sequential loop."""
+    model = _two_bn_model("batchnorm", conv=False).double()
+    x = _data(n_train=40).train_x.double()
+    calls: list[tuple[bool, int, int]] = []
+    layer = model[1]
+    layer.register_forward_hook(lambda m, a, out: calls.append((m is layer, *a[0].shape[:2])))
+    with diagnostics._ghost_batches(model, find_norm_layers(model), 4) as wide:
+        assert wide is None
+    kw = {"batch_size": 4, "num_samples": 40}
+    a = population_stats(model, x, ghost=True, **kw)
+    assert calls == [(True, 4, layer.num_features)] * 10
+    b = population_stats(model, x, ghost=False, **kw)
+    for key in ("1", "4"):
+        torch.testing.assert_close(a[key][1], b[key][1], rtol=0, atol=0)
 
 
 def test_ghost_batches_fall_back_for_a_shared_layer() -> None:
