@@ -11,8 +11,8 @@ A run: validate the config, load the data onto the device, build the model (a co
 cannot apply is recorded as ``invalid`` here, before any training), train for a fixed number of
 epochs with SGD (momentum 0.9) or AdamW, the linear scaling rule ``lr = base_lr * B / 32`` (Goyal et
 al. 2017, as in the GN paper), a linear warm-up then a cosine decay, set per step. Batch Renorm's
-(r, d) schedule is driven by the run's progress (``normzoo.norms.batch.set_progress(model, p)`` every
-step, when that function exists). At the end, the mismatch diagnostics (``normzoo.diagnostics``).
+(r, d) schedule is driven by the run's progress (every module's ``set_progress(p)``, as
+``normzoo.norms.batch.set_progress(model, p)`` calls it, every step). At the end, the mismatch diagnostics (``normzoo.diagnostics``).
 
 Every run writes ``metrics.json`` in its Hydra output dir, atomically (temp file in the same dir,
 fsync, ``os.replace``), with ``status`` one of ``ok``, ``failed`` (an exception: its text and
@@ -405,11 +405,11 @@ def fit(
     smoothing = float(cfg.train.label_smoothing)
     clip = float(cfg.train.grad_clip)
     params = [p for p in model.parameters() if p.requires_grad]
-    set_progress = _optional("normzoo.norms.batch", "set_progress")
-    if set_progress is not None and not any(
-        callable(getattr(m, "set_progress", None)) for m in model.modules()
-    ):
-        set_progress = None  # nothing in this model follows the progress: skip the per-step walk
+    # the layers that follow the run's progress (Batch Renorm's limits), told every step; the
+    # list is made once (what normzoo.norms.batch.set_progress(model, p) would walk each step)
+    progress_hooks = [
+        method for m in model.modules() if callable(method := getattr(m, "set_progress", None))
+    ]
     forward = torch.compile(model) if cfg.train.compile else model
     generator = torch.Generator().manual_seed(int(cfg.seed))
     on_cpu = device.type == "cpu"
@@ -458,8 +458,8 @@ def fit(
                 lr = lrs[step]
                 for group in opt.param_groups:
                     group["lr"] = lr
-                if set_progress is not None:
-                    set_progress(model, step / total)
+                for hook in progress_hooks:
+                    hook(step / total)
                 xb = xs[i * batch_size : (i + 1) * batch_size]
                 yb = ys[i * batch_size : (i + 1) * batch_size]
                 out = forward(xb)

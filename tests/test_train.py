@@ -150,11 +150,19 @@ def test_an_exception_is_recorded_as_failed(hydra_conf, tmp_path: Path, monkeypa
 def test_progress_drives_batch_renorm_schedule(hydra_conf, tmp_path: Path, monkeypatch) -> None:
     import normzoo.norms.batch as batch
 
-    seen: list[float] = []
-    monkeypatch.setattr(batch, "set_progress", lambda model, p: seen.append(p), raising=False)
+    seen: dict[int, list[float]] = {}
+    real = batch.BatchRenorm.set_progress
+
+    def record(layer: batch.BatchRenorm, p: float) -> None:
+        seen.setdefault(id(layer), []).append(p)
+        real(layer, p)
+
+    monkeypatch.setattr(batch.BatchRenorm, "set_progress", record)
     m = run(tmp_path, "norm=brn", "data.batch_size=32")
     total = m["steps"]
-    assert seen == [i / total for i in range(total)]
+    assert len(seen) >= 2  # every Batch Renorm layer of the model is told, every step
+    for progress in seen.values():
+        assert progress == [i / total for i in range(total)]
     assert {"brn_clip_r", "brn_clip_d"} <= set(m["curves"][-1])
 
 
