@@ -319,7 +319,8 @@ def test_compiled_module_matches_eager_with_the_step_schedule() -> None:
             )
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             torch.testing.assert_close(getattr(eager, name), getattr(compiled_layer, name))
-        torch.testing.assert_close(eager.clip_fraction_d, compiled_layer.clip_fraction_d)
+        for name in ("clip_fraction_r", "clip_fraction_d", "last_r", "last_d"):
+            torch.testing.assert_close(getattr(eager, name), getattr(compiled_layer, name))
         eager.zero_grad()
         compiled_layer.zero_grad()
     assert eager.clip_fraction_r.item() + eager.clip_fraction_d.item() > 0.0

@@ -368,6 +368,37 @@ def test_not_twice_differentiable_and_create_graph_grads_match() -> None:
         graph.sum().backward()
 
 
+# LayerNorm, C/G = 3, InstanceNorm (C/G = 1; not on 2-D input, where each group holds one value
+# and y is beta plus rounding noise times 1 / sqrt(eps))
+@pytest.mark.parametrize(
+    ("groups", "layout"),
+    [
+        (g, layout)
+        for g in (1, 2, C)
+        for layout in ("2d", "4d", "channels_last")
+        if not (g == C and layout == "2d")
+    ],
+)
+def test_inductor_compiled_path_matches_eager(groups: int, layout: str) -> None:
+    """The compiled path with inductor: y through a (N, G, C/G) view on 2-D input, the backward's
+    uncentred sums on (N * C, S) rows (contiguous) or the (N, G, C/G, S) view (channels_last,
+    2-D), per-group b, c for C/G > 1 and the inlined per-row form for C/G = 1 -- float32 output
+    and gradients as eager, with mean^2 / var ~ 4 in every group (as in a network)."""
+    torch._dynamo.reset()
+    shape = (8, C) if layout == "2d" else (4, C, 9, 7)
+    x = 2.0 * torch.randn(shape) + torch.linspace(-4.0, 4.0, C).view(C, *[1] * (len(shape) - 2))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(x)
+    layer = _randomise(GroupNorm(C, num_groups=groups))
+    eager = _fwd_bwd(layer, x, dy)
+    compiled = _fwd_bwd(torch.compile(layer, fullgraph=True, dynamic=False), x, dy)
+    if layout == "channels_last":
+        assert compiled[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(compiled, eager, strict=True):
+        assert _max_rel(a, b) <= 2e-5
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_large_input_compiles_without_graph_break(channels_last: bool) -> None:
     """Inputs above ``_PREALLOCATE_BYTES`` take the preallocating path in eager mode only."""

@@ -16,9 +16,9 @@ __all__ = ["RunningStatsMixin", "_NormBase"]
 
 
 #: float32/64 CPU eager inputs of at most this many elements (64 KiB in float32) take the layers'
-#: small-input paths (BatchNorm/Batch Renorm ``_small_forward``, GroupNormFunction
-#: ``_small_forward``): at such sizes each tensor op costs its few us of dispatch, not its memory
-#: traffic, so those count ops, not passes over memory.
+#: small-input paths (``normzoo.norms._small``: SmallBatchNorm for BatchNorm/Batch Renorm,
+#: SmallGroupNorm for the per-sample norms): at such sizes each tensor op costs its few us of
+#: dispatch, not its memory traffic, so those count ops, not passes over memory.
 _SMALL_NUMEL = 1 << 14
 
 
@@ -181,10 +181,11 @@ class RunningStatsMixin:
         ``torch.compile``. The value equals torch's ``1.0 / float(num_batches_tracked)`` rounded
         to ``dtype``.
         """
-        assert self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
+        count = self._buffers["num_batches_tracked"]  # type: ignore[attr-defined]
+        assert count is not None
+        count.add_(1)
         if self.momentum is None:
-            return self.num_batches_tracked.to(dtype or torch.get_default_dtype()).reciprocal_()
+            return count.to(dtype or torch.get_default_dtype()).reciprocal_()
         return self.momentum
 
     def _update_running_stats(self, mean: Tensor, var_unbiased: Tensor) -> None:
@@ -193,7 +194,8 @@ class RunningStatsMixin:
         (Called once per training step: no ``no_grad`` context and no dtype conversion unless
         needed, since at small sizes each costs as much as the update itself.)
         """
-        running_mean, running_var = self.running_mean, self.running_var
+        buffers = self._buffers  # type: ignore[attr-defined]  # (Module.__getattr__: ~0.6 us each)
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         assert running_mean is not None and running_var is not None
         if mean.requires_grad or var_unbiased.requires_grad:
             mean, var_unbiased = mean.detach(), var_unbiased.detach()

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import RunningStatsMixin, _cpu_scalar, _is_small, _NormBase
+from normzoo.norms._base import RunningStatsMixin, _is_small, _NormBase
+from normzoo.norms._small import SmallGroupNorm
 from normzoo.registry import register_norm
 
 __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group_norm"]
@@ -47,8 +48,8 @@ def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
     back to the centred two-pass form (the check reads one number, free on CPU). CUDA and
     ``torch.compile``: ``torch.var_mean``, one stable fused reduction. Half-precision input is
     accumulated in float32. The statistics keep their reduced dims so that they broadcast against
-    ``x4`` without reshapes. (Small inputs do not come here: see
-    :meth:`GroupNormFunction._small_forward`.)
+    ``x4`` without reshapes. (Small inputs do not come here: the modules give them to
+    :class:`~normzoo.norms._small.SmallGroupNorm`.)
     """
     if x4.dtype not in (torch.float32, torch.float64):
         x4 = x4.float()
@@ -64,6 +65,36 @@ def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
         return mean, var, False
     centred = torch.linalg.vector_norm(x4 - mean, dim=(2, 3), keepdim=True)
     return mean, centred.square_().div_(m), True
+
+
+def _compiled_views(x4: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` (each shaped like x) as the compiled backward computes on them: rows (N * C, S)
+    when x has spatial dims and all are contiguous, else like ``x4`` (N, G, C/G, S).
+
+    Under ``torch.compile`` the loop shape of a pointwise op is its tensor shape (inductor merges
+    dims only where every operand's index allows it, and gamma's index per channel keeps N apart
+    from C). On rows, the dx pass iterates as the per-(sample, channel) sums do, so inductor can
+    fuse it with them (InstanceNorm: one loop per row). On 2-D input (S = 1) the (N, G, C/G) view
+    keeps the per-group terms' index affine in the vectorised dim (C/G), which flat (N, C) does not
+    (c // (C/G): a scalar loop; the forward's y pass was 2.9x slower so at (256, 256)).
+    """
+    n, g, cg, s = x4.shape
+    rows = s > 1
+    for t in tensors:  # (a loop: dynamo cannot trace a generator inside all())
+        rows = rows and t.is_contiguous()
+    if rows:
+        return tuple(t.view(n * g * cg, s) for t in tensors)
+    return tuple(t.reshape(x4.shape) for t in tensors)
+
+
+def _per_nc(t4: Tensor, like: Tensor) -> Tensor:
+    """A per-(sample, channel) term ((N, G, C/G, 1) or broadcastable to it) shaped to broadcast
+    against ``like``, a :func:`_compiled_views` view."""
+    if like.dim() == 4:
+        return t4
+    n, g = t4.shape[0], t4.shape[1]
+    cg = like.shape[0] // (n * g)
+    return t4.expand(n, g, cg, 1).reshape(n * g * cg, 1)
 
 
 #: In the backward, inputs of at least this many bytes get their dx buffer allocated first (see
@@ -112,7 +143,7 @@ class GroupNormFunction(torch.autograd.Function):
     channel): on 2-D input one ``addcmul`` of same-shape operands, else a multiply and an in-place
     add (torch vectorises an op with one broadcast operand, not two). Saved for backward: x, gamma,
     and mean and rstd = 1 / sqrt(sigma2 + eps) per (sample, group) -- what torch's native kernel
-    saves (small inputs: x_hat instead of x and mean, see :meth:`_small_forward`).
+    saves.
 
     Backward, with x_hat = (x - mu) * rstd over a group's m values and g = dy * gamma::
 
@@ -125,9 +156,9 @@ class GroupNormFunction(torch.autograd.Function):
     reductions and the dx passes. The buffer that holds dy * x for ``dot`` becomes dx, so backward
     allocates one input-sized tensor, as the native kernel does; for inputs of 1 MiB and more, y
     and that buffer are allocated before any small temporary (:func:`_empty_like_viewed`).
-    Small inputs (:func:`_is_small`) take :meth:`_small_forward` and
-    :func:`_group_norm_backward_small` (the first formula as written: fewer ops). Not twice
-    differentiable.
+    (The modules give small CPU inputs to :class:`~normzoo.norms._small.SmallGroupNorm`.) Under
+    ``torch.compile`` the backward is :func:`_group_norm_backward_compiled` (the same formulas,
+    arranged for inductor's loops). Not twice differentiable.
     """
 
     @staticmethod
@@ -141,9 +172,6 @@ class GroupNormFunction(torch.autograd.Function):
         stats: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
-        if _is_small(x):
-            return GroupNormFunction._small_forward(ctx, x, weight, bias, num_groups, eps, stats)
-        ctx.small = False
         n, c = x.shape[0], x.shape[1]
         cg = c // num_groups
         s = math.prod(x.shape[2:])
@@ -166,7 +194,11 @@ class GroupNormFunction(torch.autograd.Function):
             scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
         # vectorises an op with one broadcast operand, not two)
-        if compiling:  # the graph owns its buffers; y in x's shape, so it is not a view of y4
+        if compiling and s == 1:  # (see _compiled_views) written through a view of y, which
+            # keeps y itself a base (in-place ops such as ReLU(inplace=True) need that)
+            y = torch.empty_like(x)
+            y.view(x4.shape).copy_(torch.addcmul(shift, x4, scale))
+        elif compiling:  # the graph owns its buffers; y in x's shape, so it is not a view of y4
             per_channel = (n, c) + (1,) * (x.dim() - 2)
             y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
         elif s == 1:
@@ -181,48 +213,6 @@ class GroupNormFunction(torch.autograd.Function):
         return y, mean, var  # mean, var: (N, G, 1, 1), viewed as (N, G) by group_norm()
 
     @staticmethod
-    def _small_forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        num_groups: int,
-        eps: float,
-        stats: bool,
-    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        """:meth:`forward` for small CPU inputs (:func:`_is_small`), where an op costs its
-        dispatch, not its memory traffic: centred two-pass statistics (stable, no host read),
-        x_hat = (x - mu) * rstd, y = x_hat * gamma + beta in one ``addcmul`` (a new tensor in x's
-        shape, so not a view), x_hat saved for the backward instead of x (same size; the backward
-        needs it, so it is not recomputed), constants as cached 0-dim tensors."""
-        n, c = x.shape[0], x.shape[1]
-        cg = c // num_groups
-        s = math.prod(x.shape[2:])
-        inv_m = _cpu_scalar(1.0 / (cg * s), x.dtype)
-        x4 = x.reshape(n, num_groups, cg, s)
-        mean = x4.sum((2, 3), keepdim=True).mul_(inv_m)
-        x_hat = x4 - mean
-        var = torch.mul(x_hat, x_hat).sum((2, 3), keepdim=True).mul_(inv_m)
-        rstd = torch.add(var, _cpu_scalar(eps, x.dtype)).rsqrt_()
-        x_hat.mul_(rstd)
-        flat = x_hat.reshape(x.shape)  # (a view of x_hat: y below is a new tensor)
-        per_channel = (c,) + (1,) * (x.dim() - 2)
-        if weight is None and bias is None:
-            y = flat.clone()
-        elif weight is None:
-            y = torch.add(flat, bias.view(per_channel))
-        elif bias is None:
-            y = torch.mul(flat, weight.view(per_channel))
-        else:
-            y = torch.addcmul(bias.view(per_channel), flat, weight.view(per_channel))
-        ctx.small = True
-        ctx.save_for_backward(x_hat, weight, rstd)
-        if not stats:
-            return y
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph=True: grads that raise if differentiated again
             return _group_norm_backward_once(ctx, dy)
@@ -233,8 +223,8 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
     """:meth:`GroupNormFunction.backward` (see its class docstring for the formulas)."""
     if dy is None:
         return None, None, None, None, None, None
-    if ctx.small:
-        return _group_norm_backward_small(ctx, dy)
+    if torch.compiler.is_compiling():
+        return _group_norm_backward_compiled(ctx, dy)
     x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
     n, c = x.shape[0], x.shape[1]
     groups = mean.shape[1]
@@ -289,26 +279,55 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
     return grad_x, grad_w, grad_b, None, None, None
 
 
-def _group_norm_backward_small(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-    """The backward of :meth:`GroupNormFunction._small_forward` (saved: x_hat, gamma, rstd), in
-    the fewest ops: the class docstring's formula as written, with g = dy * gamma::
-
-        dx = rstd * (g - (sum(g) + x_hat * sum(g * x_hat)) / m)        (sums over the group)
+def _group_norm_backward_compiled(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    """:meth:`GroupNormFunction.backward` under ``torch.compile``: the class docstring's
+    dx = a * dy + b * x + c with ``dot = sum_S dy * x - mu * db`` (as torch's own decomposition),
+    so that inductor takes ``sum_S dy * x`` and ``db`` in one loop over dy and x (centring inside
+    it, ``dy * (x - mu)`` with mu per group, gives that product another loop shape and costs a
+    second pass over dy; with C/G = 1, mu per row, it does not, and dot is centred); then one dx
+    pass. The passes run on the views of
+    :func:`_compiled_views`. With C/G > 1, b and c are (N, G) terms that inductor computes once
+    (b is read twice, so it is stored) instead of per vector of the dx loop. With C/G = 1
+    (InstanceNorm) every per-(n, c) term is read once and in the row shape, so inductor inlines it
+    and runs each row's dx right after that row's sums, the row still in cache; there
+    dx = a * dy + b * (x - mu) + c' (c' = c + b * mu). a, b, c stay in float32 for half-precision
+    input (dx is rounded once).
     """
-    x_hat, weight, rstd = ctx.saved_tensors  # x_hat: (N, G, C/G, S), rstd: (N, G, 1, 1)
-    _, groups, cg, s = x_hat.shape
-    dy4 = dy.reshape(x_hat.shape)
+    x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
+    n, c = x.shape[0], x.shape[1]
+    groups = mean.shape[1]
+    cg = c // groups
+    m = cg * math.prod(x.shape[2:])
+    acc = mean.dtype
+    x4 = x.reshape(n, groups, cg, -1)
+    xw, dyw = _compiled_views(x4, x, dy)
+    # sum_S dy * (x - mu) and sum_S dy per (n, c) in one loop, viewed as (N, G, C/G, 1); with
+    # C/G = 1 mu is per row and centring is free, else dot = sum_S dy * x - mu * db
+    xc = xw - _per_nc(mean, xw) if cg == 1 else xw
+    dot = torch.mul(dyw, xc).sum(-1, keepdim=True, dtype=acc).view(n, groups, cg, 1)
+    db = dyw.sum(-1, keepdim=True, dtype=acc).view(n, groups, cg, 1)
+    if cg > 1:
+        dot = dot - mean * db
     grad_x = grad_w = grad_b = None
-    if weight is not None and ctx.needs_input_grad[1]:
-        grad_w = torch.mul(dy4, x_hat).sum((0, 3)).view(-1)
-    if ctx.needs_input_grad[2]:
-        grad_b = dy4.sum((0, 3)).view(-1)
     if ctx.needs_input_grad[0]:
-        g = dy4 if weight is None else dy4 * weight.view(groups, cg, 1)
-        sum_g = g.sum((2, 3), keepdim=True)
-        sum_gx = torch.mul(g, x_hat).sum((2, 3), keepdim=True)
-        t = torch.addcmul(sum_g, x_hat, sum_gx)
-        grad_x = torch.add(g, t, alpha=-1.0 / (cg * s), out=t).mul_(rstd).reshape(dy.shape)
+        w3 = None if weight is None else weight.view(groups, cg, 1).to(acc)
+        sum_gd = (dot if w3 is None else dot * w3).sum(2, keepdim=True)  # (N, G, 1, 1)
+        sum_g = (db if w3 is None else db * w3).sum(2, keepdim=True)
+        a = _per_nc(rstd if w3 is None else rstd * w3, xw)
+        if cg == 1:
+            rstd_w, rk = _per_nc(rstd, xw), _per_nc(rstd * (-1.0 / m), xw)
+            b = _per_nc(sum_gd, xw) * rk * rstd_w * rstd_w
+            dx = a * dyw + b * (xw - _per_nc(mean, xw)) + _per_nc(sum_g, xw) * rk
+        else:
+            rk = rstd * (-1.0 / m)
+            b = sum_gd * rk * rstd * rstd
+            c0 = sum_g * rk - b * mean
+            dx = a * dyw + _per_nc(b, xw) * xw + _per_nc(c0, xw)
+        grad_x = dx.to(x.dtype).reshape(x.shape)
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_w = (dot * rstd).sum(0).view(c).to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_b = db.sum(0).view(c).to(dy.dtype)
     return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -341,6 +360,8 @@ def _normalise(
 ) -> Tensor:
     """:func:`group_norm`'s output alone (the statistics are not returned: fewer ops)."""
     _check_spatial(x)
+    if _is_small(x):
+        return SmallGroupNorm.apply(x, weight, bias, num_groups, eps)
     return GroupNormFunction.apply(x, weight, bias, num_groups, eps, False)
 
 
