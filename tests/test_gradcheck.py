@@ -119,6 +119,32 @@ def test_backward_twice_with_retain_graph(
         assert torch.equal(a, b)
 
 
+# (the identity, "none", has no backward of its own: its grads are differentiable again)
+SECOND_ORDER = [(n, s) for n, m, s in CASES if m == "train" and n != "none"]
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), SECOND_ORDER, ids=[f"{n}-{len(s)}d" for n, s in SECOND_ORDER]
+)
+def test_create_graph_gives_the_same_grads_and_refuses_a_second_order(
+    name: str, shape: tuple[int, ...], stats_route: str
+) -> None:
+    """The backward skips ``once_differentiable``'s wrapper only without grad mode: with
+    ``create_graph=True`` the grads are the same, and differentiating them again raises instead
+    of giving a wrong second derivative."""
+    layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
+    x = torch.randn(shape, dtype=DT).requires_grad_(True)
+    dy = torch.randn(shape, dtype=DT, requires_grad=True)  # so that the grads' graph needs dy
+    inputs = [x, *layer.parameters()]
+    plain = torch.autograd.grad(layer(x), inputs, dy)
+    graph = torch.autograd.grad(layer(x), inputs, dy, create_graph=True)
+    for a, b in zip(graph, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert graph[0].requires_grad
+    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
+        graph[0].sum().backward()
+
+
 def test_batchrenorm_gradcheck_with_clipping_active(stats_route: str) -> None:
     """r = clip(sigma_B / sigma) and d = clip((mu_B - mu) / sigma) are stop-gradient: the backward is
     the derivative of the forward only where they are locally constant, i.e. clipped. Here every

@@ -247,3 +247,19 @@ def test_saves_no_more_for_backward_than_torch() -> None:
     ours = weight_norm(nn.Conv2d(16, 32, 3))
     ref = nn.utils.parametrizations.weight_norm(nn.Conv2d(16, 32, 3))
     assert 0 < saved(ours) <= saved(ref)
+
+
+def test_create_graph_gives_the_same_grads_and_refuses_a_second_order() -> None:
+    """The backward skips ``once_differentiable``'s wrapper only without grad mode: with
+    ``create_graph=True`` the grads are the same, and differentiating them again raises."""
+    layer = weight_norm(nn.Linear(5, 3)).double()
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    x = torch.randn(4, 5, dtype=torch.float64)
+    dy = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    plain = torch.autograd.grad(layer(x), (g, v), dy)
+    graph = torch.autograd.grad(layer(x), (g, v), dy, create_graph=True)
+    for a, b in zip(graph, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert graph[1].requires_grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        graph[1].sum().backward()

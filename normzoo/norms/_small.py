@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import _cpu_scalar
+from normzoo.norms._base import _cpu_scalar, once_differentiable_fast
 
 __all__: list[str] = []
 
@@ -110,43 +109,35 @@ class SmallBatchNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable_fast
     def backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: grads that raise if differentiated again
-            return _small_batch_norm_backward_once(ctx, dy)
-        return _small_batch_norm_backward(ctx, dy)
-
-
-def _small_batch_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
-    """:meth:`SmallBatchNorm.backward` (its docstring has the formulas)."""
-    if dy is None:  # grads are not materialised: y did not take part in the loss
-        return None, None, None, None, None, None
-    xc, invstd, g, r, d = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    flat = xc.dim() == 2
-    if flat:
-        sum_dy = dy.sum(0)
-    else:
-        dims = [0, *range(2, xc.dim())]
-        view = (-1,) + (1,) * (xc.dim() - 2)
-        sum_dy = dy.sum(dims)
-    dx = dweight = None
-    if need_x or need_w:
-        raw = torch.linalg.vecdot(dy, xc, dim=0) if flat else torch.mul(dy, xc).sum(dims)
-        dot = raw.mul_(invstd)
-        if need_w:
-            dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
-        if need_x:
-            u = invstd * dot
-            if flat:
-                t = torch.addcmul(sum_dy, xc, u)
-            else:
-                t = torch.addcmul(sum_dy.view(view), xc, u.view(view))
-            dx = torch.add(dy, t, alpha=-xc.shape[1] / xc.numel(), out=t)
-            dx.mul_(g if flat else g.view(view))
-    return dx, dweight, sum_dy if need_b else None, None, None, None
-
-
-_small_batch_norm_backward_once = once_differentiable(_small_batch_norm_backward)
+        """(the formulas are in the class docstring)"""
+        if dy is None:  # grads are not materialised: y did not take part in the loss
+            return None, None, None, None, None, None
+        xc, invstd, g, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        flat = xc.dim() == 2
+        if flat:
+            sum_dy = dy.sum(0)
+        else:
+            dims = [0, *range(2, xc.dim())]
+            view = (-1,) + (1,) * (xc.dim() - 2)
+            sum_dy = dy.sum(dims)
+        dx = dweight = None
+        if need_x or need_w:
+            raw = torch.linalg.vecdot(dy, xc, dim=0) if flat else torch.mul(dy, xc).sum(dims)
+            dot = raw.mul_(invstd)
+            if need_w:
+                dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
+            if need_x:
+                u = invstd * dot
+                if flat:
+                    t = torch.addcmul(sum_dy, xc, u)
+                else:
+                    t = torch.addcmul(sum_dy.view(view), xc, u.view(view))
+                dx = torch.add(dy, t, alpha=-xc.shape[1] / xc.numel(), out=t)
+                dx.mul_(g if flat else g.view(view))
+        return dx, dweight, sum_dy if need_b else None, None, None, None
 
 
 class SmallGroupNorm(torch.autograd.Function):
@@ -206,42 +197,35 @@ class SmallGroupNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable_fast
     def backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: grads that raise if differentiated again
-            return _small_group_norm_backward_once(ctx, dy)
-        return _small_group_norm_backward(ctx, dy)
-
-
-def _small_group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
-    """:meth:`SmallGroupNorm.backward` (its docstring has the formulas)."""
-    if dy is None:
-        return None, None, None, None, None
-    x_hat, weight, rstd = ctx.saved_tensors  # x_hat: (N, C) or (N, G, C/G, S), rstd per row/group
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x = grad_w = grad_b = None
-    if x_hat.dim() == 2:  # LayerNorm on (N, C): sums over dim 1 (x) and dim 0 (gamma, beta)
+        """(the formulas are in the class docstring)"""
+        if dy is None:
+            return None, None, None, None, None
+        # x_hat: (N, C) or (N, G, C/G, S); rstd: one per row or (sample, group)
+        x_hat, weight, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if x_hat.dim() == 2:  # LayerNorm on (N, C): sums over dim 1 (x) and dim 0 (gamma, beta)
+            if weight is not None and need_w:
+                grad_w = torch.linalg.vecdot(dy, x_hat, dim=0)
+            if need_b:
+                grad_b = dy.sum(0)
+            if need_x:
+                g = dy if weight is None else dy * weight
+                sum_gx = torch.mul(g, x_hat).sum(1, keepdim=True)
+                t = torch.addcmul(g.sum(1, keepdim=True), x_hat, sum_gx)
+                grad_x = torch.add(g, t, alpha=-ctx.inv_m, out=t).mul_(rstd)
+            return grad_x, grad_w, grad_b, None, None
+        _, groups, cg, _ = x_hat.shape
+        dy4 = dy.reshape(x_hat.shape)
         if weight is not None and need_w:
-            grad_w = torch.linalg.vecdot(dy, x_hat, dim=0)
+            grad_w = torch.mul(dy4, x_hat).sum((0, 3)).view(-1)
         if need_b:
-            grad_b = dy.sum(0)
+            grad_b = dy4.sum((0, 3)).view(-1)
         if need_x:
-            g = dy if weight is None else dy * weight
-            sum_gx = torch.mul(g, x_hat).sum(1, keepdim=True)
-            t = torch.addcmul(g.sum(1, keepdim=True), x_hat, sum_gx)
-            grad_x = torch.add(g, t, alpha=-ctx.inv_m, out=t).mul_(rstd)
+            g = dy4 if weight is None else dy4 * weight.view(groups, cg, 1)
+            sum_gx = torch.mul(g, x_hat).sum((2, 3), keepdim=True)
+            t = torch.addcmul(g.sum((2, 3), keepdim=True), x_hat, sum_gx)
+            grad_x = torch.add(g, t, alpha=-ctx.inv_m, out=t).mul_(rstd).view(dy.shape)
         return grad_x, grad_w, grad_b, None, None
-    _, groups, cg, _ = x_hat.shape
-    dy4 = dy.reshape(x_hat.shape)
-    if weight is not None and need_w:
-        grad_w = torch.mul(dy4, x_hat).sum((0, 3)).view(-1)
-    if need_b:
-        grad_b = dy4.sum((0, 3)).view(-1)
-    if need_x:
-        g = dy4 if weight is None else dy4 * weight.view(groups, cg, 1)
-        sum_gx = torch.mul(g, x_hat).sum((2, 3), keepdim=True)
-        t = torch.addcmul(g.sum((2, 3), keepdim=True), x_hat, sum_gx)
-        grad_x = torch.add(g, t, alpha=-ctx.inv_m, out=t).mul_(rstd).view(dy.shape)
-    return grad_x, grad_w, grad_b, None, None
-
-
-_small_group_norm_backward_once = once_differentiable(_small_group_norm_backward)

@@ -13,9 +13,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import RunningStatsMixin, _is_small, _NormBase
+from normzoo.norms._base import (
+    RunningStatsMixin,
+    _is_small,
+    _NormBase,
+    once_differentiable_fast,
+)
 from normzoo.norms._small import SmallBatchNorm
 from normzoo.registry import register_norm
 
@@ -216,7 +220,7 @@ class _BatchNormFunction(torch.autograd.Function):
         return (y, mean, var, *extra)
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_fast
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:  # grads are not materialised: y did not take part in the loss
             return (None,) * 7

@@ -24,9 +24,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from normzoo.norms._base import RunningStatsMixin, _is_small, _NormBase
+from normzoo.norms._base import (
+    RunningStatsMixin,
+    _is_small,
+    _NormBase,
+    once_differentiable_fast,
+)
 from normzoo.norms._small import SmallGroupNorm
 from normzoo.registry import register_norm
 
@@ -213,10 +217,9 @@ class GroupNormFunction(torch.autograd.Function):
         return y, mean, var  # mean, var: (N, G, 1, 1), viewed as (N, G) by group_norm()
 
     @staticmethod
+    @once_differentiable_fast
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: grads that raise if differentiated again
-            return _group_norm_backward_once(ctx, dy)
-        return _group_norm_backward(ctx, dy)  # (what once_differentiable does without grad mode)
+        return _group_norm_backward(ctx, dy)
 
 
 def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -329,9 +332,6 @@ def _group_norm_backward_compiled(ctx: Any, dy: Tensor) -> tuple[Tensor | None, 
     if ctx.needs_input_grad[2]:
         grad_b = db.sum(0).view(c).to(dy.dtype)
     return grad_x, grad_w, grad_b, None, None, None
-
-
-_group_norm_backward_once = once_differentiable(_group_norm_backward)
 
 
 def group_norm(

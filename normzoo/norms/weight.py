@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from normzoo.norms._base import once_differentiable_fast
 from normzoo.registry import register_norm
 
 __all__ = [
@@ -81,7 +81,7 @@ class WeightNormFunction(torch.autograd.Function):
         return v * scale
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_fast
     def backward(ctx: Any, dw: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         v, norm, scale = ctx.saved_tensors
         buf = dw * v
