@@ -68,7 +68,7 @@ def _layer(**options: object) -> BatchRenorm:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_matches_the_papers_formulas_with_clipping_active(layout: str) -> None:
+def test_matches_the_papers_formulas_with_clipping_active(layout: str, stats_route: str) -> None:
     rmax, dmax, eps, momentum = 1.5, 0.5, 1e-5, 0.2
     brn = _layer(rmax=rmax, dmax=dmax, schedule="none", momentum=momentum)
     gamma = brn.weight.detach().clone().requires_grad_(True)
@@ -116,7 +116,9 @@ def test_matches_the_papers_formulas_with_clipping_active(layout: str) -> None:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
-def test_is_exactly_batchnorm_at_rmax_1_dmax_0(layout: str, momentum: float | None) -> None:
+def test_is_exactly_batchnorm_at_rmax_1_dmax_0(
+    layout: str, momentum: float | None, stats_route: str
+) -> None:
     brn = _layer(rmax=1.0, dmax=0.0, momentum=momentum)
     bn = BatchNorm(C, momentum=momentum).double()
     bn.load_state_dict(brn.state_dict())  # same state-dict keys
@@ -246,7 +248,7 @@ def test_set_progress_reaches_every_submodule_that_has_it() -> None:
         model[1].set_progress("half")  # type: ignore[arg-type]
 
 
-def test_clip_fractions_on_a_hand_built_batch() -> None:
+def test_clip_fractions_on_a_hand_built_batch(stats_route: str) -> None:
     """Moving stats mu = 0, sigma^2 = 1 (eps = 0+); batch channels built with known std and mean."""
     brn = BatchRenorm(4, rmax=2.0, dmax=1.0, schedule="none", eps=1e-12, momentum=0.0).double()
     z = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)  # mean 0, biased variance 1
