@@ -4,11 +4,11 @@ elements (:func:`normzoo.norms._base._is_small`).
 At such sizes (the studies' batch-2 MLPs and 8x8 CNNs) an op costs its dispatch, 1-4 us, not its
 memory traffic, and so does every line of Python around it: a ``torch.autograd.Function`` with three
 outputs, ``mark_non_differentiable`` and ``once_differentiable`` costs ~12 us more per step than one
-with a single output, and the helpers and running-statistics update of the general route another
-~30 us. So each Function here computes the formulas of its layer's general route in the fewest ops,
-in straight-line code, returns the output alone and updates the layer's running statistics itself
-(BatchNorm, Batch Renorm). Measured at (2, 128), forward+backward of the module: BatchNorm 132 ->
-91 us (torch's fused kernel: 57 us).
+with a single output (measured with empty bodies). So each Function here computes the formulas of
+its layer's general route in the fewest ops, in straight-line code, returns the output alone and
+updates the layer's running statistics itself (BatchNorm, Batch Renorm). Measured on the 2-core
+VM, forward+backward of the BatchNorm module at (2, 128): 132-157 us with the small-input branch
+of the general Function, ~108 us with this one (torch's fused kernel: 57 us).
 
 The statistics are centred two-pass sums (stable for any mean, no host read); the backward saves
 the centred input (BatchNorm) or x_hat (per-sample norms) instead of x: same size, and the
