@@ -280,14 +280,15 @@ def test_repr_and_spec() -> None:
     assert normzoo.get_norm("gn").defaults["num_groups"] == 32
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
-def test_empty_batch_and_empty_spatial_dims(name: str) -> None:
+def test_empty_batch_and_empty_spatial_dims(name: str, compiled: bool) -> None:
     kw = {"num_groups": 2} if name == "groupnorm" else {}
     layer = normzoo.build_norm(name, C, **kw)
     if name == "instancenorm":
         layer = InstanceNorm(C, track_running_stats=True)
     x = torch.randn(0, C, 3, 3, requires_grad=True)
-    y = layer(x)
+    y = (torch.compile(layer, backend="aot_eager") if compiled else layer)(x)
     y.sum().backward()
     assert y.shape == x.shape and x.grad is not None and x.grad.shape == x.shape
     assert torch.equal(layer.weight.grad, torch.zeros(C))

@@ -300,9 +300,10 @@ def _group_norm_backward_compiled(ctx: Any, dy: Tensor) -> tuple[Tensor | None, 
     n, c = x.shape[0], x.shape[1]
     groups = mean.shape[1]
     cg = c // groups
-    m = cg * math.prod(x.shape[2:])
+    s = math.prod(x.shape[2:])
+    m = cg * s
     acc = mean.dtype
-    x4 = x.reshape(n, groups, cg, -1)
+    x4 = x.reshape(n, groups, cg, s)  # (not -1: an empty batch has no size to infer)
     xw, dyw = _compiled_views(x4, x, dy)
     # sum_S dy * (x - mu) and sum_S dy per (n, c) in one loop, viewed as (N, G, C/G, 1); with
     # C/G = 1 mu is per row and centring is free, else dot = sum_S dy * x - mu * db
