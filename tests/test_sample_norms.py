@@ -280,6 +280,7 @@ def test_repr_and_spec() -> None:
     assert normzoo.get_norm("gn").defaults["num_groups"] == 32
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # (var_mean warned on an empty compiled batch)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", ["layernorm", "groupnorm", "instancenorm"])
 def test_empty_batch_and_empty_spatial_dims(name: str, compiled: bool) -> None:

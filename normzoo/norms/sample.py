@@ -58,6 +58,9 @@ def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
     if x4.dtype not in (torch.float32, torch.float64):
         x4 = x4.float()
     if x4.device.type != "cpu" or torch.compiler.is_compiling():
+        if x4.shape[0] == 0:  # an empty batch: nothing to reduce (var_mean would warn)
+            empty = x4.new_zeros(0, x4.shape[1], 1, 1)
+            return empty, empty.clone(), True
         var, mean = torch.var_mean(x4, dim=(2, 3), correction=0, keepdim=True)
         return mean, var, True
     mean = x4.sum((2, 3), keepdim=True).div_(m)
