@@ -12,7 +12,8 @@ cannot apply is recorded as ``invalid`` here, before any training), train for a 
 epochs with SGD (momentum 0.9) or AdamW, the linear scaling rule ``lr = base_lr * B / 32`` (Goyal et
 al. 2017, as in the GN paper), a linear warm-up then a cosine decay, set per step. Batch Renorm's
 (r, d) schedule is driven by the run's progress (every module's ``set_progress(p)``, as
-``normzoo.norms.batch.set_progress(model, p)`` calls it, every step). At the end, the mismatch diagnostics (``normzoo.diagnostics``).
+``normzoo.norms.batch.set_progress(model, p)`` calls it, every step). At the end, the mismatch
+diagnostics (``normzoo.diagnostics``).
 
 Every run writes ``metrics.json`` in its Hydra output dir, atomically (temp file in the same dir,
 fsync, ``os.replace``), with ``status`` one of ``ok``, ``failed`` (an exception: its text and

@@ -65,6 +65,55 @@ def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
     return torch.tensor(value, dtype=dtype)
 
 
+#: the Batch Renorm buffers that :func:`_scale_and_offset`'s ``extra`` fills, in its order
+_RENORM_DIAGNOSTICS = ("clip_fraction_r", "clip_fraction_d", "last_r", "last_d")
+
+
+def _scale_and_offset(
+    invstd: Tensor,
+    mean: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float | Tensor,
+    ref_mean: Tensor | None,
+    ref_var: Tensor | None,
+    limits: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
+    """Per-channel g, offset with y = (x - mean) * g + offset, for both BatchNorm Functions.
+
+    BatchNorm (``ref_mean`` None): g = gamma * invstd, offset = beta. Batch Renorm (Ioffe 2017),
+    with the moving statistics ``ref_mean``, ``ref_var`` and ``limits`` = [rmax, dmax]::
+
+        r = clip(sigma_B / sigma, 1/rmax, rmax),  d = clip((mean - ref_mean) / sigma, -dmax, dmax)
+        g = gamma * r * invstd,  offset = gamma * d + beta
+
+    with sigma_B = 1 / invstd and sigma = sqrt(ref_var + eps). Returns (g, offset, r, d, extra):
+    r, d are None and ``extra`` is () for BatchNorm; for Batch Renorm ``extra`` is
+    (clip_r, clip_d, r, d), clip_r and clip_d the fractions of channels (0-dim) where r resp. d was
+    clipped (the values of the layer's ``_RENORM_DIAGNOSTICS`` buffers). ``eps`` may be a 0-dim
+    tensor (the small-input path's cached constant).
+    """
+    g = invstd if weight is None else weight * invstd
+    if ref_mean is None:
+        return g, bias, None, None, ()
+    assert ref_var is not None and limits is not None
+    rmax, dmax = limits.unbind()
+    ref_invstd = torch.add(ref_var, eps).rsqrt_()
+    r_raw = torch.div(ref_invstd, invstd)  # sigma_B / sigma
+    d_raw = torch.sub(mean, ref_mean).mul_(ref_invstd)
+    r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
+    d = torch.clamp(d_raw, dmax.neg(), dmax)
+    # clamp returns its input's value exactly where it does not clip
+    clip_r = torch.ne(r, r_raw).mean(dtype=mean.dtype)
+    clip_d = torch.ne(d, d_raw).mean(dtype=mean.dtype)
+    g = g * r
+    if weight is None:
+        offset = d if bias is None else d + bias
+    else:
+        offset = weight * d if bias is None else torch.addcmul(bias, weight, d)
+    return g, offset, r, d, (clip_r, clip_d, r, d)
+
+
 class _NormBase(nn.Module):
     """Base of every activation norm: ``Layer(num_features, *, eps=1e-5, affine=True)``.
 

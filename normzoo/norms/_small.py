@@ -26,7 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normzoo.norms._base import _cpu_scalar, once_differentiable_fast
+from normzoo.norms._base import (
+    _RENORM_DIAGNOSTICS,
+    _cpu_scalar,
+    _scale_and_offset,
+    once_differentiable_fast,
+)
 
 __all__: list[str] = []
 
@@ -75,28 +80,18 @@ class SmallBatchNorm(torch.autograd.Function):
             xc = x - mean.view(view)
             sq = torch.mul(xc, xc).sum(dims)
         # var + eps in one op (a Python number as alpha= is free; as an operand ~1.6 us)
-        var_eps = torch.add(_cpu_scalar(eps, dtype), sq, alpha=1.0 / m)
-        invstd = var_eps.rsqrt()
-        g = invstd if weight is None else weight * invstd
-        offset, r, d = bias, None, None
+        eps_t = _cpu_scalar(eps, dtype)
+        invstd = torch.add(eps_t, sq, alpha=1.0 / m).rsqrt_()
+        ref_mean = ref_var = None
         if limits is not None:  # Batch Renorm: r, d from the moving statistics before the update
             # (buffers from the dict: Module.__getattr__ / __setattr__ cost ~1-2 us each)
             buffers = layer._buffers
-            rmax, dmax = limits.unbind()
-            ref_invstd = torch.add(buffers["running_var"], _cpu_scalar(eps, dtype)).rsqrt_()
-            r_raw = torch.div(ref_invstd, invstd)  # sigma_B / sigma
-            d_raw = torch.sub(mean, buffers["running_mean"]).mul_(ref_invstd)
-            r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
-            d = torch.clamp(d_raw, dmax.neg(), dmax)
-            # clamp returns its input's value exactly where it does not clip
-            buffers["clip_fraction_r"] = torch.ne(r, r_raw).mean(dtype=dtype)
-            buffers["clip_fraction_d"] = torch.ne(d, d_raw).mean(dtype=dtype)
-            buffers["last_r"], buffers["last_d"] = r, d
-            g = g * r
-            if weight is None:
-                offset = d if bias is None else d + bias
-            else:
-                offset = weight * d if bias is None else torch.addcmul(bias, weight, d)
+            ref_mean, ref_var = buffers["running_mean"], buffers["running_var"]
+        g, offset, r, d, extra = _scale_and_offset(
+            invstd, mean, weight, bias, eps_t, ref_mean, ref_var, limits
+        )
+        if extra:
+            buffers.update(zip(_RENORM_DIAGNOSTICS, extra, strict=True))
         if flat:
             y = torch.mul(xc, g) if offset is None else torch.addcmul(offset, xc, g)
         else:

@@ -15,9 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from normzoo.norms._base import (
+    _RENORM_DIAGNOSTICS,
     RunningStatsMixin,
     _is_small,
     _NormBase,
+    _scale_and_offset,
     once_differentiable_fast,
 )
 from normzoo.norms._small import SmallBatchNorm
@@ -100,54 +102,6 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     return mean, centred.square_().sum(dims).div_(m), True
 
 
-def _renorm_terms(
-    mean: Tensor, var_eps: Tensor, ref_mean: Tensor, ref_var: Tensor, limits: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Batch Renorm's r, d (C,) and the fractions of channels where each was clipped (0-dim).
-
-    r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mu_B - mu) / sigma, -dmax, dmax) with
-    sigma_B = sqrt(var_eps), var_eps = var + eps, sigma = sqrt(ref_var + eps) and ``limits`` =
-    [rmax, dmax].
-    """
-    rmax, dmax = limits.unbind()
-    ref_invstd = torch.rsqrt(ref_var + eps)
-    r_raw = torch.sqrt(var_eps).mul_(ref_invstd)
-    d_raw = (mean - ref_mean).mul_(ref_invstd)
-    r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
-    d = torch.clamp(d_raw, -dmax, dmax)
-    # clamp returns its input's value exactly where it does not clip
-    clip_r = torch.ne(r, r_raw).mean(dtype=mean.dtype)
-    clip_d = torch.ne(d, d_raw).mean(dtype=mean.dtype)
-    return r, d, clip_r, clip_d
-
-
-def _scale_and_offset(
-    invstd: Tensor,
-    var_eps: Tensor,
-    mean: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    ref_mean: Tensor | None,
-    ref_var: Tensor | None,
-    limits: Tensor | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
-    """Per-channel g, offset with y = (x - mean) * g + offset: g = gamma * invstd and
-    offset = beta (BatchNorm), or g = gamma * r * invstd and offset = gamma * d + beta (Batch
-    Renorm, when ``ref_mean`` is given); also r, d and the Batch Renorm outputs
-    (clip_r, clip_d, r, d) (None, None and () for BatchNorm)."""
-    g = invstd if weight is None else weight * invstd
-    if ref_mean is None:
-        return g, bias, None, None, ()
-    assert ref_var is not None and limits is not None
-    r, d, clip_r, clip_d = _renorm_terms(mean, var_eps, ref_mean, ref_var, limits, eps)
-    g = g * r
-    offset = d if weight is None else weight * d  # gamma * d
-    if bias is not None:
-        offset = offset + bias
-    return g, offset, r, d, (clip_r, clip_d, r, d)
-
-
 class _BatchNormFunction(torch.autograd.Function):
     r"""Training-mode batch norm with batch statistics and a hand-derived backward.
 
@@ -200,10 +154,9 @@ class _BatchNormFunction(torch.autograd.Function):
         m = _values_per_channel(x)
         y = torch.empty_like(x)
         mean, var, centred = _batch_stats(x, m, scratch=y)
-        var_eps = var + eps
-        invstd = torch.rsqrt(var_eps)
+        invstd = torch.rsqrt(var + eps)
         g, offset, r, d, extra = _scale_and_offset(
-            invstd, var_eps, mean, weight, bias, eps, ref_mean, ref_var, limits
+            invstd, mean, weight, bias, eps, ref_mean, ref_var, limits
         )
         if centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
             torch.sub(x, _channel_view(mean, x), out=y)
@@ -571,7 +524,7 @@ class BatchRenorm(BatchNorm):
         if _is_small(x):  # (sets the diagnostics and updates the moving statistics itself)
             limits = self._limits_now()
             return SmallBatchNorm.apply(x, self.weight, self.bias, self.eps, self, limits)
-        y, mean, var, clip_r, clip_d, r, d = _BatchNormFunction.apply(
+        y, mean, var, *extra = _BatchNormFunction.apply(
             x,
             self.weight,
             self.bias,
@@ -580,13 +533,8 @@ class BatchRenorm(BatchNorm):
             self.running_var,
             self._limits_now(),
         )
-        if torch.compiler.is_compiling():  # (see _update_moving_stats)
-            buffers = self._buffers
-            buffers["clip_fraction_r"], buffers["clip_fraction_d"] = clip_r, clip_d
-            buffers["last_r"], buffers["last_d"] = r, d
-        else:
-            self.clip_fraction_r, self.clip_fraction_d = clip_r, clip_d
-            self.last_r, self.last_d = r, d
+        # (stored in the buffer dict: see _update_moving_stats)
+        self._buffers.update(zip(_RENORM_DIAGNOSTICS, extra, strict=True))
         self._update_moving_stats(mean, var * (m / (m - 1)))
         return y
 
