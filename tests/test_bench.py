@@ -150,18 +150,22 @@ def test_resolve_pairings_from_the_registry(monkeypatch) -> None:
 
 
 def test_summary_medians_and_targets() -> None:
-    def row(mode: str, shape: str, ratio: float, bytes_ratio: float) -> dict:
+    def row(mode: str, shape: str, ratio: float, bytes_ratio: float, native_ms: float) -> dict:
         return {"device": "cpu", "mode": mode, "layer": "x", "baseline": "native_x",
                 "pairing": "native reference", "shape": shape, "ratio": ratio,
-                "bytes_ratio": bytes_ratio, "error": ""}  # fmt: skip
+                "bytes_ratio": bytes_ratio, "native_ms": native_ms, "error": ""}  # fmt: skip
 
-    rows = [row("eager", "a", 1.0, 0.5), row("eager", "b", 2.0, 1.5), row("eager", "c", 1.2, 1.0)]
-    rows += [row("compiled", "a", 0.9, 0.8), row("compiled", "b", math.nan, math.nan)]
+    rows = [row("eager", "a", 1.0, 0.5, 2.0), row("eager", "b", 2.0, 1.5, 1.0)]
+    rows += [row("eager", "c", 1.2, 1.0, math.nan)]
+    rows += [row("compiled", "a", 0.9, 0.8, 3.0), row("compiled", "b", math.nan, math.nan, 4.0)]
+    rows += [row("compiled", "c", 1.0, 1.0, 5.0)]  # (no eager baseline time: not in native_fused)
     (s,) = summarise(rows)
+    # the baseline's compiled / eager time, matched by shape: a 3.0 / 2.0, b 4.0 / 1.0
+    assert s["native_fused"] == pytest.approx((1.5 + 4.0) / 2)
     assert s["eager"] == pytest.approx(1.2) and s["eager_ok"] == "pass"
-    assert s["compiled"] == pytest.approx(0.9) and s["compiled_ok"] == "pass"
+    assert s["compiled"] == pytest.approx(0.95) and s["compiled_ok"] == "pass"
     assert s["memory"] == pytest.approx(1.0) and s["memory_ok"] == "pass"
-    assert s["memory_max"] == pytest.approx(1.5) and s["memory_compiled"] == pytest.approx(0.8)
+    assert s["memory_max"] == pytest.approx(1.5) and s["memory_compiled"] == pytest.approx(0.9)
     rows[2]["ratio"] = 1.4
     assert summarise(rows)[0]["eager_ok"] == "FAIL"
 
