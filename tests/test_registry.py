@@ -151,6 +151,27 @@ def test_every_activation_entry_builds_and_keeps_the_shape(name: str) -> None:
     assert layer(x).shape == x.shape
 
 
+@pytest.mark.parametrize("name", normzoo.list_norms(kind="activation"))
+def test_reset_parameters_restores_the_initial_state(name: str) -> None:
+    """As torch's norms: parameters back to 1 / 0 and running statistics (where kept) to their
+    start, for the from-scratch layers and the native references alike."""
+    options = normzoo.get_norm(name).options()
+    kwargs = {"num_groups": 4} if "num_groups" in options else {}
+    if "track_running_stats" in options:
+        kwargs["track_running_stats"] = True
+    layer = normzoo.build_norm(name, 8, **kwargs)
+    fresh = {k: v.clone() for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.5)
+    layer(torch.randn(3, 8, 4, 5) + 2.0)  # a training step moves the running statistics
+    layer.reset_parameters()
+    state = layer.state_dict()
+    assert state.keys() == fresh.keys()
+    for key, value in fresh.items():
+        assert torch.equal(state[key], value), key
+
+
 @pytest.mark.parametrize("name", normzoo.list_norms(kind="weight"))
 def test_every_weight_entry_wraps_the_layer_it_is_given(name: str) -> None:
     conv = nn.Conv2d(3, 4, 3)

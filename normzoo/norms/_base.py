@@ -221,6 +221,13 @@ class RunningStatsMixin:
             module.register_buffer("running_var", None)
             module.register_buffer("num_batches_tracked", None)
 
+    def reset_parameters(self) -> None:
+        """gamma <- 1, beta <- 0, and the running statistics reset (as torch's ``_NormBase``)."""
+        super().reset_parameters()  # type: ignore[misc]
+        # (``_NormBase.__init__`` calls this before ``_init_running_stats`` has run)
+        if getattr(self, "track_running_stats", False):
+            self.reset_running_stats()
+
     def reset_running_stats(self) -> None:
         """running_mean <- 0, running_var <- 1, num_batches_tracked <- 0."""
         if self.track_running_stats:

@@ -256,11 +256,6 @@ class BatchNorm(RunningStatsMixin, _NormBase):
         super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
         self._init_running_stats(momentum, track_running_stats, device, dtype)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "track_running_stats"):
-            self.reset_running_stats()
-
     def _empty_batch(self, x: Tensor) -> Tensor:
         """torch's answer to an empty batch: an empty output, the statistics left alone (the step
         is still counted)."""

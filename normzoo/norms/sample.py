@@ -486,11 +486,6 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
         self._init_running_stats(momentum, track_running_stats, device, dtype)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if getattr(self, "track_running_stats", False):
-            self.reset_running_stats()
-
     def _check_input(self, x: Tensor) -> None:
         if isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point():
             raise ValueError(
