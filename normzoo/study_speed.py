@@ -48,14 +48,18 @@ TIMES_FILE = "study_speed.json"
 _SIDES = ("scratch", "native")
 
 
+def _native_pair(name: str) -> tuple[str, str]:
+    """(from-scratch, native) registry names for ``name`` (an alias works); raises for an unknown
+    name (with the choices) or a layer without a native reference."""
+    spec = get_norm(name)
+    if not spec.native:
+        raise ValueError(f"{spec.name} has no native reference to compare with")
+    return spec.name, get_norm(spec.native).name
+
+
 def default_pairs() -> list[tuple[str, str]]:
     """(from-scratch, native) for every registered from-scratch layer with a native reference."""
-    pairs = []
-    for name in list_norms(references=False):
-        spec = get_norm(name)
-        if spec.native:
-            pairs.append((spec.name, get_norm(spec.native).name))
-    return pairs
+    return [_native_pair(n) for n in list_norms(references=False) if get_norm(n).native]
 
 
 def _registry_name(name: Any) -> Any:
@@ -67,15 +71,10 @@ def _registry_name(name: Any) -> Any:
 
 
 def _pairs(norms: str | None) -> list[tuple[str, str]]:
+    """The pairs of ``--norms`` (comma-separated names), or :func:`default_pairs` without it."""
     if not norms:
         return default_pairs()
-    pairs = []
-    for name in (n.strip() for n in norms.split(",") if n.strip()):
-        spec = get_norm(name)  # raises with the choices for an unknown name
-        if not spec.native:
-            raise ValueError(f"{spec.name} has no native reference to compare with")
-        pairs.append((spec.name, get_norm(spec.native).name))
-    return pairs
+    return [_native_pair(n.strip()) for n in norms.split(",") if n.strip()]
 
 
 def run_sweep(
