@@ -45,6 +45,8 @@ from normzoo.registry import get_norm, list_norms
 __all__ = ["compare_sweeps", "default_pairs", "main", "run_sweep", "write_report"]
 
 TIMES_FILE = "study_speed.json"
+#: issue 5's target for the study's run-time ratio (from-scratch / native)
+TARGET_RATIO = 1.15
 _SIDES = ("scratch", "native")
 
 
@@ -173,17 +175,69 @@ def _minutes(seconds: float) -> str:
     return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
 
 
+def _plot(tables: dict[str, pd.DataFrame], path: Path) -> None:
+    """Run-time ratio (from-scratch / native, sums over seeds) against batch size: one line per
+    (layer, model), the whole study in black, the target dashed; log2 axes (batch sizes double,
+    and a ratio is multiplicative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullLocator
+
+    runs = tables["runs"]
+    sums = runs.groupby(["layer", "model", "batch_size"])[
+        ["wall_time_s_scratch", "wall_time_s_native"]
+    ].sum()
+    ratio = (sums["wall_time_s_scratch"] / sums["wall_time_s_native"]).rename("ratio")
+    fig, ax = plt.subplots(figsize=(8.6, 4.2))
+    for i, ((layer, model), line) in enumerate(ratio.groupby(level=["layer", "model"])):
+        bs = line.index.get_level_values("batch_size")
+        ax.plot(bs, line.to_numpy(), marker="o", ms=3, lw=1.1, color=f"C{i % 10}",
+                ls="-" if model == "cnn" else "--", label=f"{layer} · {model}")  # fmt: skip
+    batch = tables["batch"]
+    if not batch.empty:
+        ax.plot(batch["batch_size"], batch["wall_time_s_ratio"], color="black", lw=2.4,
+                marker="s", ms=4, label="whole study")  # fmt: skip
+    ax.axhline(TARGET_RATIO, color="crimson", ls="--", lw=1.2, label=f"target {TARGET_RATIO}")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_locator(NullLocator())
+    sizes = sorted(runs["batch_size"].unique())
+    ax.set_xticks(sizes)
+    lo, hi = ax.get_ylim()
+    ticks = [0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0]
+    ax.set_yticks([t for t in ticks if lo <= t <= hi] or [1.0])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("run time, from-scratch / native")
+    ax.set_title("Study run time per run: from-scratch layers vs native references", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(
     out: str | Path,
     tables: dict[str, pd.DataFrame],
     times: dict[str, dict[str, Any]],
     info: dict[str, str],
 ) -> dict[str, Path]:
-    """Write ``study_speed.md`` and ``study_speed.csv`` (the matched runs) into ``out``."""
+    """Write ``study_speed.md``, ``study_speed.csv`` (the matched runs) and, when runs matched,
+    ``study_speed.png`` (the ratio per batch size) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "study_speed.csv"
     tables["runs"].to_csv(csv, index=False, float_format="%.4f")
+    png = out / "study_speed.png"
+    if tables["runs"].empty:
+        png.unlink(missing_ok=True)  # (no stale figure from an earlier report)
+    else:
+        _plot(tables, png)
     lines = ["# Study wall time: from-scratch layers against their native references", ""]
     lines += [f"- **{k}**: {v}" for k, v in info.items()]
     lines += ["", "```bash"]
@@ -240,10 +294,13 @@ def write_report(
             + " | ".join(f"{v:.2f}" for v in batch["wall_time_s_ratio"])
             + " |"
         )
+    paths = {"md": out / "study_speed.md", "csv": csv}
+    if png.exists():
+        lines += ["", f"![run-time ratio per batch size]({png.name})"]
+        paths["png"] = png
     lines.append("")
-    md = out / "study_speed.md"
-    md.write_text("\n".join(lines))
-    return {"md": md, "csv": csv}
+    paths["md"].write_text("\n".join(lines))
+    return paths
 
 
 def _parser() -> argparse.ArgumentParser:

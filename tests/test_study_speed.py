@@ -62,6 +62,13 @@ def test_runs_are_matched_and_summed(tmp_path: Path) -> None:
     assert "**1.50**" in text  # end to end: 90 s / 60 s
     assert "1 min 30.0 s" in text and "**1.33**" in text
     assert paths["csv"].read_text().count("\n") == 5  # header + 4 matched runs
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](study_speed.png)" in text
+    # a comparison with no matched run writes no figure, and removes a stale one
+    empty = compare_sweeps(a, b, [("groupnorm", "native_groupnorm")])  # no such runs
+    assert empty["runs"].empty
+    again = write_report(tmp_path / "out", empty, times, {"date": "today"})
+    assert "png" not in again and not paths["png"].exists()
 
 
 def test_cli_refuses_existing_dirs_and_unknown_layers(tmp_path: Path, capsys) -> None:
