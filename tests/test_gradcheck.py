@@ -129,8 +129,7 @@ SECOND_ORDER = [(n, s) for n, m, s in CASES if m == "train" and n != "none"]
 def test_create_graph_gives_the_same_grads_and_refuses_a_second_order(
     name: str, shape: tuple[int, ...], stats_route: str
 ) -> None:
-    """The backward skips ``once_differentiable``'s wrapper only without grad mode: with
-    ``create_graph=True`` the grads are the same, and differentiating them again raises instead
+    """With ``create_graph=True`` the grads are those of a plain backward, and differentiating them again raises instead
     of giving a wrong second derivative."""
     layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
     x = torch.randn(shape, dtype=DT).requires_grad_(True)
@@ -141,8 +140,28 @@ def test_create_graph_gives_the_same_grads_and_refuses_a_second_order(
     for a, b in zip(graph, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert graph[0].requires_grad
-    with pytest.raises(RuntimeError, match=r"once_differentiable|twice"):
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
         graph[0].sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), SECOND_ORDER, ids=[f"{n}-{len(s)}d" for n, s in SECOND_ORDER]
+)
+def test_a_gradient_penalty_through_a_layer_raises_with_a_constant_incoming_grad(
+    name: str, shape: tuple[int, ...], stats_route: str
+) -> None:
+    """A WGAN-GP-like penalty: the loss is linear in the layer's output (so its incoming
+    gradient is a constant) and a scale before the layer keeps dL/dx in the graph. The layer's
+    grads must refuse to be differentiated (they did not, and the penalty's gradient silently
+    lacked the layer's second-order term)."""
+    layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
+    scale = torch.rand((C,) + (1,) * (len(shape) - 2), dtype=DT).add_(0.5).requires_grad_(True)
+    x = torch.randn(shape, dtype=DT).requires_grad_(True)
+    out = (layer(x * scale) * torch.randn(shape, dtype=DT)).sum()
+    (gx,) = torch.autograd.grad(out, x, create_graph=True)
+    assert gx.requires_grad
+    with pytest.raises(RuntimeError, match="not twice differentiable"):
+        gx.square().sum().backward()
 
 
 def test_batchrenorm_gradcheck_with_clipping_active(stats_route: str) -> None:

@@ -357,8 +357,8 @@ def test_preallocated_output_path_with_unmergeable_spatial_dims(
 
 
 def test_not_twice_differentiable_and_create_graph_grads_match() -> None:
-    """Backward skips ``once_differentiable``'s wrapper only without grad mode; with
-    ``create_graph=True`` the grads are the same and differentiating them again raises."""
+    """With ``create_graph=True`` the grads are those of a plain backward, and differentiating
+    them again raises (the backward is hand-written: ``once_differentiable_fast``)."""
     x = torch.randn(3, C, 5, dtype=torch.float64, requires_grad=True)
     layer = _randomise(GroupNorm(C, num_groups=2).double())
     dy = torch.randn_like(x, requires_grad=True)  # so that the graph of the grads needs dy

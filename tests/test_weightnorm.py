@@ -250,8 +250,7 @@ def test_saves_no_more_for_backward_than_torch() -> None:
 
 
 def test_create_graph_gives_the_same_grads_and_refuses_a_second_order() -> None:
-    """The backward skips ``once_differentiable``'s wrapper only without grad mode: with
-    ``create_graph=True`` the grads are the same, and differentiating them again raises."""
+    """With ``create_graph=True`` the grads are those of a plain backward, and differentiating them again raises."""
     layer = weight_norm(nn.Linear(5, 3)).double()
     g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
     x = torch.randn(4, 5, dtype=torch.float64)

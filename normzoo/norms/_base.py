@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 __all__ = ["RunningStatsMixin", "_NormBase"]
 
@@ -35,21 +34,38 @@ def _is_small(x: Tensor) -> bool:
     )
 
 
+#: what differentiating a from-scratch layer's gradient raises (see :func:`once_differentiable_fast`)
+_TWICE_MESSAGE = (
+    b"normzoo: the from-scratch layers are not twice differentiable (their backward is "
+    b"hand-written, as with @once_differentiable); for a gradient penalty or other double "
+    b"backward use the layer's native_* reference"
+)
+
+
 def once_differentiable_fast(
     backward: Callable[..., tuple[Tensor | None, ...]],
 ) -> Callable[..., tuple[Tensor | None, ...]]:
-    """``torch.autograd.function.once_differentiable`` for a Function's backward, minus its cost
-    in the common case: a backward run without grad mode (no ``create_graph``) is called directly
-    (``once_differentiable`` would enter a ``no_grad`` block and inspect the outputs: ~4 us a call
-    at small sizes); with grad mode on it goes through ``once_differentiable``, whose grads raise
-    if differentiated again."""
-    once = once_differentiable(backward)
+    """A Function's hand-written backward that refuses to be differentiated again.
+
+    Without grad mode (no ``create_graph``: the common case) the backward is called directly.
+    With grad mode on, its grads are routed through a node that raises ``_TWICE_MESSAGE`` when
+    differentiated, whenever the Function had an input that needs a gradient. torch's own
+    ``once_differentiable`` does that only when an *incoming* gradient requires grad, so a
+    constant incoming gradient (a loss linear in the layer's output, as in a WGAN-GP critic)
+    gave grads without a graph, and a gradient penalty through them silently lost the layer's
+    second-order term where another path kept the grads in the graph.
+    """
 
     @functools.wraps(backward)
     def wrapper(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            return once(ctx, *grads)
-        return backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not any(ctx.needs_input_grad):
+            return outputs
+        refuse = torch._C._functions.DelayedError(_TWICE_MESSAGE, len(outputs))
+        return refuse(*[None if t is None else t.detach().requires_grad_() for t in outputs])
 
     return wrapper
 
