@@ -163,6 +163,9 @@ class GroupNormFunction(torch.autograd.Function):
     reductions and the dx passes. The buffer that holds dy * x for ``dot`` becomes dx, so backward
     allocates one input-sized tensor, as the native kernel does; for inputs of 1 MiB and more, y
     and that buffer are allocated before any small temporary (:func:`_empty_like_viewed`).
+    Half-precision input: the statistics, scale, shift and the backward's terms are float32, the
+    backward works on the centred input upcast to float32, and y and dx are rounded once (as
+    accurate as torch's kernels; rounding the shift first lost what a large mean leaves of y).
     (The modules give small CPU inputs to :class:`~normzoo.norms._small.SmallGroupNorm`.) Under
     ``torch.compile`` the backward is :func:`_group_norm_backward_compiled` (the same formulas,
     arranged for inductor's loops). Not twice differentiable.
@@ -197,8 +200,10 @@ class GroupNormFunction(torch.autograd.Function):
             shift = torch.mul(scale, mean).neg_()
         else:
             shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
-        if x.dtype != scale.dtype:  # half-precision input: statistics were taken in float32
-            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        # half-precision input: scale and shift stay in float32 (the statistics' dtype) and y is
+        # computed in float32 and rounded once (rounding the shift ~ -mu * scale first would lose
+        # what x * scale + shift keeps of a large mean)
+        low = x.dtype != scale.dtype
         # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
         # vectorises an op with one broadcast operand, not two)
         if compiling and s == 1:  # (see _compiled_views) written through a view of y, which
@@ -208,7 +213,8 @@ class GroupNormFunction(torch.autograd.Function):
         elif compiling:  # the graph owns its buffers; y in x's shape, so it is not a view of y4
             per_channel = (n, c) + (1,) * (x.dim() - 2)
             y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
-        elif s == 1:
+            y = y.to(x.dtype)
+        elif s == 1 or low:
             torch.addcmul(shift, x4, scale, out=y4)
         else:
             torch.mul(x4, scale, out=y4).add_(shift)
@@ -236,33 +242,29 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
     groups = mean.shape[1]
     cg = c // groups
     s = math.prod(x.shape[2:])
-    low = x.dtype != mean.dtype  # half-precision input, float32 statistics
-    acc = mean.dtype
     x4, dy4 = x.reshape(n, groups, cg, s), dy.reshape(n, groups, cg, s)
-    mean_x = mean.to(x.dtype) if low else mean
-    # dot = sum_S dy * (x - mu) per (n, c), db = sum_S dy: (N, G, C/G, 1); the product goes
-    # into the buffer that becomes dx (allocated first: see _empty_like_viewed)
-    dx, dx4 = _empty_like_viewed(x, x4.shape) if _is_large(x) else (None, None)
-    prod = dx4 = torch.mul(dy4, x4 - mean_x if ctx.centred else x4, out=dx4)
+    centred = ctx.centred
+    dx = dx4 = None
+    low = x.dtype != mean.dtype  # half-precision input, float32 statistics
+    if low:  # computed in float32 on the centred input, dx rounded once at the end
+        x4, dy4, centred = x4.to(mean.dtype), dy4.to(mean.dtype), True
+    elif _is_large(x):  # the product's buffer becomes dx (allocated first: _empty_like_viewed)
+        dx, dx4 = _empty_like_viewed(x, x4.shape)
+    # dot = sum_S dy * (x - mu) per (n, c), db = sum_S dy: (N, G, C/G, 1)
+    prod = dx4 = torch.mul(dy4, x4 - mean if centred else x4, out=dx4)
     if s > 1:
-        dot, db = prod.sum(-1, keepdim=True, dtype=acc), dy4.sum(-1, keepdim=True, dtype=acc)
+        dot, db = prod.sum(-1, keepdim=True), dy4.sum(-1, keepdim=True)
     else:  # 2-D input: one value per (n, c), nothing to sum; prod is dot itself
-        dot, db = (prod.to(acc), dy4.to(acc)) if low else (prod, dy4)
-    if not ctx.centred:
+        dot, db = prod, dy4
+    if not centred:
         dot = dot.addcmul_(mean, db, value=-1.0)
     grad_x = grad_w = grad_b = None
     if weight is not None and ctx.needs_input_grad[1]:  # (before dx overwrites a 2-D dot)
-        grad_w = (dot * rstd).sum(0).view(c)
-        if low:
-            grad_w = grad_w.to(weight.dtype)
+        grad_w = (dot * rstd).sum(0).view(c).to(weight.dtype)
     if ctx.needs_input_grad[2]:
-        grad_b = db.sum(0).view(c)
-        if low:
-            grad_b = grad_b.to(dy.dtype)
+        grad_b = db.sum(0).view(c).to(dy.dtype)
     if ctx.needs_input_grad[0]:
-        w3 = None if weight is None else weight.view(groups, cg, 1)
-        if w3 is not None and low:
-            w3 = w3.to(acc)
+        w3 = None if weight is None else weight.view(groups, cg, 1).to(mean.dtype)
         # dx = a * dy + b * x + c0 with a = rstd * gamma, b = -rstd^3 / m * sum_c gamma * dot,
         # c0 = -rstd / m * sum_c gamma * db - b * mu (b * (x - mu) + c0 if centred)
         sum_gd = (dot if w3 is None else dot * w3).sum(2, keepdim=True)  # (N, G, 1, 1)
@@ -270,18 +272,18 @@ def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ..
         rk = rstd * (-1.0 / (cg * s))
         b = sum_gd.mul_(rk).mul_(rstd).mul_(rstd)
         c0 = sum_g.mul_(rk)
-        if not ctx.centred:
+        if not centred:
             c0 = c0.addcmul_(b, mean, value=-1.0)
         a = rstd.expand(n, groups, cg, 1) if w3 is None else rstd * w3
-        if low:
-            a, b, c0 = a.to(x.dtype), b.to(x.dtype), c0.to(x.dtype)
         # written over the product: first b * x (or b * (x - mu)), then + c0, + a * dy
         # (no out= under torch.compile: dynamo rejects a non-contiguous out, e.g. channels_last)
         out = None if torch.compiler.is_compiling() else dx4
-        centred = torch.sub(x4, mean_x, out=out).mul_(b) if ctx.centred else None
-        dx4 = torch.mul(x4, b, out=out) if centred is None else centred
+        centred_b = torch.sub(x4, mean, out=out).mul_(b) if centred else None
+        dx4 = torch.mul(x4, b, out=out) if centred_b is None else centred_b
         dx4.add_(c0).addcmul_(dy4, a)
         grad_x = dx4.view(x.shape) if dx is None else dx
+        if low:
+            grad_x = grad_x.to(x.dtype)
     return grad_x, grad_w, grad_b, None, None, None
 
 
