@@ -222,6 +222,38 @@ def test_bfloat16_matches_native() -> None:
     torch.testing.assert_close(ours.running_var.float(), ref.running_var.float(), rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize(
+    "layer_dtype", [torch.float32, torch.bfloat16], ids=["f32-layer", "bf16-layer"]
+)
+@pytest.mark.parametrize("name", ["batchnorm", "batchrenorm", "instancenorm"])
+def test_eval_with_running_stats_keeps_a_half_input_dtype_and_accuracy(
+    name: str, layer_dtype: torch.dtype
+) -> None:
+    """Evaluation with the running statistics returns the input's dtype (it returned float32
+    for bfloat16 input to a float32 layer, where torch returns bfloat16), with the error of one
+    rounding of y also when the running mean is large (a bfloat16 shift ~ -mean * scale would
+    lose it)."""
+    kwargs = {"track_running_stats": True} if name == "instancenorm" else {}
+    layer = normzoo.build_norm(name, C, **kwargs)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.linspace(9.0, 11.0, C))
+        layer.running_var.copy_(torch.linspace(0.5, 2.0, C))
+        layer.weight.copy_(torch.linspace(0.5, 1.5, C))
+        layer.bias.copy_(torch.linspace(-1.0, 1.0, C))
+    layer = layer.to(layer_dtype).eval()
+    x = (torch.randn(4, C, 3, 3) + 10.0).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    p = {k: v.double() for k, v in layer.state_dict().items() if v.is_floating_point()}
+    view = (-1, 1, 1)
+    exact = (x.double() - p["running_mean"].view(view)) / (
+        p["running_var"].view(view) + 1e-5
+    ).sqrt() * p["weight"].view(view) + p["bias"].view(view)
+    # within 1.5 units in the last place of bfloat16 (2^-8 relative) of the exact value
+    tol = 1.5 * 2.0**-8 * exact.abs().clamp_min(1.0)
+    assert ((y.double() - exact).abs() <= tol).all()
+
+
 def _saved_bytes(module: torch.nn.Module, x: Tensor) -> int:
     """Bytes of the distinct storages autograd keeps for backward during one forward."""
     storages: dict[int, int] = {}

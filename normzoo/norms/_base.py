@@ -196,6 +196,33 @@ class _NormBase(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
 
+def _normalise_with_running_stats(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Evaluation with the running statistics, per channel:
+    y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta, as x * scale + shift.
+
+    scale and shift are taken in at least float32 (half-precision buffers are upcast, so the
+    shift ~ -mean * scale keeps what a large mean leaves of y) and y is returned in x's dtype,
+    as torch's layers do for half-precision input to a float32 layer.
+    """
+    acc = torch.promote_types(running_var.dtype, torch.float32)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias
+    view = (-1,) + (1,) * (x.dim() - 2)
+    y = x * scale.view(view) + shift.view(view)  # (two ops: each vectorises on any layout)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 class RunningStatsMixin:
     """Running mean/variance buffers with torch's update rule.
 

@@ -18,6 +18,7 @@ from normzoo.norms._base import (
     _RENORM_DIAGNOSTICS,
     RunningStatsMixin,
     _is_small,
+    _normalise_with_running_stats,
     _NormBase,
     _scale_and_offset,
     once_differentiable_fast,
@@ -277,13 +278,9 @@ class BatchNorm(RunningStatsMixin, _NormBase):
                 self._update_running_stats(mean, var * (m / (m - 1)))
             return y
         assert self.running_mean is not None and self.running_var is not None
-        scale = torch.rsqrt(self.running_var + self.eps)  # (C,)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -self.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        return x * _channel_view(scale, x) + _channel_view(shift, x)
+        return _normalise_with_running_stats(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+        )
 
     def extra_repr(self) -> str:
         return (

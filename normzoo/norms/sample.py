@@ -28,6 +28,7 @@ from torch import Tensor
 from normzoo.norms._base import (
     RunningStatsMixin,
     _is_small,
+    _normalise_with_running_stats,
     _NormBase,
     once_differentiable_fast,
 )
@@ -502,13 +503,9 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         use_running = self.track_running_stats and not self.training
         if use_running:
             assert self.running_mean is not None and self.running_var is not None
-            scale = torch.rsqrt(self.running_var + self.eps)
-            shift = -self.running_mean * scale
-            if self.affine:
-                scale = scale * self.weight
-                shift = shift * self.weight + self.bias
-            view = (1, -1) + (1,) * (x.dim() - 2)
-            return torch.addcmul(shift.view(view), x, scale.view(view))
+            return _normalise_with_running_stats(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
         m = math.prod(x.shape[2:])
         if m == 1:
             raise ValueError(
