@@ -177,8 +177,19 @@ def _load_entry_points() -> None:
                 stacklevel=3,
             )
             continue
-        if isinstance(obj, NormSpec) and canonical_name(obj.name) not in _ALIASES:
+        if not isinstance(obj, NormSpec):
+            continue  # a module or class: it registered its layers when it was imported
+        owner = _ALIASES.get(canonical_name(obj.name))
+        if owner is not None and _REGISTRY[owner].cls is obj.cls:
+            continue  # registered by an earlier load (reload_plugins)
+        try:
             _add(obj)
+        except ValueError as exc:  # a name or alias taken: skip this plugin, keep the others
+            warnings.warn(
+                f"normzoo: norm plugin {ep.name!r} ({ep.value}) not registered: {exc}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _ensure_loaded() -> None:

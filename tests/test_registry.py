@@ -271,6 +271,7 @@ def test_restore_fixture_removed_the_plugin() -> None:
     """Runs after the plugin test: the registry is back to its own entries."""
     assert "fakenorm" not in normzoo.list_norms()
     assert "brokenplugin" not in normzoo.list_norms()
+    assert "goodafter" not in normzoo.list_norms()
 
 
 def test_broken_plugin_warns_and_the_registry_still_works(
@@ -283,8 +284,28 @@ def test_broken_plugin_warns_and_the_registry_still_works(
         [normzoo.norms]
         brokenplugin = {mod}
         missingplugin = nzplugin_does_not_exist_{mod}
+        clashname = {mod}_specs:NAME_TAKEN
+        clashalias = {mod}_specs:ALIAS_TAKEN
+        goodafter = {mod}_specs:GOOD
         """,
-        {mod: "raise ImportError('this plugin is broken on purpose')\n"},
+        {
+            mod: "raise ImportError('this plugin is broken on purpose')\n",
+            f"{mod}_specs": """
+            from torch import nn
+            from normzoo import NormSpec
+
+            class Scale(nn.Module):
+                def __init__(self, num_features):
+                    super().__init__()
+
+                def forward(self, x):
+                    return x
+
+            NAME_TAKEN = NormSpec(name="layernorm", cls=Scale)
+            ALIAS_TAKEN = NormSpec(name="clashy", cls=Scale, aliases=("ln",))
+            GOOD = NormSpec(name="goodafter", cls=Scale)
+            """,
+        },
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(RuntimeWarning) as record:
@@ -295,5 +316,11 @@ def test_broken_plugin_warns_and_the_registry_still_works(
         for m in messages
     )
     assert any("could not load norm plugin 'missingplugin'" in m for m in messages)
+    # a plugin whose name or alias is taken is skipped with a warning, and the plugins after it
+    # still load (an alias clash used to raise out of the loader and stop it)
+    assert any("'clashname'" in m and "'layernorm'" in m for m in messages)
+    assert any("'clashalias'" in m and "'ln'" in m for m in messages)
+    assert "goodafter" in normzoo.list_norms() and "clashy" not in normzoo.list_norms()
+    assert normzoo.get_norm("ln").name == "layernorm"
     assert set(SIX) <= set(normzoo.list_norms())
     assert normzoo.build_norm("ln", 4)(torch.randn(2, 4)).shape == (2, 4)
