@@ -43,6 +43,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -83,6 +84,15 @@ CONV_SHAPES: tuple[tuple[int, ...], ...] = (
     (8, 256, 14, 14),
 )
 DENSE_SHAPES: tuple[tuple[int, ...], ...] = ((256, 256), (2, 512))
+#: where ``normzoo-bench`` writes without ``--out`` (``--quick``: a temporary folder instead)
+DEFAULT_OUT = "reports/bench"
+
+#: bench.md's line for a ``--quick`` run
+_QUICK_NOTE = (
+    "- **smoke test** (`--quick`): too few and too short repeats for the ratios to mean much; "
+    "no verdicts on the targets"
+)
+
 #: ``--quick``: one tiny conv shape (C = 32 so GroupNorm's default 32 groups divide it)
 QUICK_SHAPES: tuple[tuple[int, ...], ...] = ((4, 32, 8, 8),)
 
@@ -496,6 +506,8 @@ class BenchConfig:
     backend: str = "inductor"
     threads: int | None = None
     seed: int = 0
+    #: a ``--quick`` smoke test: too few repeats for a verdict on the targets
+    quick: bool = False
 
 
 def _shapes_for(pairing: Pairing, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -552,11 +564,12 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(clean) if clean else math.nan
 
 
-def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(rows: Sequence[dict[str, Any]], *, verdicts: bool = True) -> list[dict[str, Any]]:
     """Per (device, layer): median ratios over shapes and pass/fail against :data:`TARGETS`.
 
     ``memory`` is the median over shapes of the eager saved-bytes ratio (``memory_max`` the worst
-    shape). A target is ``pass``/``FAIL``, or ``n/a`` when nothing was measured.
+    shape). A target is ``pass``/``FAIL``, or ``n/a`` when nothing was measured (``smoke`` for
+    every target with ``verdicts=False``: a ``--quick`` run is too short to judge).
 
     ``native_fused`` is a reference, not a target: the median over shapes of the *baseline's*
     compiled time over its eager time (matched by shape), i.e. how torch's own decomposition of the
@@ -594,7 +607,11 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for metric, target in TARGETS.items():
             v = s[metric]
-            s[f"{metric}_ok"] = "n/a" if math.isnan(v) else ("pass" if v <= target else "FAIL")
+            s[f"{metric}_ok"] = (
+                "n/a"
+                if math.isnan(v)
+                else ("smoke" if not verdicts else ("pass" if v <= target else "FAIL"))
+            )
         out.append(s)
     return out
 
@@ -755,7 +772,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "bench.csv", "md": out / "bench.md", "png": out / "bench_ratios.png"}
     pd.DataFrame(list(rows), columns=list(CSV_COLUMNS)).to_csv(paths["csv"], index=False)
-    summary = summarise(rows)
+    summary = summarise(rows, verdicts=not config.quick)
     _plot(rows, summary, paths["png"])
 
     md = ["# normzoo-bench: from-scratch layers vs native torch", ""]
@@ -764,6 +781,7 @@ def write_report(
         f"- **settings**: dtype {config.dtype}, repeats {config.repeats}, warm-up {config.warmup}, "
         f"min block time {config.min_time} s, compile {'on (' + config.backend + ')' if config.compile else 'off'}",
         f"- **wall time of the run**: {wall_s:.0f} s",
+        *([_QUICK_NOTE] if config.quick else []),
         "",
         "## What is measured",
         "",
@@ -939,11 +957,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--note", default="", help="free text recorded in bench.md (e.g. machine load)")
-    p.add_argument("--out", default="reports/bench", help="output folder (default reports/bench)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"output folder (default {DEFAULT_OUT}; with --quick <temp dir>/normzoo-bench-quick, "
+        "so a smoke test never overwrites the shipped benchmark)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: shape 4,32,8,8, 2 repeats, 1 warm-up, 1 step per block, no compile",
+        help="smoke test: shape 4,32,8,8, 2 repeats, 1 warm-up, 1 step per block, no compile; "
+        "no pass/FAIL verdicts",
     )
     return p
 
@@ -967,6 +991,7 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
         backend=args.backend,
         threads=args.threads,
         seed=args.seed,
+        quick=quick,
     )
     if cfg.repeats < 1 or cfg.warmup < 0 or cfg.min_time < 0:
         raise SystemExit("normzoo-bench: need --repeats >= 1, --warmup >= 0, --min-time >= 0")
@@ -1014,9 +1039,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         info["load average at end (1/5/15 min)"] = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     if args.note:
         info["note"] = args.note
-    paths = write_report(rows, args.out, info=info, config=config, wall_s=time.perf_counter() - t0)
+    out = args.out
+    if out is None:
+        out = Path(tempfile.gettempdir(), "normzoo-bench-quick") if config.quick else DEFAULT_OUT
+    paths = write_report(rows, out, info=info, config=config, wall_s=time.perf_counter() - t0)
     print(f"normzoo-bench: wrote {paths['md']}, {paths['csv']}, {paths['png']}", file=sys.stderr)
-    for s in summarise(rows):
+    for s in summarise(rows, verdicts=not config.quick):
         print(
             f"{s['device']} {s['layer']:>12s} vs {s['baseline']:<17s} eager {_fmt(s['eager'])} "
             f"({s['eager_ok']}), compiled {_fmt(s['compiled'])} ({s['compiled_ok']}), "

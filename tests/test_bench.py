@@ -64,6 +64,19 @@ def test_quick_run_writes_a_row_per_benchmarked_layer(tmp_path) -> None:
     assert png.startswith(b"\x89PNG") and len(png) > 1000
 
 
+def test_quick_run_without_out_leaves_the_shipped_benchmark_alone(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A smoke test writes to a temporary folder, not to reports/bench, and judges nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert main(["--quick", "--device", "cpu", "--norms", "layernorm"]) == 0
+    assert not (tmp_path / "reports").exists()
+    md = (tmp_path / "tmp" / "normzoo-bench-quick" / "bench.md").read_text()
+    assert "smoke test" in md and " pass |" not in md and "FAIL" not in md
+    assert "(smoke)" in capsys.readouterr().out
+
+
 def test_saved_bytes_counts_one_known_tensor() -> None:
     class SavesOne(torch.autograd.Function):
         @staticmethod
