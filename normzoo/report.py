@@ -149,7 +149,9 @@ def _uses_batch_stats(norm: str, column: Any) -> bool | None:
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """Add the report's columns to a ``load_sweep`` frame.
 
-    ``layer`` (display name; the model/data is appended when the sweep varies them), ``norm_base``,
+    ``layer`` (display name; the model/data is appended when the sweep varies them, and the
+    run's ``variant`` when runs of that layer differ in other settings, so that such runs are
+    separate series and never pooled as seeds), ``norm_base``,
     ``batch_stats`` (bool), errors in percent (``err_ema``, ``err_batch``, ``err_precise``,
     ``err_train``) and per-run paired differences in points: ``ema_minus_precise``,
     ``ema_minus_batch``, ``gap_ema`` = |EMA - batch|, ``gap_precise`` = |PreciseBN - batch|,
@@ -163,7 +165,18 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     label = df["norm"].map(display_name)
     for c in variants:
         label = label + " · " + df[c].astype(str)
+    df["layer_base"] = label
+    if "variant" in df:
+        extra = df["variant"].astype(object).where(df["variant"].notna(), "").astype(str)
+        label = label.where(extra.eq(""), label + " · " + extra)
     df["layer"] = label
+    ok = ok_runs(df)
+    if "config_id" in df and "batch_size" in df and not ok.empty:
+        # a last guard: one series never holds two configs
+        ids = ok["config_id"].astype(object).where(ok["config_id"].notna(), "none")
+        n_ids = ids.groupby([ok["layer"], ok["batch_size"]]).transform("nunique")
+        clash = ok.index[ok["layer"].isin(ok.loc[n_ids > 1, "layer"])]  # the whole series
+        df.loc[clash, "layer"] = df.loc[clash, "layer"] + " · config " + ids[clash].str[:6]
     df["norm_base"] = df["norm"].map(_base_norm)
     flags = df["uses_batch_stats"] if "uses_batch_stats" in df else pd.Series(None, index=df.index)
     df["batch_stats"] = [
@@ -654,12 +667,55 @@ def _clip_claims(t: _Table) -> list[str]:
     return out
 
 
+def _series_claims(runs: pd.DataFrame) -> list[str]:
+    """Runs of one layer that differ in settings other than seed and batch size are separate
+    series; say so, naming the settings."""
+    if "variant" not in runs or "layer_base" not in runs:
+        return []
+    ok = ok_runs(runs)
+    ok = ok[ok["variant"].fillna("").astype(str).ne("")]
+    out = []
+    for base, group in ok.groupby("layer_base", sort=False):
+        keys = list(
+            dict.fromkeys(
+                part.split("=", 1)[0] for v in group["variant"] for part in str(v).split(", ")
+            )
+        )
+        series = sorted(group["layer"].unique())
+        out.append(
+            f"{base}'s runs differ in {_join(keys)} (besides seed and batch size), so they are "
+            f"separate series, not pooled as seeds: {_join(series)}."
+        )
+    return out
+
+
+def _duplicate_claims(df: pd.DataFrame) -> list[str]:
+    if "superseded_by" not in df:
+        return []
+    by = df["superseded_by"].dropna().astype(str)
+    dup = by[by.str.endswith("(same config and seed)")]
+    if dup.empty:
+        return []
+    names = [Path(str(d)).name for d in df.loc[dup.index, "run_dir"].dropna()][:3]
+    more = f" and {len(dup) - len(names)} more" if len(dup) > len(names) else ""
+    return [
+        f"{len(dup)} run{'s' if len(dup) > 1 else ''} repeat{'' if len(dup) > 1 else 's'} the "
+        f"config and seed of another run (e.g. a layer alias such as bn for batchnorm) and "
+        f"{'are' if len(dup) > 1 else 'is'} counted once, not as extra seeds: "
+        f"{_join([f'`{n}`' for n in names]) + more} (see 'Runs that are not ok')."
+    ]
+
+
 def _run_claims(df: pd.DataFrame) -> list[str]:
-    counts = df["status"].value_counts()
+    sup = (
+        df["superseded"].fillna(False).astype(bool)
+        if "superseded" in df
+        else pd.Series(False, index=df.index)
+    )
+    counts = df.loc[~sup, "status"].value_counts()
     total = int(counts.sum())
     ok = int(counts.get("ok", 0))
-    dup = int(df["superseded"].sum()) if "superseded" in df else 0
-    if ok == total - dup:
+    if ok == total:
         return [f"All {ok} runs finished ok."]
     others = ", ".join(f"{n} {s}" for s, n in counts.items() if s != "ok")
     return [f"{ok} of {total} runs finished ok ({others}); only ok runs enter the numbers above."]
@@ -670,7 +726,11 @@ def findings(df: pd.DataFrame) -> list[str]:
     runs = prepare(df)
     ok = ok_runs(runs)
     if ok.empty:
-        return ["No run finished ok: there is nothing to compare.", *_run_claims(runs)]
+        return [
+            "No run finished ok: there is nothing to compare.",
+            *_duplicate_claims(runs),
+            *_run_claims(runs),
+        ]
     t = _Table(_summary(ok), ok)
     out: list[str] = []
     out += _degradation_claims(t)
@@ -680,6 +740,8 @@ def findings(df: pd.DataFrame) -> list[str]:
     out += _zero_mismatch_claims(ok, t)
     out += _dependence_claims(t)
     out += _clip_claims(t)
+    out += _series_claims(runs)
+    out += _duplicate_claims(runs)
     out += _run_claims(runs)
     return [s[:1].upper() + s[1:] for s in out]
 
@@ -1142,6 +1204,8 @@ def write_report(
             prob[col] = pd.to_numeric(prob[col], errors="coerce").astype("Int64")
     if "superseded" in problems:
         prob["superseded"] = problems["superseded"]
+    if "superseded_by" in df and df.loc[problems.index, "superseded_by"].notna().any():
+        prob["superseded_by"] = df.loc[problems.index, "superseded_by"]
     write_csv(prob, out / "problems.csv")
 
     md: list[str] = [f"# {title}", ""]
@@ -1267,7 +1331,9 @@ def write_report(
             "`failed`: an exception; `diverged`: non-finite loss; `invalid`: an impossible "
             "combination; `missing`: a run dir without `metrics.json` (killed or still running); "
             "`corrupt`: an unreadable `metrics.json`; `not_started`: expected by `multirun.yaml`, "
-            "no run dir; `superseded`: the same job has a better run elsewhere (not counted).",
+            "no run dir; `superseded`: the same job, or the same config and seed (an alias such as "
+            "`norm=bn` for `norm=batchnorm`), has a better or newer run elsewhere, named in "
+            "`superseded_by` (not counted).",
             "",
             _md_table(prob.assign(error=prob["error"].astype(str).str.slice(0, 200)), index=False),
             "",

@@ -18,12 +18,20 @@ per job (``<sweep dir>/<override_dirname>/`` here) holding ``.hydra/`` and, once
 * each run dir is one row, and each expected job one row at most: a job that matches a run dir is
   not listed again as ``not_started``. If two run dirs hold the same job (the same overrides), the
   better one (ok first, then the newest) is kept and the other is marked ``superseded`` so
-  aggregations never count a run twice.
+  aggregations never count a run twice. The same holds for two run dirs of different jobs that
+  resolve to the same config and seed (``norm=bn`` and ``norm=batchnorm``): they are one
+  measurement, not two seeds. ``superseded_by`` names the kept run dir and why.
+* ``variant``: ``""``, or, where runs of the same layer, model and data set differ in a
+  result-relevant config key other than the batch size and the seed, those keys and this run's
+  values (``"base_lr=0.1"``, ``"epochs=1"``), so that such runs form separate series instead of
+  being pooled as seeds; ``"config not recorded"`` for a finished run without a ``config``
+  section beside runs of the same layer that have one.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -35,6 +43,7 @@ import pandas as pd
 
 __all__ = [
     "FINISHED_STATUSES",
+    "NEUTRAL_CONFIG_KEYS",
     "aggregate_seeds",
     "expected_jobs",
     "find_run_dirs",
@@ -50,6 +59,23 @@ FINISHED_STATUSES = ("ok", "failed", "diverged", "invalid")
 #: nested sections of metrics.json whose keys become plain column names
 _HOISTED = ("config", "cfg", "metrics", "final", "result", "results", "diagnostics", "timing")
 _FIRST_COLUMNS = ("norm", "batch_size", "seed", "status", "error")
+#: config keys that never change a run's result (on top of ``normzoo.train.RESULT_NEUTRAL_KEYS``):
+#: runs that differ only here are the same measurement. ``hydra.*`` keys are neutral too.
+NEUTRAL_CONFIG_KEYS = frozenset(
+    {
+        "resume",
+        "train.progress",
+        "train.checkpoint",
+        "report.out",
+        "threads",
+        "device",
+        "data.root",
+        "data.download",
+        "study",
+    }
+)
+#: config keys that are the axes of a report, not a difference between series
+_AXIS_KEYS = frozenset({"seed", "data.batch_size", "norm.name", "model.name", "data.name"})
 
 
 def find_run_dirs(sweep_dir: str | os.PathLike[str]) -> list[Path]:
@@ -212,6 +238,62 @@ def _canonical_norm(name: str) -> str:
         return name
 
 
+@functools.lru_cache(maxsize=1)
+def _neutral_keys() -> frozenset[str]:
+    keys = set(NEUTRAL_CONFIG_KEYS)
+    try:  # the trainer's own list, so that a key it learns to ignore is ignored here too
+        from normzoo.train import RESULT_NEUTRAL_KEYS
+
+        keys |= set(RESULT_NEUTRAL_KEYS)
+    except Exception:  # pragma: no cover - the analysis must not need the trainer
+        pass
+    return frozenset(keys)
+
+
+def _flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested or dotted config -> ``{"a.b": value}``; lists kept (a model's widths matter)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat_config(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def run_config(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The result-relevant config of one ``metrics.json`` record, without ``seed``: the flattened
+    ``config`` section with the norm name resolved (``bn`` -> ``batchnorm``), the keys of
+    :data:`NEUTRAL_CONFIG_KEYS` and ``hydra.*`` left out, and ``norm_options`` of other layers
+    dropped. None when the record has no ``config`` section."""
+    cfg = data.get("config")
+    if not isinstance(cfg, Mapping):
+        return None
+    flat = _flat_config(cfg)
+    name = flat.get("norm.name", flat.get("norm", data.get("norm")))
+    norm = _canonical_norm(str(name)) if name is not None else None
+    for key in ("norm.name", "norm"):
+        if isinstance(flat.get(key), str):
+            flat[key] = norm
+    neutral = _neutral_keys()
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in neutral or key == "seed" or key.startswith("hydra."):
+            continue
+        if key.startswith("norm_options."):
+            parts = key.split(".")
+            if len(parts) > 2 and _canonical_norm(parts[1]) != norm:
+                continue  # another layer's options do not touch this run
+        out[key] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _config_id(config: Mapping[str, Any]) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def _read_run(run_dir: Path) -> dict[str, Any]:
     overrides = _job_overrides(run_dir)
     row: dict[str, Any] = {}
@@ -227,6 +309,9 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
             row = _tidy(data)
             row["status"] = str(row.get("status") or "unknown")
             row.setdefault("error", None)
+            config = run_config(data)
+            row["_config"] = config
+            row["config_id"] = _config_id(config) if config is not None else None
     else:
         # an atomic writer killed mid-write leaves its temp file (".metrics.json.<rand>.tmp")
         partial = sorted(p.name for p in run_dir.glob(f"*{METRICS_FILE}*"))
@@ -270,9 +355,15 @@ def load_sweep(path: str | os.PathLike[str]) -> pd.DataFrame:
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
-        return pd.DataFrame(columns=[*_FIRST_COLUMNS, "overrides", "run_dir", "superseded"])
-    df["superseded"] = _superseded(df)
-    df = df.drop(columns="_mtime")
+        return pd.DataFrame(
+            columns=[*_FIRST_COLUMNS, "overrides", "run_dir", "superseded", "superseded_by"]
+        )
+    for col in ("_config", "config_id"):
+        if col not in df:
+            df[col] = None
+    df["superseded"], df["superseded_by"] = _superseded(df)
+    df["variant"] = _variants(df)
+    df = df.drop(columns=["_mtime", "_config"])
     first = [c for c in _FIRST_COLUMNS if c in df.columns]
     df = df[first + [c for c in df.columns if c not in first]]
     sort = [c for c in ("norm", "batch_size", "seed") if c in df.columns]
@@ -281,16 +372,83 @@ def load_sweep(path: str | os.PathLike[str]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _superseded(df: pd.DataFrame) -> pd.Series:
-    """True for a row whose job (same overrides) another run dir answers better."""
+def _superseded(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(superseded, superseded_by): True for a row whose job (same overrides), or whose config and
+    seed (same ``config_id`` and ``seed``), another run dir answers better (ok first, then the
+    newest); ``superseded_by`` names that run dir and the reason."""
     rank = df["status"].map(lambda s: 0 if s == "ok" else 1 if s in FINISHED_STATUSES else 2)
     order = pd.DataFrame({"rank": rank, "mtime": -df["_mtime"]}, index=df.index)
-    keep = pd.Series(True, index=df.index)
-    ident = df["overrides"]
-    for _, group in order[ident.notna()].groupby(ident[ident.notna()]):
-        best = group.sort_values(["rank", "mtime"], kind="stable").index[0]
-        keep[group.index.difference([best])] = False
-    return ~keep
+    by = pd.Series(None, index=df.index, dtype=object)
+    seed = df["seed"] if "seed" in df else pd.Series(None, index=df.index, dtype=object)
+    config_key = pd.Series(
+        [
+            None if pd.isna(c) or s is None or pd.isna(s) else f"{c}/seed {s}"
+            for c, s in zip(df["config_id"], seed.astype(object), strict=True)
+        ],
+        index=df.index,
+        dtype=object,
+    )
+    for ident, reason in ((df["overrides"], "same job"), (config_key, "same config and seed")):
+        live = ident.notna() & by.isna()
+        for _, group in order[live].groupby(ident[live]):
+            if len(group) < 2:
+                continue
+            best = group.sort_values(["rank", "mtime"], kind="stable").index[0]
+            name = df.at[best, "run_dir"] or df.at[best, "overrides"]
+            by[group.index.difference([best])] = f"{name} ({reason})"
+    return by.notna(), by
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return "unset" if value is _UNSET else str(value)
+
+
+_UNSET = object()
+
+
+def _variants(df: pd.DataFrame) -> pd.Series:
+    """Per row: the result-relevant config keys (other than the batch size and the seed) on which
+    the ok runs of its layer, model and data set differ, with this row's values; "" if none."""
+    out = pd.Series("", index=df.index, dtype=object)
+    base_cols = [c for c in ("norm", "model", "data") if c in df]
+    if not base_cols:
+        return out
+    base = pd.Series(
+        ["/".join(map(str, values)) for values in df[base_cols].astype(object).itertuples(False)],
+        index=df.index,
+    )
+    has_config = df["_config"].map(lambda c: isinstance(c, Mapping))
+    counted = has_config & df["status"].eq("ok") & ~df["superseded"]
+    # a run without a recorded config (an older metrics.json) is not pooled with recorded ones
+    norm = df["norm"].astype(object) if "norm" in df else base
+    mixed = norm.isin(norm[counted]) & ~has_config & df["status"].isin(FINISHED_STATUSES)
+    out[mixed] = "config not recorded"
+    for key in base[has_config].unique():
+        members = df.index[has_config & base.eq(key)]
+        ok = [df.at[i, "_config"] for i in members if counted[i]]
+        keys = sorted({k for cfg in ok for k in cfg} - _AXIS_KEYS)
+        varying = [
+            k
+            for k in keys
+            if len({json.dumps(cfg.get(k, "\0unset"), sort_keys=True) for cfg in ok}) > 1
+        ]
+        if not varying:
+            continue
+        leaves = [k.rsplit(".", 1)[-1] for k in varying]
+        names = [
+            leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(varying, leaves, strict=True)
+        ]
+        for i in members:
+            cfg = df.at[i, "_config"]
+            out[i] = ", ".join(
+                f"{n}={_value_text(cfg.get(k, _UNSET))}"
+                for n, k in zip(names, varying, strict=True)
+            )
+    return out
 
 
 def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -310,14 +468,18 @@ def aggregate_seeds(
 ) -> pd.DataFrame:
     """Mean, std (ddof=1; NaN for one seed), min, max and n over seeds per ``by`` group.
 
-    Uses :func:`ok_runs` only. ``metrics`` defaults to every numeric column except the group keys
-    and ``seed``. Columns are ``<metric>_mean``, ``<metric>_std``, ``<metric>_min``,
+    Uses :func:`ok_runs` only. Runs with different ``config_id`` (settings other than the seed)
+    are never pooled: ``config_id`` is added to ``by`` when the frame has it. ``metrics`` defaults
+    to every numeric column except the group keys and ``seed``. Columns are ``<metric>_mean``, ``<metric>_std``, ``<metric>_min``,
     ``<metric>_max``, ``<metric>_n`` (n counts the seeds where the metric is not NaN).
     """
     runs = ok_runs(df)
-    by = [b for b in by if b in runs.columns]
+    wanted = list(by)
+    by = [b for b in wanted if b in runs.columns]
     if not by:
-        raise ValueError(f"aggregate_seeds: none of the group columns {list(by)} is in the frame")
+        raise ValueError(f"aggregate_seeds: none of the group columns {wanted} is in the frame")
+    if "config_id" in runs.columns and "config_id" not in by:
+        by.append("config_id")
     if metrics is None:
         numeric = runs.select_dtypes("number").columns
         metrics = [c for c in numeric if c not in by and c != "seed"]

@@ -350,3 +350,68 @@ def test_report_from_a_real_one_epoch_sweep(tmp_path: Path) -> None:
         assert (report / name).is_file()
     assert main([str(sweep), "--out", str(tmp_path / "again")]) == 0
     assert "## Findings" in (tmp_path / "again" / "report.md").read_text()
+
+
+def _configured_sweep(root: Path) -> Path:
+    """norm=bn,batchnorm x optim.base_lr=0.05,0.1 at batch 32, seed 0 (four run dirs, two runs),
+    and a one-off 1-epoch run: as `normzoo-train -m` writes them, with the config section."""
+    runs = {
+        "norm=bn,optim.base_lr=0.05": ("bn", 0.05, 6, 0.0724),
+        "norm=batchnorm,optim.base_lr=0.05": ("batchnorm", 0.05, 6, 0.0724),
+        "norm=bn,optim.base_lr=0.1": ("bn", 0.1, 6, 0.0529),
+        "norm=batchnorm,optim.base_lr=0.1": ("batchnorm", 0.1, 6, 0.0529),
+        "norm=batchnorm,train.epochs=1": ("batchnorm", 0.05, 1, 0.20),
+    }
+    for i, (name, (norm, lr, epochs, err)) in enumerate(runs.items()):
+        d = root / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(name.split(",")))
+        metrics = _row("batchnorm", 32, 0, _degrading)
+        metrics["test_error"] = err
+        metrics.pop("run_dir")
+        metrics["config"] = {
+            "norm.name": norm,
+            "model.name": "mlp",
+            "data.batch_size": 32,
+            "optim.base_lr": lr,
+            "train.epochs": epochs,
+            "seed": 0,
+            "threads": i,  # never changes a result
+        }
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        os.utime(d / "metrics.json", (1000 + i, 1000 + i))
+    return root
+
+
+def test_runs_with_other_settings_or_the_same_seed_are_not_pooled_as_seeds(
+    tmp_path: Path,
+) -> None:
+    """The report pooled these five runs as 'BatchNorm B=32, up to 5 seeds'; every one is seed 0:
+    two learning rates, each twice (alias bn), and a 1-epoch run."""
+    sweep = _configured_sweep(tmp_path / "sweep")
+    text = build_report(sweep, tmp_path / "out").read_text()
+    assert "up to 1 seeds per point" in text
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("layer")
+    assert summary["err_ema_n"].to_dict() == {
+        "BatchNorm · base_lr=0.05, epochs=6": 1,
+        "BatchNorm · base_lr=0.1, epochs=6": 1,
+        "BatchNorm · base_lr=0.05, epochs=1": 1,
+    }
+    assert summary.loc["BatchNorm · base_lr=0.1, epochs=6", "err_ema_mean"] == pytest.approx(5.29)
+    assert "| BatchNorm · base_lr=0.05, epochs=6 | 7.2 |" in text
+    lines = findings(load_sweep(sweep))
+    _sentence(lines, r"^BatchNorm's runs differ in base_lr and epochs .* not pooled as seeds")
+    dup = _sentence(lines, r"^2 runs repeat the config and seed of another run")
+    assert "`norm=bn,optim.base_lr=0.05`" in dup and "`norm=bn,optim.base_lr=0.1`" in dup
+    assert lines[-1] == "All 3 runs finished ok."
+    problems = pd.read_csv(tmp_path / "out" / "problems.csv")
+    assert len(problems) == 2 and problems["superseded"].all()
+    assert problems["superseded_by"].str.contains("norm=batchnorm,optim.base_lr=").all()
+
+
+def test_a_series_never_holds_two_configs(tmp_path: Path) -> None:
+    """The last guard: rows of one label with different config_id become separate series."""
+    df = _frame(norms=("batchnorm", "layernorm")).assign(config_id="a1b2c3d4e5f6")
+    df.loc[(df["norm"] == "batchnorm") & (df["seed"] == 2), "config_id"] = "ffffff000000"
+    text = write_report(df, tmp_path).read_text()
+    assert "| BatchNorm · config a1b2c3 |" in text and "| BatchNorm · config ffffff |" in text

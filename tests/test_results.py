@@ -7,6 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -259,3 +260,82 @@ def test_normzoo_report_lists_a_corrupt_metrics_json_and_does_not_fail(
     assert ".metrics.json.x1.tmp" in text  # named as a partial file, not counted as a result
     df = load_sweep(sweep)
     assert sorted(df["status"]) == ["corrupt", "missing", "ok"] and df["overrides"].is_unique
+
+
+def _configured(norm: str, seed: int, batch: int = 32, error: float = 0.05, **config: Any) -> dict:
+    """A metrics.json with a full ``config`` section as normzoo.train writes it (dotted keys)."""
+    data = _metrics("batchnorm" if norm == "bn" else norm, batch, seed)
+    data["test_error"] = error
+    data["config"] = {
+        "norm.name": norm,
+        "norm.momentum": 0.1,
+        "norm_options": {"groupnorm": {"num_groups": 8}},
+        "model.name": "cnn",
+        "model.channels": [8, 16],
+        "data.name": "digits",
+        "data.batch_size": batch,
+        "data.root": "data",
+        "optim.base_lr": 0.05,
+        "train.epochs": 6,
+        "train.progress": "auto",
+        "report.out": "reports/digits",
+        "seed": seed,
+        "device": "cpu",
+        "threads": 1,
+        **config,
+    }
+    return data
+
+
+def test_an_alias_run_is_the_same_run_not_another_seed(tmp_path: Path) -> None:
+    """norm=bn and norm=batchnorm with the same seed and settings are one measurement (they
+    were pooled as two seeds): one is kept, the other superseded, naming the kept one."""
+    bn = _run_dir(tmp_path, ["norm=bn", "seed=0"], _configured("bn", 0, error=0.07))
+    full = _run_dir(tmp_path, ["norm=batchnorm", "seed=0"], _configured("batchnorm", 0, error=0.07))
+    os.utime(bn / "metrics.json", (1, 1))  # the older one goes
+    df = load_sweep(tmp_path)
+    assert df["config_id"].nunique() == 1 and df["superseded"].sum() == 1
+    assert ok_runs(df)["run_dir"].tolist() == [str(full)]
+    kept = df.set_index("run_dir").loc[str(bn), "superseded_by"]
+    assert kept == f"{full} (same config and seed)"
+    agg = aggregate_seeds(df, ["test_error"])
+    assert agg["n_runs"].tolist() == [1] and agg["test_error_n"].tolist() == [1]
+
+
+def test_runs_that_differ_in_settings_are_separate_series(tmp_path: Path) -> None:
+    """Two learning rates and a one-off 1-epoch run are not seeds of one point (they were pooled:
+    n = 4 seeds at one batch size); keys that never change a result do not split a series."""
+    for seed in (0, 1):
+        _run_dir(tmp_path, [f"lr0.05,seed={seed}"], _configured("batchnorm", seed, error=0.07))
+        _run_dir(
+            tmp_path,
+            [f"lr0.1,seed={seed}"],
+            _configured("batchnorm", seed, **{"optim.base_lr": 0.1}),
+        )
+    _run_dir(tmp_path, ["oneoff"], _configured("batchnorm", 2, error=0.5, **{"train.epochs": 1}))
+    # neutral keys only (threads, device, data.root, progress, report.out): the same config
+    neutral = {"threads": 4, "device": "cuda", "data.root": "/x", "train.progress": "none"}
+    _run_dir(
+        tmp_path,
+        ["neutral"],
+        _configured("batchnorm", 3, error=0.07, **neutral, **{"report.out": None}),
+    )
+    df = load_sweep(tmp_path)
+    variant = df.set_index(df["run_dir"].map(lambda d: Path(d).name))["variant"]
+    assert variant["lr0.05,seed=0"] == "base_lr=0.05, epochs=6"
+    assert variant["lr0.1,seed=1"] == "base_lr=0.1, epochs=6"
+    assert variant["oneoff"] == "base_lr=0.05, epochs=1"
+    assert variant["neutral"] == variant["lr0.05,seed=0"]
+    agg = aggregate_seeds(df, ["test_error"])
+    assert sorted(agg["test_error_n"]) == [1, 2, 3]
+    assert not df["superseded"].any()  # different seeds: nothing is a duplicate
+
+
+def test_a_run_without_a_recorded_config_is_not_pooled_with_recorded_ones(tmp_path: Path) -> None:
+    _run_dir(tmp_path, ["new"], _configured("batchnorm", 0))
+    old = _metrics("batchnorm", 32, 1)
+    del old["config"]
+    _run_dir(tmp_path, ["old"], old)
+    df = load_sweep(tmp_path)
+    assert sorted(df["variant"]) == ["", "config not recorded"]
+    assert aggregate_seeds(df, ["test_error"])["test_error_n"].tolist() == [1, 1]
