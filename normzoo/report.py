@@ -69,7 +69,9 @@ RULES = {
     "paired": (
         "an effect measured on the same runs (EMA vs PreciseBN, EMA vs batch statistics) is the "
         "mean of per-run differences; it is real when |mean| > t(0.975, n-1) x standard error "
-        "and > 0.1 points"
+        "and > 0.1 points; when every run shows the same difference (zero spread, so no error "
+        "estimate; e.g. one test sample in every seed) or there is a single run, when "
+        "|mean| > 3 points. One rule decides both directions and 'no clear difference'"
     ),
     "ranking": (
         "the best and worst layer at the smallest batch are picked from several, so they must "
@@ -314,6 +316,9 @@ def _num(c: _Cell, digits: int = 3) -> str:
     return f"{c.mean:.{places}f} (1 seed)"
 
 
+#: a spread of per-run differences below this (points) is float noise on equal differences
+_ZERO_SPREAD = 1e-4
+
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -348,11 +353,9 @@ def _paired(c: _Cell, min_effect: float = 0.1) -> int:
     """Sign of a per-run paired difference when it is clear (RULES['paired']), else 0."""
     if not c.valid:
         return 0
-    if c.n > 1:
-        se = c.se()
-        se = 0.0 if math.isnan(se) else se
-        clear = abs(c.mean) > _t975(c.n - 1) * se and abs(c.mean) > min_effect
-    else:
+    if c.n > 1 and not math.isnan(c.std) and c.std > _ZERO_SPREAD:
+        clear = abs(c.mean) > _t975(c.n - 1) * c.se() and abs(c.mean) > min_effect
+    else:  # one run, or all runs equal: the spread gives no error estimate
         clear = abs(c.mean) > 3.0
     return int(np.sign(c.mean)) if clear else 0
 
@@ -551,6 +554,7 @@ def _precise_claims(t: _Table) -> list[str]:
         cells = {b: t.cell(layer, b, "ema_minus_precise") for b in bs}
         better = [b for b in bs if _paired(cells[b]) > 0]
         worse = [b for b in bs if _paired(cells[b]) < 0]
+        # one rule (RULES['paired']) decides 'lowers', 'raises' and 'no clear difference'
         if better:
             b = max(better, key=lambda k: cells[k].mean)
             text = (
@@ -560,6 +564,22 @@ def _precise_claims(t: _Table) -> list[str]:
                 f"{_pct(t.cell(layer, b, 'err_precise'))} with population statistics "
                 f"(paired difference {_pct(cells[b], ' points')})."
             )
+            if worse:
+                w = min(worse, key=lambda k: cells[k].mean)
+                text += (
+                    f" It raises the error at {_sizes(worse)} (at batch {w}: paired difference "
+                    f"{_pct(cells[w], ' points')})."
+                )
+        elif worse:
+            w = min(worse, key=lambda k: cells[k].mean)
+            rest = [b for b in bs if b not in worse]
+            text = (
+                f"PreciseBN recalibration raises {layer}'s error at {_sizes(worse)}: at batch "
+                f"{w} from {_pct(t.cell(layer, w, 'err_ema'))} with EMA statistics to "
+                f"{_pct(t.cell(layer, w, 'err_precise'))} with population statistics (paired "
+                f"difference EMA − PreciseBN {_pct(cells[w], ' points')})"
+                + (f"; no clear difference at {_sizes(rest)}." if rest else ".")
+            )
         else:
             b = max(bs, key=lambda k: abs(cells[k].mean))
             text = (
@@ -567,8 +587,6 @@ def _precise_claims(t: _Table) -> list[str]:
                 f"largest paired change (EMA − PreciseBN) is {_pct(cells[b], ' points')} at "
                 f"batch {b}."
             )
-        if worse:
-            text += f" PreciseBN raises its error at {_sizes(worse)}."
         out.append(text)
         lo = bs[0]
         ema_gap, pre_gap = t.cell(layer, lo, "gap_ema"), t.cell(layer, lo, "gap_precise")

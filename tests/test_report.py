@@ -409,6 +409,24 @@ def test_runs_with_other_settings_or_the_same_seed_are_not_pooled_as_seeds(
     assert problems["superseded_by"].str.contains("norm=batchnorm,optim.base_lr=").all()
 
 
+def test_precisebn_findings_never_contradict_themselves() -> None:
+    """'No clear difference at any batch size ... raises its error at batch size 8' was printed
+    when PreciseBN clearly raised the error at one batch size and lowered it nowhere; and a
+    difference of one test sample in every seed (zero spread) was called a clear effect."""
+    df = _frame(norms=("batchnorm", "layernorm"))
+    bn = df["norm"] == "batchnorm"
+    noise = (df["seed"] - 1) * 0.001  # -0.1, 0, +0.1 points: no effect
+    df.loc[bn, "test_error_precise"] = df["test_error"] + noise
+    at8 = bn & df["batch_size"].eq(8)
+    df.loc[at8, "test_error_precise"] = df["test_error"] + 0.05 + noise  # clearly worse
+    at32 = bn & df["batch_size"].eq(32)
+    df.loc[at32, "test_error_precise"] = df["test_error"] + 1 / 360  # one sample, every seed
+    lines = findings(df)
+    assert not any("no clear difference to BatchNorm" in s and "raises" in s for s in lines)
+    line = _sentence(lines, r"^PreciseBN recalibration raises BatchNorm's error")
+    assert "at batch size 8:" in line and "no clear difference at batch sizes 2 and 32" in line
+
+
 def test_a_series_never_holds_two_configs(tmp_path: Path) -> None:
     """The last guard: rows of one label with different config_id become separate series."""
     df = _frame(norms=("batchnorm", "layernorm")).assign(config_id="a1b2c3d4e5f6")
