@@ -45,7 +45,14 @@ from matplotlib.lines import Line2D
 from omegaconf import DictConfig, OmegaConf
 
 from normzoo.published import GN_PAPER_RESNET50
-from normzoo.results import aggregate_seeds, load_layers, load_sweep, ok_runs, write_csv
+from normzoo.results import (
+    FINISHED_STATUSES,
+    aggregate_seeds,
+    load_layers,
+    load_sweep,
+    ok_runs,
+    write_csv,
+)
 
 __all__ = [
     "RULES",
@@ -995,8 +1002,9 @@ def _degradation_tables(t: _Table) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
             )
             err_md[layer][b] = _pm(c)
             deg_md[layer][b] = f"{points:+.1f} ({ratio:.2f}×)" if b != bs[-1] else "ref."
-    err = pd.DataFrame(err_md).T
-    deg = pd.DataFrame(deg_md).T
+    # columns in batch order, whichever layer lists a batch first
+    err = pd.DataFrame(err_md).T.sort_index(axis=1)
+    deg = pd.DataFrame(deg_md).T.sort_index(axis=1)
     for frame in (err, deg):
         frame.columns = [f"B={b}" for b in frame.columns]
         frame.index.name = "layer"
@@ -1176,19 +1184,25 @@ def _elapsed(ok: pd.DataFrame) -> float | None:
     return float((end - start).total_seconds())
 
 
-def _settings(ok: pd.DataFrame) -> pd.DataFrame:
-    """Config values shared by every ok run (the study's fixed settings)."""
+def _settings(df: pd.DataFrame) -> pd.DataFrame:
+    """Config values shared by every run of the sweep, not only the ok ones: a run that failed,
+    is invalid or never finished counts wherever it records (or its overrides set) the key.
+    Superseded runs are left out; a key that a finished run lacks is not shared."""
     plain = ("model", "data", "epochs", "optimizer", "base_lr", "threads", "precise_samples")
+    if "superseded" in df:
+        df = df[~df["superseded"].fillna(False).astype(bool)]
+    finished = df["status"].isin(FINISHED_STATUSES) if "status" in df else df.index.notna()
     cols = [
         c
-        for c in ok.columns
-        if c in plain or ("." in c and not c.startswith(("versions.", "config.")))
+        for c in df.columns
+        if c in plain
+        or ("." in c and not c.startswith(("versions.", "config.")) and c != "superseded_by")
     ]
     rows = []
     for c in cols:
-        if ok[c].isna().any():
+        if df.loc[finished, c].isna().any() or df[c].notna().sum() == 0:
             continue  # set for some runs only (a layer's own option)
-        vals = ok[c].astype(str).unique()
+        vals = df[c].dropna().astype(str).unique()
         if len(vals) == 1:
             rows.append({"setting": c, "value": vals[0]})
     return pd.DataFrame(rows)
@@ -1215,7 +1229,11 @@ def write_report(
     title = title or f"normzoo report: {sweep.name if sweep else 'sweep'}"
     write_csv(df, out / "runs.csv")
     problems = runs[runs["status"].ne("ok") | runs.get("superseded", False)]
-    prob_cols = [c for c in ("norm", "batch_size", "seed", "status", "error", "run_dir") if c in df]
+    # model/data columns whenever the sweep varies them (as the layer labels do), and variant
+    varied = [c for c in ("model", "data", "variant") if _distinct(df, c) > int(c != "variant")]
+    prob_cols = [
+        c for c in ("norm", *varied, "batch_size", "seed", "status", "error", "run_dir") if c in df
+    ]
     prob = df.loc[problems.index, prob_cols].copy()
     for col in ("batch_size", "seed"):
         if col in prob:
@@ -1358,7 +1376,7 @@ def write_report(
             "CSV: `problems.csv`.",
             "",
         ]
-    settings = _settings(ok)
+    settings = _settings(runs)
     if not settings.empty:
         md += [
             "## Settings shared by all runs",
@@ -1376,6 +1394,14 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return path
+
+
+def _distinct(df: pd.DataFrame, col: str) -> int:
+    """Number of distinct non-empty values of ``col`` (0 when it is absent)."""
+    if col not in df:
+        return 0
+    vals = df[col].dropna().astype(str)
+    return int(vals[vals.ne("")].nunique())
 
 
 def _precise_samples(ok: pd.DataFrame) -> str:

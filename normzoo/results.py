@@ -76,6 +76,8 @@ NEUTRAL_CONFIG_KEYS = frozenset(
 )
 #: config keys that are the axes of a report, not a difference between series
 _AXIS_KEYS = frozenset({"seed", "data.batch_size", "norm.name", "model.name", "data.name"})
+#: config groups chosen by a plain override (``norm=bn`` sets ``norm.name``)
+_GROUPS = ("norm", "model", "data", "optim")
 
 
 def find_run_dirs(sweep_dir: str | os.PathLike[str]) -> list[Path]:
@@ -225,6 +227,9 @@ def _override_columns(overrides: Sequence[str]) -> dict[str, Any]:
         out.setdefault(leaf, value)
     if isinstance(out.get("norm"), str):
         out["norm"] = _canonical_norm(out["norm"])
+    for group in _GROUPS:  # a group choice names the group's config (for the settings table)
+        if isinstance(out.get(group), str):
+            out.setdefault(f"{group}.name", out[group])
     return out
 
 
@@ -510,8 +515,8 @@ def load_layers(df: pd.DataFrame) -> pd.DataFrame:
     """
     rows = []
     for _, run in ok_runs(df).iterrows():
-        if not run.get("run_dir"):
-            continue
+        if not isinstance(run.get("run_dir"), str) or not run["run_dir"]:
+            continue  # None, or NaN in a frame where only some rows have a run dir
         try:
             data = json.loads((Path(run["run_dir"]) / METRICS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):

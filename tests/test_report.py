@@ -427,6 +427,33 @@ def test_precisebn_findings_never_contradict_themselves() -> None:
     assert "at batch size 8:" in line and "no clear difference at batch sizes 2 and 32" in line
 
 
+def _partial(norms: tuple[str, ...]) -> pd.DataFrame:
+    """Two models x batch 32, 64; BatchNorm failed at 32; GroupNorm invalid everywhere."""
+    rows = []
+    for model in ("mlp", "cnn"):
+        for b in (32, 64):
+            for seed in SEEDS:
+                for norm in norms:
+                    row = _row(norm, b, seed, _degrading) | {"model": model, "norm.name": norm}
+                    if norm == "batchnorm" and b == 32:
+                        row |= {"status": "failed", "error": "RuntimeError: boom"}
+                    rows.append(row)
+                gn = {"norm": "groupnorm", "norm.name": "groupnorm", "model": model}
+                rows.append(gn | {"batch_size": b, "seed": seed, "status": "invalid"})
+    return pd.DataFrame(rows)
+
+
+def test_partial_sweep_tables_describe_every_run(tmp_path: Path) -> None:
+    """Settings came from the ok runs only ('norm.name batchnorm' while GroupNorm runs were
+    invalid), the not-ok table had no model column with two models, and batch columns followed
+    the first layer's batches (| B=64 | B=32 |)."""
+    text = write_report(_partial(("batchnorm",)), tmp_path / "bn").read_text()
+    assert "| norm.name |" not in text and "| model.name |" not in text
+    assert "| norm | model | batch_size | seed | status |" in text
+    text = write_report(_partial(("batchnorm", "layernorm")), tmp_path / "both").read_text()
+    assert "| layer | B=32 | B=64 |" in text and "| B=64 | B=32 |" not in text
+
+
 def test_a_series_never_holds_two_configs(tmp_path: Path) -> None:
     """The last guard: rows of one label with different config_id become separate series."""
     df = _frame(norms=("batchnorm", "layernorm")).assign(config_id="a1b2c3d4e5f6")
