@@ -136,8 +136,20 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 #: statuses a rerun with resume=true keeps: deterministic results of the config
 KEEP_ON_RESUME = ("ok", "invalid", "diverged")
-#: config keys that do not change a run's result (a finished run recorded with other values counts)
-RESULT_NEUTRAL_KEYS = frozenset({"resume", "train.progress", "train.checkpoint", "report.out"})
+#: config keys that do not change a run's result (a finished run recorded with other values counts,
+#: a checkpoint written with other values is continued). ``device`` is compared as resolved
+#: (``auto`` on a CPU-only machine is ``cpu``); ``diagnostics.enabled`` changes what a run records.
+RESULT_NEUTRAL_KEYS = frozenset(
+    {
+        "resume",
+        "threads",
+        "train.progress",
+        "train.checkpoint",
+        "report.out",
+        "data.root",
+        "data.download",
+    }
+)
 #: train.checkpoint=auto saves checkpoints for runs longer than this many optimizer steps
 AUTO_CHECKPOINT_STEPS = 20_000
 
@@ -415,7 +427,7 @@ def fit(
     generator = torch.Generator().manual_seed(int(cfg.seed))
     on_cpu = device.type == "cpu"
     step, first_epoch, time_before = 0, 1, 0.0
-    saved = _load_checkpoint(checkpoint, cfg) if checkpoint is not None else None
+    saved = _load_checkpoint(checkpoint, cfg, device) if checkpoint is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -519,12 +531,26 @@ def fit(
             bar.close()
 
 
-def _comparable_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The flattened config as JSON stores it, without :data:`RESULT_NEUTRAL_KEYS`: two runs with
-    equal values here give the same result."""
+def _comparable_config(
+    cfg: DictConfig | dict[str, Any], device: str | torch.device | None = None
+) -> dict[str, Any]:
+    """The flattened config as JSON stores it, without :data:`RESULT_NEUTRAL_KEYS`, with
+    ``device`` replaced by the resolved device type when given: two runs with equal values here
+    give the same result."""
     flat = flatten(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     flat = json.loads(json.dumps(flat, default=str))
+    if device is not None:
+        with contextlib.suppress(RuntimeError, TypeError):
+            flat["device"] = torch.device(device).type
     return {k: v for k, v in flat.items() if k not in RESULT_NEUTRAL_KEYS}
+
+
+def _resolved_device(cfg: DictConfig) -> str | None:
+    """The device type a run of ``cfg`` uses, or None if it cannot run here."""
+    try:
+        return resolve_device(cfg.device).type
+    except ConfigError:
+        return None
 
 
 def _save_checkpoint(
@@ -540,7 +566,7 @@ def _save_checkpoint(
     """Everything the next epoch depends on, written to a temp file and renamed over ``path``."""
     payload = {
         "format": 1,
-        "config": json.dumps(_comparable_config(cfg), sort_keys=True),
+        "config": json.dumps(_comparable_config(cfg, device), sort_keys=True),
         "epoch": epoch,
         "step": state.steps,
         "train_time_s": state.train_time_s,
@@ -564,14 +590,16 @@ def _save_checkpoint(
         raise
 
 
-def _load_checkpoint(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
+def _load_checkpoint(
+    path: Path, cfg: DictConfig, device: torch.device | None = None
+) -> dict[str, Any] | None:
     """The checkpoint at ``path`` if it exists, loads, and was written for this config."""
     if not path.is_file():
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         saved["curves"] = json.loads(saved["curves"])
-        same = json.loads(saved["config"]) == _comparable_config(cfg)
+        same = json.loads(saved["config"]) == _comparable_config(cfg, device)
     except Exception as exc:  # a damaged checkpoint costs the epochs it held, not the run
         log.warning("ignoring unreadable checkpoint %s (%s: %s)", path, type(exc).__name__, exc)
         return None
@@ -830,7 +858,8 @@ def _kept_result(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("status") not in KEEP_ON_RESUME:
             return None
-        if _comparable_config(old.get("config") or {}) != _comparable_config(cfg):
+        mine = _comparable_config(cfg, _resolved_device(cfg))
+        if _comparable_config(old.get("config") or {}, old.get("device")) != mine:
             log.info("resume: %s holds a result of another config; running again", out)
             return None
     except (OSError, ValueError, AttributeError):
@@ -862,7 +891,9 @@ class SweepGuard(Callback):
 
     ``on_multirun_start``: before the first job, check every swept value (and the shared config)
     with :func:`normzoo.config.validate` / :func:`normzoo.config.check_value`: an out-of-range or
-    mistyped value or an unknown group option stops the sweep before any training.
+    mistyped value or an unknown group option stops the sweep before any training, and so does a
+    sweep over a key left out of the run-directory names (``threads``, ``device``, ...: its jobs
+    would share one dir).
     ``on_multirun_end``: count this sweep's ``metrics.json`` by status (and those older than the
     sweep, kept by ``resume``), log failed ones, and make the process exit non-zero if any run of
     this sweep ``failed``.
@@ -929,8 +960,19 @@ def check_sweep(config: DictConfig) -> None:
     groups = _groups()
     probe = copy.deepcopy(config)
     swept: set[str] = set()
+    unnamed = set(
+        OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys", default=None)
+        or []
+    )
     for override in OverridesParser.create().parse_overrides(args):
         key = override.key_or_group
+        if override.is_sweep_override() and key in unnamed:
+            raise ConfigError(
+                f"{override.input_line}: {key} is left out of the run-directory names "
+                f"(hydra.job.config.override_dirname.exclude_keys), so the jobs of a sweep over it "
+                f"would all write into the same directories; run one sweep per value of {key}, "
+                f"each with its own hydra.sweep.dir"
+            )
         if override.is_hydra_override() or key.startswith("hydra") or override.is_delete():
             continue
         if override.is_sweep_override():

@@ -275,3 +275,56 @@ def test_a_killed_study_sweep_resumes_and_counts_every_run_once(tmp_path: Path) 
     rerun = json.loads((tmp_path / "rerun" / "metrics.json").read_text())
     provenance = ("command", "git_rev", "git_dirty")  # argv differs; others may commit meanwhile
     assert strip(rerun, *provenance) == strip(row, *provenance)
+
+
+# ----------------------------------------------------------------------------- result-neutral keys
+
+
+@pytest.mark.parametrize(
+    "neutral",
+    [["threads=2"], ["data.download=true"], ["data.root=elsewhere"], ["device=auto"]],
+)
+def test_keys_left_out_of_dir_names_that_cannot_change_a_result_keep_it(
+    hydra_conf, tmp_path, monkeypatch, neutral
+):
+    """The run-dir names leave out threads, data.root, data.download and device: a rerun with
+    another value finds the same dir, and must keep its result (device compared as resolved)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    first, _ = run(tmp_path, "norm=ln")
+    before = snapshot(tmp_path / "metrics.json")
+    with monkeypatch.context() as patch:
+        no_loading(patch)
+        again, _ = run(tmp_path, "norm=ln", *neutral)
+    assert again == {**first, "skipped": True}
+    assert snapshot(tmp_path / "metrics.json") == before
+
+
+def test_keys_that_change_what_a_run_records_are_not_result_neutral(hydra_conf, tmp_path):
+    run(tmp_path, "norm=ln")  # diagnostics.enabled=false, device=cpu
+    assert train._kept_result(tmp_path, config("norm=ln")) is not None
+    assert train._kept_result(tmp_path, config("norm=ln", "diagnostics.enabled=true")) is None
+    assert train._kept_result(tmp_path, config("norm=ln", "device=cuda")) is None
+
+
+def test_a_checkpoint_continues_under_result_neutral_changes(hydra_conf, tmp_path, monkeypatch):
+    """A killed checkpointed run started again with data.download=true (as the cifar10_resnet
+    study's header suggests) or threads=2 continues from its checkpoint."""
+    args = ["norm=ln", "data.batch_size=16", "train.checkpoint=true"]
+    real, calls = train.evaluate, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed after epoch 1") from None
+        return real(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(config(*args), tmp_path)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    calls.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        result = train.run(config(*args, "data.download=true", "threads=2"), tmp_path)
+    assert result["status"] == "ok" and calls == [1]  # only epoch 2 was trained

@@ -246,3 +246,21 @@ def test_unknown_norm_on_the_command_line_is_refused_with_a_suggestion() -> None
     with pytest.raises(ConfigError, match="Did you mean norm=layernorm"):
         train._check_argv(["-m", "norm=bn,layernrm", "seed=0"])
     train._check_argv(["norm=bn,gn,native_ln", "norm=choice(bn,gn)"])
+
+
+@pytest.mark.parametrize(
+    ("task", "params", "key"),
+    [
+        (["threads=1,2"], None, "threads"),
+        (["diagnostics.enabled=true,false"], None, "diagnostics.enabled"),
+        (["data.download=true,false"], None, "data.download"),
+        ([], {"device": "cpu,auto"}, "device"),
+        (["norm=bn", "resume=true,false"], None, "resume"),
+    ],
+)
+def test_sweep_guard_refuses_a_sweep_over_a_key_left_out_of_dir_names(
+    hydra_conf, task, params, key
+) -> None:
+    """Those jobs would all write into one run dir (the second overwriting the first)."""
+    with pytest.raises(ConfigError, match=f"{key} is left out of the run-directory names"):
+        train.check_sweep(sweep_config(*task, params=params))
