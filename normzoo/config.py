@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import enum
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,9 @@ __all__ = [
     "TrainConf",
     "check_override",
     "check_value",
+    "explicit_norm_keys",
     "flatten",
+    "layer_options_from_flat",
     "norm_choices",
     "norm_layer_options",
     "register_configs",
@@ -206,9 +208,10 @@ class ReportConf:
 @dataclass
 class Config:
     """The whole run. ``norm`` is free-form (each layer has its own options; :func:`validate`
-    checks them against the registry); ``norm_options`` maps a canonical norm name to options
+    checks them against the registry); ``norm_options`` maps a norm name (or alias) to options
     applied only when that norm is the one selected (a study sweeping over norms sets, e.g.,
-    ``norm_options.groupnorm.num_groups`` for its widths). ``resume``: a run whose dir already
+    ``norm_options.groupnorm.num_groups`` for its widths); a ``norm.<option>`` set on the command
+    line wins over them (:func:`norm_layer_options`). ``resume``: a run whose dir already
     holds a finished result of the same config (``ok``, ``invalid`` or ``diverged``) is skipped;
     ``resume=false`` reruns it."""
 
@@ -249,17 +252,66 @@ def suggest_norm(value: str) -> str:
     return f"unknown norm {value!r} (norm={value}).{hint} Choices: {', '.join(choices)}."
 
 
-def norm_layer_options(cfg: DictConfig) -> dict[str, Any]:
+def norm_layer_options(cfg: DictConfig, explicit: Iterable[str] = ()) -> dict[str, Any]:
     """The layer options of the selected norm: the ``norm`` node without its reserved keys, then
-    ``norm_options[<canonical name>]`` on top."""
-    spec = get_norm(str(cfg.norm.name))
-    opts = {
-        k: v for k, v in OmegaConf.to_container(cfg.norm).items() if k not in NORM_RESERVED_KEYS
-    }
-    extra = cfg.get("norm_options", {}).get(spec.name)
-    if extra is not None:
-        opts.update(OmegaConf.to_container(extra))
+    ``norm_options[<key>]`` for every key that names the selected norm (its canonical name or an
+    alias) on top, then the ``norm`` keys in ``explicit`` (those set on the command line, see
+    :func:`explicit_norm_keys`) on top again: an explicit ``norm.num_groups=4`` wins over a study's
+    ``norm_options.groupnorm.num_groups``."""
+    node = OmegaConf.to_container(cfg.norm, resolve=True)
+    extra = OmegaConf.to_container(cfg.get("norm_options") or OmegaConf.create({}), resolve=True)
+    return _merge_layer_options(str(cfg.norm.name), node, extra, explicit)
+
+
+def explicit_norm_keys(overrides: Iterable[str] | None) -> set[str]:
+    """The ``norm`` option keys a job's overrides set (``norm.<key>=``, ``+norm.<key>=``, ...)."""
+    keys = set()
+    for text in overrides or ():
+        key = str(text).split("=", 1)[0].lstrip("+~")
+        if key.startswith("norm.") and key[5:]:
+            keys.add(key[5:].split(".")[0])
+    return keys
+
+
+def _merge_layer_options(
+    name: str, node: dict[str, Any], norm_options: dict[str, Any], explicit: Iterable[str]
+) -> dict[str, Any]:
+    canonical = get_norm(name).name
+    base = {k: v for k, v in node.items() if k not in NORM_RESERVED_KEYS}
+    opts = dict(base)
+    for key, extra in norm_options.items():
+        try:
+            target = get_norm(str(key)).name
+        except UnknownNormError:
+            continue
+        if target == canonical and isinstance(extra, dict):
+            opts.update(extra)
+    for key in explicit:
+        if key in base:
+            opts[key] = base[key]
     return opts
+
+
+def layer_options_from_flat(
+    flat: dict[str, Any], overrides: Iterable[str] | None = None
+) -> dict[str, Any] | None:
+    """:func:`norm_layer_options` from a :func:`flatten`-ed config (a ``metrics.json`` record's
+    ``config``) and the job's overrides; None when the norm is not registered."""
+    node: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key.startswith("norm."):
+            node[key[5:]] = value
+        elif key.startswith("norm_options."):
+            which, _, option = key[len("norm_options.") :].partition(".")
+            if option:
+                extra.setdefault(which, {})[option] = value
+    try:
+        return _merge_layer_options(
+            str(node.get("name")), node, extra, explicit_norm_keys(overrides)
+        )
+    except UnknownNormError:
+        return None
 
 
 def _layer_options(name: str) -> tuple[set[str], bool]:
@@ -499,11 +551,18 @@ def _validate_norm(cfg: DictConfig) -> None:
         raise ConfigError(
             f"norm.data_init=true applies to weight-kind norms only, not {spec.name!r}"
         )
+    seen: dict[str, str] = {}
     for name, opts in cfg.get("norm_options", {}).items():
         try:
             other = get_norm(str(name))
         except UnknownNormError as exc:
             raise ConfigError(f"norm_options.{name}: {exc}") from None
+        if other.name in seen:
+            raise ConfigError(
+                f"norm_options.{seen[other.name]} and norm_options.{name} both set options of "
+                f"{other.name!r}; keep one (norm_options.{other.name})"
+            )
+        seen[other.name] = str(name)
         if not isinstance(opts, DictConfig):
             raise ConfigError(f"norm_options.{name} must be a mapping of layer options")
         ok, any_ok = _layer_options(other.name)

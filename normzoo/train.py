@@ -95,11 +95,14 @@ from torch import Tensor, nn
 import normzoo
 from normzoo.config import (
     CONF_DIR,
+    NORM_RESERVED_KEYS,
     ConfigError,
     InvalidCombination,
     check_override,
     check_value,
+    explicit_norm_keys,
     flatten,
+    layer_options_from_flat,
     norm_choices,
     norm_layer_options,
     suggest_norm,
@@ -532,16 +535,34 @@ def fit(
 
 
 def _comparable_config(
-    cfg: DictConfig | dict[str, Any], device: str | torch.device | None = None
+    cfg: DictConfig | dict[str, Any],
+    device: str | torch.device | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """The flattened config as JSON stores it, without :data:`RESULT_NEUTRAL_KEYS`, with
-    ``device`` replaced by the resolved device type when given: two runs with equal values here
+    ``device`` replaced by the resolved device type when given, and the ``norm.<option>`` and
+    ``norm_options.*`` keys replaced by the layer options the run uses (``norm.layer_options``;
+    ``overrides``: the job's task overrides, default this job's): two runs with equal values here
     give the same result."""
-    flat = flatten(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    if isinstance(cfg, DictConfig):
+        flat = flatten(cfg)
+        if overrides is None:
+            overrides = _task_overrides()
+    else:
+        flat = dict(cfg)
     flat = json.loads(json.dumps(flat, default=str))
     if device is not None:
         with contextlib.suppress(RuntimeError, TypeError):
             flat["device"] = torch.device(device).type
+    layer = layer_options_from_flat(flat, overrides)
+    if layer is not None:
+        flat = {
+            k: v
+            for k, v in flat.items()
+            if not (k == "norm_options" or k.startswith("norm_options."))
+            and not (k.startswith("norm.") and k.split(".")[1] not in NORM_RESERVED_KEYS)
+        }
+        flat["norm.layer_options"] = layer
     return {k: v for k, v in flat.items() if k not in RESULT_NEUTRAL_KEYS}
 
 
@@ -682,6 +703,7 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
         "error": None,
         "error_step": None,
         **norm,
+        "norm_layer_options": None,
         "model": str(cfg.model.get("name")),
         "data": str(cfg.data.name),
         "batch_size": cfg.data.batch_size,
@@ -780,8 +802,10 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
                 f"samples (partial batches are dropped): no training step"
             )
         torch.manual_seed(int(cfg.seed))  # the model's init does not depend on the data loading
+        layer_options = norm_layer_options(cfg, explicit_norm_keys(_task_overrides()))
+        record["norm_layer_options"] = layer_options
         model = build_model(
-            cfg.model, spec.name, norm_layer_options(cfg), data.input_shape, data.num_classes
+            cfg.model, spec.name, layer_options, data.input_shape, data.num_classes
         ).to(device)
         record["num_params"] = count_parameters(model)
         log.info(
@@ -859,7 +883,10 @@ def _kept_result(out: Path, cfg: DictConfig) -> dict[str, Any] | None:
         if old.get("status") not in KEEP_ON_RESUME:
             return None
         mine = _comparable_config(cfg, _resolved_device(cfg))
-        if _comparable_config(old.get("config") or {}, old.get("device")) != mine:
+        theirs = _comparable_config(
+            old.get("config") or {}, old.get("device"), old.get("task_overrides")
+        )
+        if theirs != mine:
             log.info("resume: %s holds a result of another config; running again", out)
             return None
     except (OSError, ValueError, AttributeError):

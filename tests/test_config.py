@@ -17,7 +17,9 @@ from normzoo.config import (
     ConfigError,
     InvalidCombination,
     check_override,
+    explicit_norm_keys,
     flatten,
+    layer_options_from_flat,
     norm_choices,
     norm_layer_options,
     suggest_norm,
@@ -234,3 +236,62 @@ def test_command_line_overrides_are_checked_naming_what_is_allowed(override, mod
 )  # fmt: skip
 def test_good_overrides_pass_the_command_line_check(override: str) -> None:
     check_override(override, None)
+
+
+def test_gn_builds_the_default_model_and_studies_keep_their_groups(hydra_conf) -> None:
+    """`normzoo-train norm=gn` (the README's first example) on the default cnn (16, 32, 32)."""
+    cfg = make("norm=gn")
+    validate(cfg)
+    for norm in ("gn", "native_gn"):
+        model = build_model(
+            cfg.model, norm, norm_layer_options(make(f"norm={norm}")), (1, 8, 8), 10
+        )
+        assert {m.num_groups for m in model.modules() if hasattr(m, "num_groups")} == {8}
+    paper = make("experiment=cifar10_resnet", "norm=gn")
+    assert norm_layer_options(paper)["num_groups"] == 32  # the GN paper's G for the resnet study
+
+
+def test_an_explicit_norm_option_wins_over_norm_options(hydra_conf) -> None:
+    cfg = make("experiment=cifar10_resnet", "norm=gn", "norm.num_groups=16")
+    assert norm_layer_options(cfg)["num_groups"] == 32  # not given as explicit: the study's
+    explicit = explicit_norm_keys(["experiment=cifar10_resnet", "norm=gn", "norm.num_groups=16"])
+    assert explicit == {"num_groups"}
+    assert norm_layer_options(cfg, explicit)["num_groups"] == 16
+    assert explicit_norm_keys(["+norm.foo=1", "++norm.eps=0.1", "norm=gn", "norm_options.x=1"]) == {
+        "foo",
+        "eps",
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "value"),
+    [
+        (["norm=gn", "+norm_options.gn.num_groups=4"], "num_groups", 4),
+        (["norm=groupnorm", "+norm_options.GN.num_groups=2"], "num_groups", 2),
+        (["norm=bn", "+norm_options.bn.momentum=0.2"], "momentum", 0.2),
+        (["norm=batchnorm", "+norm_options.bn.momentum=0.2"], "momentum", 0.2),
+    ],
+)
+def test_norm_options_keyed_by_an_alias_apply(hydra_conf, overrides, key, value) -> None:
+    cfg = make(*overrides)
+    validate(cfg)
+    assert norm_layer_options(cfg)[key] == value
+
+
+def test_two_norm_options_keys_for_one_layer_are_refused(hydra_conf) -> None:
+    cfg = make("norm=gn", "+norm_options.gn.num_groups=4", "+norm_options.groupnorm.num_groups=2")
+    with pytest.raises(ConfigError, match=r"norm_options\.gn and norm_options\.groupnorm both set"):
+        validate(cfg)
+
+
+def test_layer_options_from_a_flat_record_match_the_config(hydra_conf) -> None:
+    for overrides in (
+        ["norm=gn"],
+        ["experiment=digits", "norm=gn"],
+        ["norm=bn", "+norm_options.bn.momentum=0.3"],
+    ):
+        cfg = make(*overrides)
+        assert layer_options_from_flat(flatten(cfg)) == norm_layer_options(cfg)
+    cfg = make("experiment=cifar10_resnet", "norm=gn", "norm.num_groups=16")
+    assert layer_options_from_flat(flatten(cfg), ["norm.num_groups=16"])["num_groups"] == 16
+    assert layer_options_from_flat({"norm.name": "nope"}) is None

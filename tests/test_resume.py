@@ -328,3 +328,21 @@ def test_a_checkpoint_continues_under_result_neutral_changes(hydra_conf, tmp_pat
         patch.setattr(train, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         result = train.run(config(*args, "data.download=true", "threads=2"), tmp_path)
     assert result["status"] == "ok" and calls == [1]  # only epoch 2 was trained
+
+
+def test_resume_compares_the_layer_options_a_run_used(hydra_conf, tmp_path):
+    """A result recorded before conf/norm/groupnorm.yaml's num_groups changed (32 -> 8), with a
+    study's norm_options giving the groups either way, is the same result; another norm's
+    norm_options do not matter; other groups do."""
+    study = "+norm_options.groupnorm.num_groups=2"
+    _, m = run(tmp_path, "norm=gn", study)
+    assert m["status"] == "ok" and m["norm_layer_options"]["num_groups"] == 2
+    m["config"]["norm.num_groups"] = 32  # as recorded with the old default
+    (tmp_path / "metrics.json").write_text(json.dumps(m))
+    assert train._kept_result(tmp_path, config("norm=gn", study)) is not None
+    assert train._kept_result(tmp_path, config("norm=gn", "+norm_options.gn.num_groups=2"))
+    other = config("norm=gn", study, "+norm_options.bn.momentum=0.3")
+    assert train._kept_result(tmp_path, other) is not None
+    assert train._kept_result(tmp_path, config("norm=gn", "norm.num_groups=2")) is not None
+    assert train._kept_result(tmp_path, config("norm=gn", "+norm_options.gn.num_groups=4")) is None
+    assert train._kept_result(tmp_path, config("norm=gn")) is None  # 8 groups
