@@ -52,11 +52,13 @@ __all__ = [
     "explicit_norm_keys",
     "flatten",
     "layer_options_from_flat",
+    "model_node",
     "norm_choices",
     "norm_layer_options",
     "register_configs",
     "suggest_norm",
     "validate",
+    "validate_model",
 ]
 
 #: ``conf/`` of the source checkout (the ``config_path`` of ``normzoo.train``).
@@ -512,16 +514,7 @@ def validate(cfg: DictConfig, *, skip: tuple[str, ...] = ()) -> None:
     if "norm" not in skip:
         _validate_norm(cfg)
     if "model" not in skip:
-        model = cfg.model
-        if not isinstance(model, DictConfig) or model.get("name") not in MODEL_SCHEMAS:
-            raise ConfigError(
-                f"model.name must be one of {', '.join(MODEL_SCHEMAS)} (choose model=<name>)"
-            )
-        if model.name == "cnn" and len(model.strides) != len(model.channels):
-            raise ConfigError(
-                f"model.strides={list(model.strides)} must give one stride per conv layer "
-                f"(model.channels={list(model.channels)})"
-            )
+        validate_model(cfg.model)
     for key in RULES:
         if key.split(".")[0] in skip:
             continue
@@ -531,6 +524,33 @@ def validate(cfg: DictConfig, *, skip: tuple[str, ...] = ()) -> None:
 
 
 _ABSENT = object()
+
+
+def validate_model(model: Any) -> None:
+    """Check a ``model`` node: a known model, and what its schema cannot say.
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    if not isinstance(model, DictConfig) or model.get("name") not in MODEL_SCHEMAS:
+        raise ConfigError(
+            f"model.name must be one of {', '.join(MODEL_SCHEMAS)} (choose model=<name>)"
+        )
+    if model.name == "cnn" and len(model.strides) != len(model.channels):
+        raise ConfigError(
+            f"model.strides={list(model.strides)} must give one stride per conv layer "
+            f"(model.channels={list(model.channels)})"
+        )
+
+
+def model_node(name: str) -> DictConfig:
+    """The ``model`` node ``model=<name>`` composes (its schema with ``conf/model/<name>.yaml``)."""
+    node = OmegaConf.structured(MODEL_SCHEMAS[name])
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if path.is_file():
+        content = OmegaConf.load(path)
+        node = OmegaConf.merge(node, {k: content[k] for k in content if k != "defaults"})
+    return node
 
 
 def _validate_norm(cfg: DictConfig) -> None:

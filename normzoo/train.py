@@ -65,6 +65,7 @@ import contextlib
 import copy
 import functools
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -103,10 +104,12 @@ from normzoo.config import (
     explicit_norm_keys,
     flatten,
     layer_options_from_flat,
+    model_node,
     norm_choices,
     norm_layer_options,
     suggest_norm,
     validate,
+    validate_model,
 )
 from normzoo.data import DataBundle, DataNotFoundError, batches_per_epoch, epoch_order, load_data
 from normzoo.models import build_model, count_parameters
@@ -991,8 +994,12 @@ def check_sweep(config: DictConfig) -> None:
         OmegaConf.select(config, "hydra.job.config.override_dirname.exclude_keys", default=None)
         or []
     )
+    model_options: list[str] = []  # the swept model options, in order
+    model_overrides = []
     for override in OverridesParser.create().parse_overrides(args):
         key = override.key_or_group
+        if key.startswith("model.") and not override.is_delete():
+            model_overrides.append(override)
         if override.is_sweep_override() and key in unnamed:
             raise ConfigError(
                 f"{override.input_line}: {key} is left out of the run-directory names "
@@ -1006,6 +1013,8 @@ def check_sweep(config: DictConfig) -> None:
             values = list(override.sweep_iterator(transformer=Transformer.identity))
             if key in groups:  # the shared config does not know which option a job gets
                 swept.add(key)
+                if key == "model":
+                    model_options += [str(v) for v in values if str(v) not in model_options]
         else:
             values = [override.value()]
         for value in values:
@@ -1030,10 +1039,53 @@ def check_sweep(config: DictConfig) -> None:
             check_value(key, value)
     task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     validate(task, skip=tuple(sorted(swept)))
+    if "model" in swept or model_overrides:
+        _check_models(config, model_options, model_overrides)
     if "data" not in swept:
         from normzoo.data import check_available
 
         check_available(task.data)
+
+
+def _check_models(config: DictConfig, swept: list[str], overrides: list[Any]) -> None:
+    """Every model a sweep trains, with the ``model.*`` overrides applied to it (every combination
+    of the swept ones): a key that one of the swept models lacks, or a value its builder refuses,
+    stops the sweep before its first job (it would abort the sweep at that model's first job)."""
+    from hydra.core.override_parser.types import Transformer
+
+    names = swept or [str(config.model.name)]
+    where = f" (the sweep over model={','.join(swept)} applies it to every model)" if swept else ""
+    for name in names:
+        for override in overrides:
+            try:
+                check_override(override.input_line, name)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}{where}") from None
+    fixed = [o for o in overrides if not o.is_sweep_override()]
+    sweeps = [
+        [(o.key_or_group, v) for v in o.sweep_iterator(transformer=Transformer.identity)]
+        for o in overrides
+        if o.is_sweep_override()
+    ]
+    for name in names:
+        base = model_node(name) if swept else copy.deepcopy(config.model)
+        for override in fixed:
+            _update_model(base, override.key_or_group, override.value(), where)
+        for combination in itertools.product(*sweeps):
+            node = copy.deepcopy(base)
+            for key, value in combination:
+                _update_model(node, key, value, where)
+            try:
+                validate_model(node)
+            except ConfigError as exc:
+                raise ConfigError(f"model={name}: {exc}{where}") from None
+
+
+def _update_model(node: DictConfig, key: str, value: Any, where: str) -> None:
+    try:
+        OmegaConf.update(node, key.removeprefix("model."), value, merge=False)
+    except Exception as exc:
+        raise ConfigError(f"{key}={value!r}: {exc}".split("\n")[0] + where) from None
 
 
 def _check_argv(argv: list[str]) -> None:
@@ -1046,9 +1098,21 @@ def _check_argv(argv: list[str]) -> None:
     if not models:  # the model a study or the defaults choose
         studies = [a.split("=", 1)[1] for a in overrides if a.startswith("experiment=")]
         models = [_default_model(studies[-1] if studies else None)]
-    model = models[-1] if models[-1] and "," not in models[-1] else None
+    chosen = models[-1] or ""
+    if not chosen or any(ch in chosen for ch in "()[]{}$"):  # sweep syntax: SweepGuard checks
+        candidates: list[str | None] = [None]
+    else:  # model=cnn,mlp: every model.* key must fit every model of the sweep
+        candidates = [m.strip() for m in chosen.split(",") if m.strip()] or [None]
     for arg in overrides:
-        check_override(arg, model)
+        for model in candidates:
+            try:
+                check_override(arg, model)
+            except ConfigError as exc:
+                if len(candidates) < 2:
+                    raise
+                raise ConfigError(
+                    f"{exc} (the sweep over model={chosen} applies it to every model)"
+                ) from None
     for arg in argv:
         if not arg.startswith("norm="):
             continue

@@ -205,3 +205,12 @@ def test_an_explicit_norm_option_wins_over_a_studys_norm_options(tmp_path, monke
         assert stop.value.code == 0, name
         m = json.loads((run_dir / "metrics.json").read_text())
         assert m["status"] == "ok" and m["norm_layer_options"]["num_groups"] == groups, name
+
+
+def test_sweeper_composes_the_first_job_of_every_model_up_front() -> None:
+    from hydra_plugins.normzoo_sweeper import _one_per_model
+
+    batch = [["model=cnn", "seed=0"], ["model=cnn", "seed=1"], ["model=mlp", "seed=0"],
+             ["model=mlp", "seed=1"]]  # fmt: skip
+    assert _one_per_model(batch) == [batch[0], batch[2]]
+    assert _one_per_model([["seed=0"], ["seed=1"]]) == [["seed=0"]]

@@ -264,3 +264,43 @@ def test_sweep_guard_refuses_a_sweep_over_a_key_left_out_of_dir_names(
     """Those jobs would all write into one run dir (the second overwriting the first)."""
     with pytest.raises(ConfigError, match=f"{key} is left out of the run-directory names"):
         train.check_sweep(sweep_config(*task, params=params))
+
+
+@pytest.mark.parametrize(
+    ("task", "params", "needle"),
+    [
+        (["model=cnn,mlp", "model.channels=[8,8,8]"], None,
+         "model.channels: no such key for model=mlp"),
+        (["model.channels=[8,8,8]"], {"model": "mlp,cnn"},
+         "model.channels: no such key for model=mlp"),
+        (["model=mlp,cnn", "model.widths=[8]"], None, "model.widths: no such key for model=cnn"),
+        (["model.channels=[8,8,8],[8,8]"], None,
+         "model=cnn: model.strides=[1, 2, 2] must give one stride per conv layer"),
+        (["model=cnn,mlp", "model.strides=[1]"], None, "model.strides: no such key for model=mlp"),
+    ],
+)  # fmt: skip
+def test_sweep_guard_checks_every_swept_model_against_its_schema(hydra_conf, task, params, needle):
+    """A model.* key that one swept model lacks aborted the sweep at that model's first job, after
+    the others had trained, with no report."""
+    with pytest.raises(ConfigError) as err:
+        train.check_sweep(sweep_config(*task, params=params))
+    assert needle in str(err.value)
+
+
+def test_sweep_guard_passes_model_keys_that_fit_every_swept_model(hydra_conf) -> None:
+    train.check_sweep(sweep_config("model=cnn,mlp", "norm=bn,ln"))
+    train.check_sweep(
+        sweep_config("model=cnn", "model.channels=[8,8],[4,4]", "model.strides=[1,2]")
+    )
+    cfg = compose("config", overrides=[*TINY, "model=mlp"], return_hydra_config=True)
+    with open_dict(cfg):  # the shared config of `-m model=mlp model.widths=[8],[16,16]`
+        cfg.hydra.overrides.task = ["model=mlp", "model.widths=[8],[16,16]"]
+        cfg.hydra.sweeper.params = {}
+    train.check_sweep(cfg)
+
+
+def test_command_line_check_knows_every_model_of_a_sweep() -> None:
+    with pytest.raises(ConfigError, match="no such key for model=mlp"):
+        train._check_argv(["-m", "model=cnn,mlp", "model.channels=[8,8,8]", "norm=bn"])
+    train._check_argv(["-m", "model=cnn,mlp", "norm=bn"])
+    train._check_argv(["-m", "model=cnn", "model.channels=[8,8,8]"])
