@@ -16,6 +16,7 @@ Importing this module also registers
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -55,10 +56,12 @@ __all__ = [
     "model_node",
     "norm_choices",
     "norm_layer_options",
+    "norm_node",
     "register_configs",
     "suggest_norm",
     "validate",
     "validate_model",
+    "validate_norm",
 ]
 
 #: ``conf/`` of the source checkout (the ``config_path`` of ``normzoo.train``).
@@ -503,16 +506,18 @@ def _check_type(key: str, type_name: str, value: Any) -> None:
         )
 
 
-def validate(cfg: DictConfig, *, skip: tuple[str, ...] = ()) -> None:
-    """Check what the schema cannot: ranges, choices and the norm's options against the registry.
+def validate(cfg: DictConfig, *, skip: tuple[str, ...] = (), explicit: Iterable[str] = ()) -> None:
+    """Check what the schema cannot: ranges, choices and the norm's options against the registry
+    (the layer is built once with them: a value it refuses is a :class:`ConfigError`).
 
     ``skip``: top-level nodes not to check (a multirun pre-check skips the groups it sweeps).
+    ``explicit``: the ``norm`` keys set on the command line (see :func:`norm_layer_options`).
 
     Raises:
         ConfigError: naming the key, the value and the allowed values.
     """
     if "norm" not in skip:
-        _validate_norm(cfg)
+        validate_norm(cfg.norm, cfg.get("norm_options") or {}, explicit)
     if "model" not in skip:
         validate_model(cfg.model)
     for key in RULES:
@@ -543,6 +548,15 @@ def validate_model(model: Any) -> None:
         )
 
 
+def norm_node(option: str) -> DictConfig:
+    """The ``norm`` node ``norm=<option>`` composes (a YAML file of ``conf/norm`` or an alias or
+    plugin node of the ConfigStore)."""
+    path = CONF_DIR / "norm" / f"{option}.yaml"
+    if path.is_file():
+        return OmegaConf.load(path)
+    return copy.deepcopy(ConfigStore.instance().load(f"norm/{option}.yaml").node)
+
+
 def model_node(name: str) -> DictConfig:
     """The ``model`` node ``model=<name>`` composes (its schema with ``conf/model/<name>.yaml``)."""
     node = OmegaConf.structured(MODEL_SCHEMAS[name])
@@ -553,26 +567,34 @@ def model_node(name: str) -> DictConfig:
     return node
 
 
-def _validate_norm(cfg: DictConfig) -> None:
-    if "name" not in cfg.norm:
+def validate_norm(norm: Any, norm_options: Any, explicit: Iterable[str] = ()) -> None:
+    """Check a ``norm`` node and the ``norm_options`` beside it: known names and options, and the
+    layer built once (a tiny one, on the CPU) with the options a run would use, so that a value
+    the layer refuses (``norm.momentum=2``, ``norm.eps=-1``, ``norm.momentum=foo``) is refused
+    before anything runs rather than recorded per run.
+
+    Raises:
+        ConfigError: naming the key or the options and the layer's own message.
+    """
+    if "name" not in norm:
         raise ConfigError("norm.name is missing: choose a norm with norm=<name>")
     try:
-        spec = get_norm(str(cfg.norm.name))
+        spec = get_norm(str(norm.name))
     except UnknownNormError as exc:
         raise ConfigError(f"norm.name: {exc}") from None
     accepted, takes_any = _layer_options(spec.name)
-    for key in cfg.norm:
+    for key in norm:
         if key not in NORM_RESERVED_KEYS and key not in accepted and not takes_any:
             raise ConfigError(
                 f"norm.{key}: {spec.name!r} has no option {key!r}; it accepts "
                 f"{', '.join(sorted(accepted)) or 'no options'}"
             )
-    if cfg.norm.get("data_init", False) and spec.kind != "weight":
+    if norm.get("data_init", False) and spec.kind != "weight":
         raise ConfigError(
             f"norm.data_init=true applies to weight-kind norms only, not {spec.name!r}"
         )
     seen: dict[str, str] = {}
-    for name, opts in cfg.get("norm_options", {}).items():
+    for name, opts in norm_options.items():
         try:
             other = get_norm(str(name))
         except UnknownNormError as exc:
@@ -592,6 +614,41 @@ def _validate_norm(cfg: DictConfig) -> None:
                     f"norm_options.{name}.{key}: {other.name!r} has no option {key!r}; it accepts "
                     f"{', '.join(sorted(ok)) or 'no options'}"
                 )
+    node = OmegaConf.to_container(norm, resolve=True) if isinstance(norm, DictConfig) else norm
+    extra = norm_options
+    if isinstance(extra, DictConfig):
+        extra = OmegaConf.to_container(extra, resolve=True)
+    _build_once(spec, _merge_layer_options(spec.name, dict(node), dict(extra), explicit))
+
+
+def _build_once(spec: Any, options: dict[str, Any]) -> None:
+    """Build the layer once with ``options``; a ``ValueError``/``TypeError`` is a config error.
+    An activation layer is built with a few widths (one that ``num_groups`` divides first), so that
+    only a refusal of the options themselves counts, not one of a width (that depends on the
+    model: :class:`InvalidCombination` when the model is built)."""
+    from torch import nn
+
+    from normzoo.registry import build_norm
+
+    groups = options.get("num_groups")
+    widths = [1, 840]
+    if isinstance(groups, int) and not isinstance(groups, bool) and groups > 0:
+        widths.insert(0, groups)
+    errors: list[Exception] = []
+    for width in widths if spec.kind != "weight" else [None]:
+        try:
+            build_norm(spec.name, nn.Linear(2, 2) if width is None else width, **options)
+            return
+        except (ValueError, TypeError) as exc:
+            errors.append(exc)
+    params = list(inspect.signature(spec.cls).parameters.values())[1:]
+    defaults = {p.name: p.default for p in params} | dict(spec.defaults)
+    changed = {k: v for k, v in options.items() if defaults.get(k, _ABSENT) != v}
+    shown = ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())) or "its defaults"
+    raise ConfigError(
+        f"norm={spec.name} cannot be built with {shown}: {errors[0]} (from norm.* or "
+        f"norm_options.{spec.name}.*)"
+    )
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -24,9 +24,10 @@ and then ends the multirun (no ``on_multirun_end``: no report). So the task func
 exception, records it in ``metrics.json`` and returns: the sweep always goes on. The process exit
 status still says what happened: a single run exits 1 if ``failed``, 2 if ``invalid``, 3 if
 ``diverged``; a multirun exits 1 if any of its runs ``failed`` (``diverged``/``invalid`` are results
-of a study, not errors). A config error (out of range, unknown norm, ``device=cuda`` without a GPU,
-a missing data set) stops a single run before anything is loaded, and a multirun before its first
-job (:class:`SweepGuard` checks every swept value). A job killed from outside (SIGKILL, out of
+of a study, not errors). A config error (out of range, unknown norm, a norm option its layer
+refuses, a ``model.*`` key a swept model lacks, ``device=cuda`` without a GPU, a missing data set)
+stops a single run before anything is loaded, and a multirun before its first job
+(:class:`SweepGuard` checks every swept value). A job killed from outside (SIGKILL, out of
 memory) leaves no ``metrics.json``; joblib's loky then aborts the remaining jobs (a crashed worker
 process cannot be recovered from); a rerun into the same sweep dir redoes it.
 
@@ -107,9 +108,11 @@ from normzoo.config import (
     model_node,
     norm_choices,
     norm_layer_options,
+    norm_node,
     suggest_norm,
     validate,
     validate_model,
+    validate_norm,
 )
 from normzoo.data import DataBundle, DataNotFoundError, batches_per_epoch, epoch_order, load_data
 from normzoo.models import build_model, count_parameters
@@ -745,7 +748,7 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
 
 def _start_errors(cfg: DictConfig) -> tuple[torch.device, Any]:
     """Everything that must fail before any data is loaded: ranges, registry, device, diagnostics."""
-    validate(cfg)
+    validate(cfg, explicit=explicit_norm_keys(_task_overrides()))
     device = resolve_device(cfg.device)
     diagnose = None
     if cfg.diagnostics.enabled:
@@ -996,10 +999,14 @@ def check_sweep(config: DictConfig) -> None:
     )
     model_options: list[str] = []  # the swept model options, in order
     model_overrides = []
+    norm_options: list[str] = []  # the swept norm options, in order
+    norm_overrides = []
     for override in OverridesParser.create().parse_overrides(args):
         key = override.key_or_group
         if key.startswith("model.") and not override.is_delete():
             model_overrides.append(override)
+        if key.startswith("norm.") and not override.is_delete():
+            norm_overrides.append(override)
         if override.is_sweep_override() and key in unnamed:
             raise ConfigError(
                 f"{override.input_line}: {key} is left out of the run-directory names "
@@ -1015,6 +1022,8 @@ def check_sweep(config: DictConfig) -> None:
                 swept.add(key)
                 if key == "model":
                     model_options += [str(v) for v in values if str(v) not in model_options]
+                if key == "norm":
+                    norm_options += [str(v) for v in values if str(v) not in norm_options]
         else:
             values = [override.value()]
         for value in values:
@@ -1038,13 +1047,17 @@ def check_sweep(config: DictConfig) -> None:
                     raise ConfigError(f"{key}={value!r}: {exc}".split("\n")[0]) from None
             check_value(key, value)
     task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-    validate(task, skip=tuple(sorted(swept)))
+    explicit = explicit_norm_keys(args)
+    validate(task, skip=tuple(sorted(swept)), explicit=explicit)
     if "model" in swept or model_overrides:
         _check_models(config, model_options, model_overrides)
+    if "norm" in swept or any(o.is_sweep_override() for o in norm_overrides):
+        _check_norms(config, norm_options, norm_overrides, explicit)
     if "data" not in swept:
         from normzoo.data import check_available
 
         check_available(task.data)
+    resolve_device(task.device)  # device=cuda without a GPU: before the first job, not in each
 
 
 def _check_models(config: DictConfig, swept: list[str], overrides: list[Any]) -> None:
@@ -1070,20 +1083,54 @@ def _check_models(config: DictConfig, swept: list[str], overrides: list[Any]) ->
     for name in names:
         base = model_node(name) if swept else copy.deepcopy(config.model)
         for override in fixed:
-            _update_model(base, override.key_or_group, override.value(), where)
+            _update_node(base, override.key_or_group, override.value(), where)
         for combination in itertools.product(*sweeps):
             node = copy.deepcopy(base)
             for key, value in combination:
-                _update_model(node, key, value, where)
+                _update_node(node, key, value, where)
             try:
                 validate_model(node)
             except ConfigError as exc:
                 raise ConfigError(f"model={name}: {exc}{where}") from None
 
 
-def _update_model(node: DictConfig, key: str, value: Any, where: str) -> None:
+def _check_norms(
+    config: DictConfig, swept: list[str], overrides: list[Any], explicit: set[str]
+) -> None:
+    """Every norm a sweep trains, with the ``norm.*`` overrides applied to it (every combination of
+    the swept ones) and the shared ``norm_options``: an option a swept norm does not take, or a
+    value its layer refuses (``norm.momentum=0.1,2``), stops the sweep before its first job."""
+    from hydra.core.override_parser.types import Transformer
+
+    fixed = [o for o in overrides if not o.is_sweep_override()]
+    sweeps = [
+        [(o.key_or_group, v) for v in o.sweep_iterator(transformer=Transformer.identity)]
+        for o in overrides
+        if o.is_sweep_override()
+    ]
+    norm_options = config.get("norm_options") or {}
+    for name in swept or [str(config.norm.name)]:
+        base = norm_node(name) if swept else copy.deepcopy(config.norm)
+        for override in fixed:
+            _update_node(base, override.key_or_group, override.value())
+        for combination in itertools.product(*sweeps):
+            node = copy.deepcopy(base)
+            for key, value in combination:
+                _update_node(node, key, value)
+            try:
+                validate_norm(node, norm_options, explicit)
+            except ConfigError as exc:
+                job = [f"norm={name}"] if swept else []
+                job += [f"{key}={value}" for key, value in combination]
+                raise ConfigError(
+                    f"{exc}" + (f" (in the jobs with {' '.join(job)})" if job else "")
+                ) from None
+
+
+def _update_node(node: DictConfig, key: str, value: Any, where: str = "") -> None:
+    """Set ``key`` (``model.x`` / ``norm.x``: below the node) on a group's node."""
     try:
-        OmegaConf.update(node, key.removeprefix("model."), value, merge=False)
+        OmegaConf.update(node, key.split(".", 1)[1], value, merge=False)
     except Exception as exc:
         raise ConfigError(f"{key}={value!r}: {exc}".split("\n")[0] + where) from None
 

@@ -295,3 +295,29 @@ def test_layer_options_from_a_flat_record_match_the_config(hydra_conf) -> None:
     cfg = make("experiment=cifar10_resnet", "norm=gn", "norm.num_groups=16")
     assert layer_options_from_flat(flatten(cfg), ["norm.num_groups=16"])["num_groups"] == 16
     assert layer_options_from_flat({"norm.name": "nope"}) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["norm=bn", "norm.momentum=2"], "momentum must be in [0, 1]"),
+        (["norm=bn", "norm.momentum=foo"], "norm=batchnorm cannot be built with momentum='foo'"),
+        (["norm=bn", "norm.eps=-1"], "eps must be > 0"),
+        (["norm=ln", "norm.eps=0"], "eps must be > 0"),
+        (["norm=gn", "norm.num_groups=0"], "num_groups must be a positive int"),
+        (["norm=native_gn", "norm.num_groups=foo"], "native_groupnorm cannot be built"),
+        (["norm=bn", "+norm_options.bn.momentum=5"], "momentum must be in [0, 1]"),
+        (["norm=brn", "norm.rmax=0.5"], "rmax"),
+    ],
+)
+def test_norm_option_values_the_layer_refuses_fail_validation(hydra_conf, overrides, needle):
+    """They were recorded `invalid` (or `failed` with a TypeError traceback) per run."""
+    with pytest.raises(ConfigError) as err:
+        validate(make(*overrides))
+    assert needle in str(err.value)
+
+
+def test_widths_are_left_to_the_model(hydra_conf) -> None:
+    validate(make("norm=gn", "norm.num_groups=5"))  # no width of the default cnn: invalid per run
+    validate(make("norm=wn"))
+    validate(make("norm=none"))

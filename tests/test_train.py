@@ -304,3 +304,36 @@ def test_command_line_check_knows_every_model_of_a_sweep() -> None:
         train._check_argv(["-m", "model=cnn,mlp", "model.channels=[8,8,8]", "norm=bn"])
     train._check_argv(["-m", "model=cnn,mlp", "norm=bn"])
     train._check_argv(["-m", "model=cnn", "model.channels=[8,8,8]"])
+
+
+@pytest.mark.parametrize(
+    ("task", "needle"),
+    [
+        (["norm=bn", "norm.momentum=0.1,2"], "momentum must be in [0, 1] or None, got 2"),
+        (["norm=bn", "norm.eps=-1"], "eps must be > 0"),
+        (["norm=bn,brn", "norm.momentum=0.1,foo"], "(in the jobs with norm=bn norm.momentum=foo)"),
+        (["norm=bn,gn", "norm.momentum=0.2"], "'groupnorm' has no option 'momentum'"),
+        (["norm=bn,gn", "+norm_options.gn.num_groups=-2"], "num_groups must be a positive int"),
+        (["norm=gn,ln", "data.batch_size=2,4", "device=cuda"], "device=cuda but no CUDA GPU"),
+    ],
+)
+def test_sweep_guard_refuses_norm_values_and_device_before_the_first_job(
+    hydra_conf, monkeypatch, task, needle
+):
+    """They were recorded per run (`invalid` or `failed`) with the sweep exiting 0 or 1."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fixed = [t for t in task if "," not in t]  # the shared config holds the non-swept overrides
+    cfg = compose("config", overrides=[*TINY, *fixed], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = list(task)
+        cfg.hydra.sweeper.params = {}
+    with pytest.raises(ConfigError) as err:
+        train.check_sweep(cfg)
+    assert needle in str(err.value)
+
+
+def test_a_norm_value_the_layer_refuses_is_a_config_error(hydra_conf, tmp_path: Path) -> None:
+    for bad in ("norm.momentum=foo", "norm.momentum=2"):
+        with pytest.raises(ConfigError, match="norm=batchnorm cannot be built"):
+            train.run(compose("config", overrides=[*TINY, "norm=bn", bad]), out_dir=tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
