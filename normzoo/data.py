@@ -12,7 +12,11 @@
 
 Every set is standardised per channel with the training set's mean and std and lives on the device as
 one tensor: a batch is a slice of an epoch's permutation (no DataLoader, no per-step host copies).
-Batches drop the last partial one (``drop_last``), so a BatchNorm never sees a single sample.
+Batches drop the last partial one (``drop_last``), so every training batch holds exactly
+``data.batch_size`` samples and a BatchNorm never sees a smaller batch than that; at
+``data.batch_size=1`` a layer with batch statistics on dense features would see a single value per
+channel, which the runner records as ``invalid`` before training
+(:func:`normzoo.models.check_batch_size`).
 """
 
 from __future__ import annotations

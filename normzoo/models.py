@@ -26,12 +26,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from normzoo.config import InvalidCombination
 from normzoo.registry import NormSpec, build_norm, get_norm
 
-__all__ = ["InvalidCombination", "build_model", "count_parameters"]
+__all__ = ["InvalidCombination", "build_model", "check_batch_size", "count_parameters"]
 
 
 class _Norms:
@@ -196,6 +197,64 @@ def build_model(
     norms = _Norms(norm, norm_overrides or {})
     model = _BUILDERS[name](cfg_model, norms, tuple(input_shape), int(num_classes))
     return norms.reparametrise(model)
+
+
+def check_batch_size(
+    model: nn.Module, norm: str, input_shape: Sequence[int], batch_size: int
+) -> None:
+    """Refuse a batch size at which the model's norm layers have nothing to normalise over.
+
+    A layer with batch statistics (BatchNorm, Batch Renorm) sees ``batch_size * H * W`` values per
+    channel, so at batch size 1 on dense features (an mlp, a cnn's ``hidden`` layers, a 1x1 feature
+    map) it has one value and its variance is undefined (torch: "Expected more than 1 value per
+    channel when training"); a ``needs_spatial`` layer (InstanceNorm) sees ``H * W`` values per
+    sample and channel. The spatial sizes come from one eval-mode forward of a zero sample (no
+    statistics are updated, no random numbers drawn). Training batches are always full
+    (``drop_last``), so ``batch_size`` is the smallest batch a layer sees.
+
+    Raises:
+        InvalidCombination: naming the first layer concerned.
+    """
+    spec = get_norm(norm)
+    if spec.kind == "weight" or not (
+        (spec.uses_batch_stats and batch_size < 2) or spec.needs_spatial
+    ):
+        return
+
+    def check(name: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            per_sample = int(args[0][0, 0].numel())  # H * W of one sample and channel; dense: 1
+            if spec.uses_batch_stats and batch_size * per_sample < 2:
+                what = "dense features" if args[0].dim() == 2 else "a 1x1 feature map"
+                raise InvalidCombination(
+                    f"{spec.name} normalises with batch statistics, but at data.batch_size="
+                    f"{batch_size} its layer {name} sees a single value per channel ({what}): "
+                    f"its variance is undefined; use data.batch_size >= 2 or a per-sample norm"
+                )
+            if spec.needs_spatial and per_sample < 2:
+                raise InvalidCombination(
+                    f"{spec.name} normalises over H x W per sample and channel, but its layer "
+                    f"{name} sees a 1x1 feature map: a single value, its variance is undefined"
+                )
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(check(name))
+        for name, module in model.named_modules()
+        if isinstance(module, spec.cls)
+    ]
+    was_training = model.training
+    try:
+        model.eval()  # the hooks stop the forward at the first layer concerned
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else None
+        with torch.no_grad():
+            model(torch.zeros(1, *(int(d) for d in input_shape), device=device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -115,7 +115,7 @@ from normzoo.config import (
     validate_norm,
 )
 from normzoo.data import DataBundle, DataNotFoundError, batches_per_epoch, epoch_order, load_data
-from normzoo.models import build_model, count_parameters
+from normzoo.models import build_model, check_batch_size, count_parameters
 from normzoo.registry import get_norm
 
 __all__ = [
@@ -813,6 +813,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         model = build_model(
             cfg.model, spec.name, layer_options, data.input_shape, data.num_classes
         ).to(device)
+        check_batch_size(model, spec.name, data.input_shape, int(cfg.data.batch_size))
         record["num_params"] = count_parameters(model)
         log.info(
             "run %s on %s: %s/%s B=%d seed=%d lr=%.4g epochs=%d (%d steps) -> %s",

@@ -10,7 +10,7 @@ from torch import nn
 
 import normzoo
 from normzoo.config import CNNConf, MLPConf, ResNetConf
-from normzoo.models import InvalidCombination, build_model, count_parameters
+from normzoo.models import InvalidCombination, build_model, check_batch_size, count_parameters
 
 ACTIVATION = normzoo.list_norms(kind="activation")
 WEIGHT = normzoo.list_norms(kind="weight")
@@ -124,3 +124,45 @@ def test_resnet_zero_init_residual_zeroes_the_last_norm_of_each_block() -> None:
 def test_unknown_norm_is_the_registry_error() -> None:
     with pytest.raises(normzoo.UnknownNormError, match="Known norms"):
         build_model(cfg(MLPConf), "nope", {}, (1, 8, 8), 10)
+
+
+BATCH_STATS = [n for n in ACTIVATION if normzoo.get_norm(n).uses_batch_stats]
+
+
+@pytest.mark.parametrize("name", BATCH_STATS)
+def test_batch_statistics_at_batch_size_one_on_dense_features_are_invalid(name: str) -> None:
+    """They failed in training with "Expected more than 1 value per channel" (recorded failed)."""
+    mlp = build_model(cfg(MLPConf, widths=[8]), name, {}, (1, 8, 8), 10)
+    with pytest.raises(InvalidCombination, match=r"at data\.batch_size=1 its layer fc1_norm sees"):
+        check_batch_size(mlp, name, (1, 8, 8), 1)
+    check_batch_size(mlp, name, (1, 8, 8), 2)
+    # conv layers pool H x W values per channel: fine at batch size 1, but not a dense hidden layer
+    conv = cfg(CNNConf, channels=[4, 4], strides=[1, 2])
+    check_batch_size(build_model(conv, name, {}, (1, 8, 8), 10), name, (1, 8, 8), 1)
+    hidden = build_model(
+        cfg(CNNConf, channels=[4], strides=[1], hidden=[8]), name, {}, (1, 8, 8), 10
+    )
+    with pytest.raises(InvalidCombination, match="fc1_norm sees a single value per channel"):
+        check_batch_size(hidden, name, (1, 8, 8), 1)
+    one = build_model(cfg(CNNConf, channels=[4, 4], strides=[8, 1]), name, {}, (1, 8, 8), 10)
+    with pytest.raises(InvalidCombination, match="conv1_norm sees a single value per channel"):
+        check_batch_size(one, name, (1, 8, 8), 1)  # a 1x1 feature map
+
+
+@pytest.mark.parametrize("name", SPATIAL_ONLY)
+def test_instance_statistics_of_a_one_by_one_map_are_invalid(name: str) -> None:
+    model = build_model(cfg(CNNConf, channels=[4, 4], strides=[1, 8]), name, {}, (1, 8, 8), 10)
+    with pytest.raises(InvalidCombination, match="conv2_norm sees a 1x1 feature map"):
+        check_batch_size(model, name, (1, 8, 8), 32)
+    check_batch_size(build_model(cfg(CNNConf), name, {}, (1, 8, 8), 10), name, (1, 8, 8), 1)
+
+
+def test_the_batch_size_check_leaves_the_model_as_it_was() -> None:
+    model = build_model(cfg(MLPConf, widths=[8]), "bn", {}, (1, 8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_batch_size(model, "bn", (1, 8, 8), 2)
+    with pytest.raises(InvalidCombination):
+        check_batch_size(model, "bn", (1, 8, 8), 1)
+    assert model.training and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -337,3 +337,13 @@ def test_a_norm_value_the_layer_refuses_is_a_config_error(hydra_conf, tmp_path: 
         with pytest.raises(ConfigError, match="norm=batchnorm cannot be built"):
             train.run(compose("config", overrides=[*TINY, "norm=bn", bad]), out_dir=tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("norm", ["bn", "brn", "native_bn"])
+def test_batch_statistics_at_batch_size_one_on_the_mlp_are_invalid_before_training(
+    hydra_conf, tmp_path: Path, norm: str
+) -> None:
+    """It was recorded `failed` with a traceback ("Expected more than 1 value per channel")."""
+    m = run(tmp_path, f"norm={norm}", "model=mlp", "model.widths=[8]", "data.batch_size=1")
+    assert m["status"] == "invalid" and m["steps"] == 0 and "traceback" not in m
+    assert "at data.batch_size=1 its layer fc1_norm sees a single value per channel" in m["error"]
