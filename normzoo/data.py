@@ -21,9 +21,13 @@ channel, which the runner records as ``invalid`` before training
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import io
+import logging
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ __all__ = [
     "load_data",
     "stratified_split",
 ]
+
+log = logging.getLogger("normzoo.data")
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -166,6 +172,29 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return rng.permutation(train_idx), rng.permutation(test_idx)
 
 
+@contextlib.contextmanager
+def _download_errors(name: str, root: str, where: str) -> Iterator[None]:
+    """A failed download (no internet, a mirror down) as a one-line :class:`DataNotFoundError`
+    instead of torchvision's traceback; torchvision's progress lines go to the log."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    except (OSError, RuntimeError) as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        raise DataNotFoundError(
+            f"data={name}: data.download=true but the download failed ({reason}). Check the "
+            f"internet connection, or put the files into {Path(root) / where}/ by hand "
+            f"(data.root={root!r})."
+        ) from None
+    finally:
+        for line in out.getvalue().splitlines():
+            if line.strip():
+                log.info("%s", line.strip())
+
+
 @functools.lru_cache(maxsize=2)
 def _torchvision_raw(name: str, root: str, download: bool) -> tuple[Tensor, ...]:
     import torchvision
@@ -173,7 +202,8 @@ def _torchvision_raw(name: str, root: str, download: bool) -> tuple[Tensor, ...]
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}
     out = []
     for train in (True, False):
-        ds = cls[name](root, train=train, download=download)
+        with _download_errors(name, root, f"{_TORCHVISION_DIR[name]}/raw"):
+            ds = cls[name](root, train=train, download=download)
         out += [ds.data.unsqueeze(1), ds.targets.long()]  # (N, 1, 28, 28) uint8
     return tuple(out)
 
@@ -192,7 +222,8 @@ def _cifar_raw(root: str, download: bool) -> tuple[np.ndarray, ...]:
     if download and not all((where / f).is_file() for f in _CIFAR_FILES):
         import torchvision
 
-        torchvision.datasets.CIFAR10(root, train=True, download=True)
+        with _download_errors("cifar10", root, _CIFAR_DIR):
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
     parts = [_read_cifar_batch(where / f"data_batch_{i}") for i in range(1, 6)]
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])

@@ -170,3 +170,29 @@ def test_stratified_split_shares_every_class_and_is_seeded() -> None:
     again = stratified_split(labels, 0.2, seed=0)
     assert np.array_equal(again[1], test)
     assert not np.array_equal(stratified_split(labels, 0.2, seed=1)[1], test)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"), ("cifar10", "CIFAR10")]
+)
+@pytest.mark.parametrize("error", ["url", "runtime"])
+def test_a_failed_download_is_a_one_line_error(tmp_path, monkeypatch, capsys, name, cls, error):
+    """With no internet, data.download=true printed ~30 lines of torchvision traceback."""
+    import urllib.error
+
+    import torchvision
+
+    def offline(root, *args, **kwargs):
+        print(f"Downloading http://example.invalid/{name} to {root}")  # as torchvision does
+        if error == "url":
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://a, got:\nx")
+
+    monkeypatch.setattr(torchvision.datasets, cls, offline)
+    with pytest.raises(DataNotFoundError) as err:
+        load_data(data_cfg(name=name, root=str(tmp_path), download=True))
+    text = str(err.value)
+    assert "\n" not in text and f"data={name}: data.download=true but the download failed" in text
+    assert "Check the internet connection" in text
+    assert ("URLError" if error == "url" else "RuntimeError: Error downloading") in text
+    assert capsys.readouterr().out == ""  # torchvision's lines went to the log
