@@ -77,6 +77,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -142,6 +143,8 @@ SCHEMA_VERSION = 1
 #: exit status of a single run by its status.
 EXIT_CODES = {"ok": 0, "failed": 1, "config_error": 1, "invalid": 2, "diverged": 3}
 METRICS_FILE = "metrics.json"
+#: in the sweep dir: the number of jobs, then one line per finished job (SweepGuard's [k/N] lines)
+PROGRESS_FILE = ".normzoo_progress"
 CHECKPOINT_FILE = "checkpoint.pt"
 #: statuses a rerun with resume=true keeps: deterministic results of the config
 KEEP_ON_RESUME = ("ok", "invalid", "diverged")
@@ -928,6 +931,10 @@ class SweepGuard(Callback):
     mistyped value or an unknown group option stops the sweep before any training, and so does a
     sweep over a key left out of the run-directory names (``threads``, ``device``, ...: its jobs
     would share one dir).
+    ``on_job_end`` (in the process that ran the job: a joblib/submitit worker, whose output the
+    console does not show, or this one) appends ``<overrides>: <status> (<seconds>)`` to
+    :data:`PROGRESS_FILE` in the sweep dir, and a thread of the launching process prints each new
+    line as ``[k/N] ...`` (it reads the small file once a second).
     ``on_multirun_end``: count this sweep's ``metrics.json`` by status (and those older than the
     sweep, kept by ``resume``), log failed ones, and make the process exit non-zero if any run of
     this sweep ``failed``.
@@ -935,6 +942,7 @@ class SweepGuard(Callback):
 
     def __init__(self) -> None:
         self.started = 0.0
+        self.job_started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _multirun_seen
@@ -944,9 +952,45 @@ class SweepGuard(Callback):
             check_sweep(config)
         except (ConfigError, DataNotFoundError) as exc:
             raise SweepRejected(str(exc)) from None
+        global _progress
+        with contextlib.suppress(OSError, ValueError):  # progress lines are a courtesy
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            path = sweep_dir / PROGRESS_FILE
+            path.write_text(f"{count_jobs(config)}\n", encoding="utf-8")
+            _progress = _ProgressPrinter(path)
+            _progress.start()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.job_started = time.perf_counter()
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if not _is_multirun():
+            return
+        try:
+            seconds = time.perf_counter() - self.job_started if self.job_started else None
+            # JobReturn.return_value re-raises a failed job's exception: read what it holds
+            value = getattr(job_return, "_return_value", None)
+            if isinstance(value, dict):
+                status = str(value.get("status"))
+                if value.get("skipped"):
+                    status += ", kept from before"
+            elif isinstance(value, BaseException):
+                status = f"error ({type(value).__name__})"
+            else:
+                status = "config error" if value is None else str(value)
+            overrides = " ".join(getattr(job_return, "overrides", None) or []) or "(no overrides)"
+            took = f" ({seconds:.1f}s)" if seconds is not None else ""
+            _append_line(Path(str(config.hydra.sweep.dir)) / PROGRESS_FILE,
+                         f"{overrides}: {status}{took}".replace("\n", " "))  # fmt: skip
+        except Exception as exc:  # never let the progress line break a job
+            log.debug("progress line: %s: %s", type(exc).__name__, exc)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global _sweep_failed
+        global _sweep_failed, _progress
+        if _progress is not None:
+            _progress.stop()
+            _progress = None
         sweep_dir = Path(str(config.hydra.sweep.dir))
         counts: dict[str, int] = {}
         failed = []
@@ -971,6 +1015,79 @@ class SweepGuard(Callback):
         _sweep_failed = len(failed)
 
 
+def _append_line(path: Path, line: str) -> None:
+    """Append one line to the progress file (if the sweep started one), under a lock."""
+    if not path.is_file():
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        with contextlib.suppress(ImportError, OSError):
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(line + "\n")
+
+
+class _ProgressPrinter(threading.Thread):
+    """In the launching process: print each job line the workers append to the progress file as
+    ``[k/N] <line>``, polling once a second (a daemon thread; :meth:`stop` prints the rest)."""
+
+    def __init__(self, path: Path, interval: float = 1.0) -> None:
+        super().__init__(name="normzoo-progress", daemon=True)
+        self.path, self.interval = path, interval
+        self.printed = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.interval):
+            self.drain()
+
+    def stop(self) -> None:
+        self.halt.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        self.drain()
+
+    def drain(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+        except OSError:
+            return
+        total = lines[0].strip() or "?"
+        done = lines[1:-1]  # the last item: after the final newline (or a line being written)
+        for line in done[self.printed :]:
+            self.printed += 1
+            log.info("[%d/%s] %s", self.printed, total, line)
+
+
+_progress: _ProgressPrinter | None = None
+
+
+def _sweep_overrides(config: DictConfig) -> list[Any]:
+    """The overrides a multirun's jobs get, parsed: the sweeper's ``params`` then the command line,
+    a later override of a key replacing an earlier one in its place (as Hydra's basic sweeper
+    does: ``-m experiment=digits model=mlp`` replaces the study's ``model: mlp,cnn``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()]
+    args += list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    final: dict[str, Any] = {}
+    for override in OverridesParser.create().parse_overrides(args):
+        final[override.get_key_element()] = override
+    return list(final.values())
+
+
+def count_jobs(config: DictConfig) -> int:
+    """The number of jobs a multirun launches: the product of its sweeps' lengths."""
+    from hydra.core.override_parser.types import Transformer
+
+    return math.prod(
+        len(list(o.sweep_iterator(transformer=Transformer.identity)))
+        for o in _sweep_overrides(config)
+        if o.is_sweep_override()
+    )
+
+
 def _groups() -> dict[str, list[str]]:
     out = {"norm": norm_choices()}
     for path in CONF_DIR.iterdir():
@@ -985,12 +1102,10 @@ def check_sweep(config: DictConfig) -> None:
     Raises:
         ConfigError: naming the key and the value.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Transformer
 
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    args = [f"{k}={v}" for k, v in params.items()]
-    args += list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    overrides = _sweep_overrides(config)
+    args = [o.input_line for o in overrides]
     groups = _groups()
     probe = copy.deepcopy(config)
     swept: set[str] = set()
@@ -1002,7 +1117,7 @@ def check_sweep(config: DictConfig) -> None:
     model_overrides = []
     norm_options: list[str] = []  # the swept norm options, in order
     norm_overrides = []
-    for override in OverridesParser.create().parse_overrides(args):
+    for override in overrides:
         key = override.key_or_group
         if key.startswith("model.") and not override.is_delete():
             model_overrides.append(override)

@@ -217,7 +217,9 @@ STUDY = [
 
 
 def cli(cwd: Path, *args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    root = str(Path(__file__).resolve().parent.parent)  # the checkout under test
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": path}
     return subprocess.Popen(
         [sys.executable, "-m", "normzoo.train", *args],
         cwd=cwd,

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = [
     "data.train_subset=120",
@@ -32,6 +33,10 @@ def cli(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedP
         "OMP_NUM_THREADS": "1",
         "HYDRA_FULL_ERROR": "0",
         "CUDA_VISIBLE_DEVICES": "",
+        # the checkout under test, not whatever normzoo the interpreter has installed
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        ),
     }
     return subprocess.run(
         [sys.executable, "-m", "normzoo.train", *args],
@@ -73,6 +78,8 @@ def test_multirun_sweep_writes_one_ok_metrics_per_job(tmp_path: Path, launcher: 
         assert m["norm"] in ("native_batchnorm", "layernorm") and m["batch_size"] in (4, 16)
         assert m["threads"] == 1 and "test_error_precise" in m
     assert "sweep" in proc.stderr + proc.stdout and "4 ok" in proc.stderr + proc.stdout
+    if launcher == "local_joblib":  # one progress line per finished job, from the workers
+        assert "[4/4] " in proc.stderr + proc.stdout, proc.stderr[-3000:]
     # the sweep ran through normzoo's sweeper plugin (found by Hydra's plugin scan)
     sweeper = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["sweeper"]
     assert sweeper["_target_"] == "hydra_plugins.normzoo_sweeper.NormzooSweeper"

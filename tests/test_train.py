@@ -347,3 +347,50 @@ def test_batch_statistics_at_batch_size_one_on_the_mlp_are_invalid_before_traini
     m = run(tmp_path, f"norm={norm}", "model=mlp", "model.widths=[8]", "data.batch_size=1")
     assert m["status"] == "invalid" and m["steps"] == 0 and "traceback" not in m
     assert "at data.batch_size=1 its layer fc1_norm sees a single value per channel" in m["error"]
+
+
+def test_count_jobs_is_the_product_of_the_sweeps(hydra_conf) -> None:
+    study = compose("config", overrides=["experiment=digits"], return_hydra_config=True)
+    assert train.count_jobs(study) == 7 * 7 * 2 * 3  # the 294-job default study
+    assert train.count_jobs(sweep_config("norm=bn,gn", "seed=range(0,3)", "data.batch_size=8")) == 6
+    assert train.count_jobs(sweep_config(params={"norm": "bn,gn"})) == 2
+
+
+def test_sweep_guard_logs_one_progress_line_per_finished_job(hydra_conf, tmp_path, caplog):
+    """The 294-job study printed only per-epoch lines: no way to tell how far it was."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    cfg = sweep_config("norm=bn,ln", "data.batch_size=8,16")
+    with open_dict(cfg):
+        cfg.hydra.sweep.dir = str(tmp_path / "sweep")
+    guard = train.SweepGuard()
+    guard.on_multirun_start(cfg)
+    assert (tmp_path / "sweep" / train.PROGRESS_FILE).read_text() == "4\n"
+    results = [{"status": "ok"}, {"status": "invalid", "skipped": True}, RuntimeError("x"), None]
+    caplog.set_level("INFO", logger="normzoo.train")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "_is_multirun", lambda: True)
+        for i, value in enumerate(results):
+            job = JobReturn(overrides=["norm=bn", f"seed={i}"])
+            job.status = JobStatus.FAILED if isinstance(value, Exception) else JobStatus.COMPLETED
+            job.return_value = value
+            guard.on_job_start(cfg)
+            guard.on_job_end(cfg, job_return=job)  # in a worker: appends to the progress file
+    guard.on_multirun_end(cfg)  # the launching process's printer prints what is left
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
+    assert lines[0].startswith("[1/4] norm=bn seed=0: ok (") and lines[0].endswith("s)")
+    assert lines[1].startswith("[2/4] norm=bn seed=1: invalid, kept from before (")
+    assert lines[2].startswith("[3/4] norm=bn seed=2: error (RuntimeError) (")
+    assert lines[3].startswith("[4/4] norm=bn seed=3: config error (")
+
+
+def test_the_command_line_replaces_a_studys_swept_values(hydra_conf) -> None:
+    """`-m experiment=digits model=mlp model.widths=[8]`: model=mlp replaces the study's
+    `model: mlp,cnn` (as Hydra's sweeper does), so cnn's schema does not apply."""
+    study = ["experiment=digits", "model=mlp", "model.widths=[8]", "seed=0,1", "norm=bn,ln"]
+    cfg = compose("config", overrides=[*TINY, "experiment=digits", "model=mlp", "model.widths=[8]"],
+                  return_hydra_config=True)  # fmt: skip
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = study
+    train.check_sweep(cfg)
+    assert train.count_jobs(cfg) == 7 * 2 * 2  # the study's 7 batch sizes, 2 seeds, 2 norms
