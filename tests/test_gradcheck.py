@@ -126,42 +126,54 @@ SECOND_ORDER = [(n, s) for n, m, s in CASES if m == "train" and n != "none"]
 @pytest.mark.parametrize(
     ("name", "shape"), SECOND_ORDER, ids=[f"{n}-{len(s)}d" for n, s in SECOND_ORDER]
 )
-def test_create_graph_gives_the_same_grads_and_refuses_a_second_order(
+def test_double_backward_passes_gradgradcheck(
     name: str, shape: tuple[int, ...], stats_route: str
 ) -> None:
-    """With ``create_graph=True`` the grads are those of a plain backward, and differentiating them again raises instead
-    of giving a wrong second derivative."""
+    """Under ``create_graph`` the grads are differentiable again (the hand-written backward hands
+    over to the layer's formula differentiated by autograd): second derivatives w.r.t. the input
+    and the parameters against finite differences."""
     layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    f, params = _as_function(layer)
     x = torch.randn(shape, dtype=DT).requires_grad_(True)
-    dy = torch.randn(shape, dtype=DT, requires_grad=True)  # so that the grads' graph needs dy
-    inputs = [x, *layer.parameters()]
-    plain = torch.autograd.grad(layer(x), inputs, dy)
-    graph = torch.autograd.grad(layer(x), inputs, dy, create_graph=True)
-    for a, b in zip(graph, plain, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert graph[0].requires_grad
-    with pytest.raises(RuntimeError, match="not twice differentiable"):
-        graph[0].sum().backward()
+    assert torch.autograd.gradgradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("name", "shape"), SECOND_ORDER, ids=[f"{n}-{len(s)}d" for n, s in SECOND_ORDER]
-)
-def test_a_gradient_penalty_through_a_layer_raises_with_a_constant_incoming_grad(
+#: a layer's plain-autograd twin for the penalty test (Batch Renorm at its start is BatchNorm)
+TWINS = {n: normzoo.get_norm(n).native or "native_batchnorm" for n, _ in SECOND_ORDER}
+PENALTY = [(n, s) for n, s in SECOND_ORDER if normzoo.get_norm(n).kind == "activation"]
+
+
+@pytest.mark.parametrize(("name", "shape"), PENALTY, ids=[f"{n}-{len(s)}d" for n, s in PENALTY])
+def test_a_gradient_penalty_matches_torchs_layer(
     name: str, shape: tuple[int, ...], stats_route: str
 ) -> None:
-    """A WGAN-GP-like penalty: the loss is linear in the layer's output (so its incoming
-    gradient is a constant) and a scale before the layer keeps dL/dx in the graph. The layer's
-    grads must refuse to be differentiated (they did not, and the penalty's gradient silently
-    lacked the layer's second-order term)."""
-    layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
-    scale = torch.rand((C,) + (1,) * (len(shape) - 2), dtype=DT).add_(0.5).requires_grad_(True)
-    x = torch.randn(shape, dtype=DT).requires_grad_(True)
-    out = (layer(x * scale) * torch.randn(shape, dtype=DT)).sum()
-    (gx,) = torch.autograd.grad(out, x, create_graph=True)
-    assert gx.requires_grad
-    with pytest.raises(RuntimeError, match="not twice differentiable"):
-        gx.square().sum().backward()
+    """A WGAN-GP-like penalty ||dL/dx||^2, with L linear in the layer's output (a constant
+    incoming gradient) and a learnable scale before the layer: its gradient w.r.t. the scale and
+    the layer's parameters equals the one through torch's own layer (which autograd
+    differentiates twice). With a ``once_differentiable`` backward this penalty silently lost
+    the layer's second-order term."""
+    kwargs = _activation_options(name)
+    twin_name = TWINS[name]
+    results = []
+    for which in (name, twin_name):
+        torch.manual_seed(0)
+        layer = normzoo.build_norm(which, C, **kwargs).to(DT)
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, C, dtype=DT))
+            layer.bias.copy_(torch.linspace(-0.3, 0.3, C, dtype=DT))
+        scale = torch.linspace(0.7, 1.3, C, dtype=DT).view((C,) + (1,) * (len(shape) - 2))
+        scale.requires_grad_(True)
+        x = torch.randn(shape, dtype=DT).requires_grad_(True)
+        out = (layer(x * scale) * torch.randn(shape, dtype=DT)).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        penalty = gx.square().sum()
+        wrt = [scale, layer.weight, layer.bias]  # (the bias has no say in dL/dx: zeros)
+        results.append(torch.autograd.grad(penalty, wrt, materialize_grads=True))
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
 
 
 def test_batchrenorm_gradcheck_with_clipping_active(stats_route: str) -> None:

@@ -406,18 +406,21 @@ def test_preallocated_output_path_with_unmergeable_spatial_dims(
     assert torch.autograd.gradcheck(lambda *t: GroupNormFunction.apply(*t, 2, 1e-5)[0], (x, w, b))
 
 
-def test_not_twice_differentiable_and_create_graph_grads_match() -> None:
-    """With ``create_graph=True`` the grads are those of a plain backward, and differentiating
-    them again raises (the backward is hand-written: ``once_differentiable_fast``)."""
+def test_create_graph_grads_match_and_are_differentiable_again() -> None:
+    """With ``create_graph=True`` the grads equal a plain backward's, and the general Function's
+    double backward passes gradgradcheck (whatever the input size)."""
     x = torch.randn(3, C, 5, dtype=torch.float64, requires_grad=True)
     layer = _randomise(GroupNorm(C, num_groups=2).double())
     dy = torch.randn_like(x, requires_grad=True)  # so that the graph of the grads needs dy
     plain = torch.autograd.grad(layer(x), x, dy)[0]
     (graph,) = torch.autograd.grad(layer(x), x, dy, create_graph=True)
-    torch.testing.assert_close(graph, plain, rtol=0, atol=0)
+    torch.testing.assert_close(graph, plain, rtol=1e-12, atol=1e-12)
     assert graph.requires_grad
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        graph.sum().backward()
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda *t: GroupNormFunction.apply(*t, 2, 1e-5)[0], (x, w, b), atol=1e-5
+    )
 
 
 # LayerNorm, C/G = 3, InstanceNorm (C/G = 1; not on 2-D input, where each group holds one value

@@ -11,8 +11,9 @@ VM, forward+backward of the BatchNorm module at (2, 128): 132-157 us with the sm
 of the general Function, ~108 us with this one (torch's fused kernel: 57 us).
 
 The statistics are centred two-pass sums (stable for any mean, no host read); the backward saves
-the centred input (BatchNorm) or x_hat (per-sample norms) instead of x: same size, and the
-backward needs it, so it is not recomputed. Constants are cached 0-dim tensors (a Python number is
+x (and the per-channel or per-group statistics) and recomputes the centred input (BatchNorm, one
+op) or x_hat (per-sample norms, two ops) from it: x is what the double backward (``create_graph``,
+:func:`~normzoo.norms._base.hand_written_backward`) differentiates, and it is alive anyway. Constants are cached 0-dim tensors (a Python number is
 wrapped into a new tensor on every op). The formulas, and the papers, are those of the layers'
 docstrings (:class:`~normzoo.norms.batch.BatchNorm`, :class:`~normzoo.norms.batch.BatchRenorm`,
 :class:`~normzoo.norms.sample.GroupNorm`).
@@ -28,12 +29,31 @@ from torch import Tensor
 
 from normzoo.norms._base import (
     _RENORM_DIAGNOSTICS,
+    _batch_norm_double_backward,
     _cpu_scalar,
+    _group_norm_double_backward,
     _scale_and_offset,
-    once_differentiable_fast,
+    hand_written_backward,
 )
 
 __all__: list[str] = []
+
+
+def _small_batch_norm_double_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
+    """:class:`SmallBatchNorm`'s backward under ``create_graph`` (differentiable again)."""
+    if dy is None:
+        return None, None, None, None, None, None
+    x, _, _, _, r, d, weight = ctx.saved_tensors
+    return (*_batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps), None, None, None)
+
+
+def _small_group_norm_double_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
+    """:class:`SmallGroupNorm`'s backward under ``create_graph`` (differentiable again)."""
+    if dy is None:
+        return None, None, None, None, None
+    x, weight, _, _ = ctx.saved_tensors
+    grads = _group_norm_double_backward(ctx, dy, x, weight, ctx.num_groups, ctx.eps)
+    return (*grads, None, None)
 
 
 class SmallBatchNorm(torch.autograd.Function):
@@ -98,26 +118,29 @@ class SmallBatchNorm(torch.autograd.Function):
             g_c = g.view(view)
             y = torch.mul(xc, g_c) if offset is None else torch.addcmul(offset.view(view), xc, g_c)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(xc, invstd, g, r, d)
+        ctx.eps = eps
+        ctx.save_for_backward(x, mean, invstd, g, r, d, weight)
         if layer is not None:
             layer._update_running_stats(mean, sq.mul_(_cpu_scalar(1.0 / (m - 1), dtype)))
         return y
 
     @staticmethod
-    @once_differentiable_fast
+    @hand_written_backward(_small_batch_norm_double_backward)
     def backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
         """(the formulas are in the class docstring)"""
         if dy is None:  # grads are not materialised: y did not take part in the loss
             return None, None, None, None, None, None
-        xc, invstd, g, r, d = ctx.saved_tensors
+        x, mean, invstd, g, r, d, _ = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        flat = xc.dim() == 2
+        flat = x.dim() == 2
         if flat:
             sum_dy = dy.sum(0)
+            xc = x - mean
         else:
-            dims = [0, *range(2, xc.dim())]
-            view = (-1,) + (1,) * (xc.dim() - 2)
+            dims = [0, *range(2, x.dim())]
+            view = (-1,) + (1,) * (x.dim() - 2)
             sum_dy = dy.sum(dims)
+            xc = x - mean.view(view)
         dx = dweight = None
         if need_x or need_w:
             raw = torch.linalg.vecdot(dy, xc, dim=0) if flat else torch.mul(dy, xc).sum(dims)
@@ -175,7 +198,8 @@ class SmallGroupNorm(torch.autograd.Function):
         else:
             dims = (2, 3)
             xg = x.reshape(n, num_groups, cg, s)
-        xc = torch.add(xg, xg.sum(dims, keepdim=True), alpha=-inv_m)  # x - mean
+        total = xg.sum(dims, keepdim=True)  # m * mean
+        xc = torch.add(xg, total, alpha=-inv_m)  # x - mean
         sq = torch.mul(xc, xc).sum(dims, keepdim=True)
         rstd = torch.add(_cpu_scalar(eps, dtype), sq, alpha=inv_m).rsqrt_()
         x_hat = xc.mul_(rstd)
@@ -194,18 +218,24 @@ class SmallGroupNorm(torch.autograd.Function):
         else:
             y = torch.addcmul(b_c, flat, w_c)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x_hat, weight, rstd)
+        # (x rather than x_hat: the double backward recomputes the layer from x)
+        ctx.save_for_backward(x, weight, total, rstd)
         ctx.inv_m, ctx.dims, ctx.direct = inv_m, dims, direct
+        ctx.num_groups, ctx.eps = num_groups, eps
         return y
 
     @staticmethod
-    @once_differentiable_fast
+    @hand_written_backward(_small_group_norm_double_backward)
     def backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
         """(the formulas are in the class docstring)"""
         if dy is None:
             return None, None, None, None, None
         # x_hat: like x (LayerNorm, InstanceNorm) or (N, G, C/G, S); rstd: one per group
-        x_hat, weight, rstd = ctx.saved_tensors
+        x, weight, total, rstd = ctx.saved_tensors
+        if not ctx.direct:
+            groups = ctx.num_groups
+            x = x.reshape(x.shape[0], groups, x.shape[1] // groups, math.prod(x.shape[2:]))
+        x_hat = torch.add(x, total, alpha=-ctx.inv_m).mul_(rstd)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         if ctx.direct:  # the forward reduced x itself: x_hat, dy and dx have x's shape

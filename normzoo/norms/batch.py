@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from normzoo.norms._base import (
     _RENORM_DIAGNOSTICS,
     RunningStatsMixin,
+    _batch_norm_double_backward,
     _is_small,
     _normalise_with_running_stats,
     _NormBase,
     _scale_and_offset,
-    once_differentiable_fast,
+    hand_written_backward,
 )
 from normzoo.norms._small import SmallBatchNorm
 from normzoo.registry import register_norm
@@ -103,6 +104,17 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     return mean, centred.square_().sum(dims).div_(m), True
 
 
+def _batch_norm_function_double_backward(
+    ctx: Any, dy: Tensor | None, *_: Any
+) -> tuple[Tensor | None, ...]:
+    """:class:`_BatchNormFunction`'s backward under ``create_graph`` (differentiable again)."""
+    if dy is None:
+        return (None,) * 7
+    x, _, _, _, r, d, weight = ctx.saved_tensors
+    grads = _batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps)
+    return (*grads, None, None, None, None)
+
+
 class _BatchNormFunction(torch.autograd.Function):
     r"""Training-mode batch norm with batch statistics and a hand-derived backward.
 
@@ -134,10 +146,12 @@ class _BatchNormFunction(torch.autograd.Function):
     once and computes dx = g * (dy - (sum(dy) + (x - mean) * invstd * dot) / m) in place in that
     buffer.
 
-    Saved for backward: x and per-channel vectors (mean, invstd, g; r, d for Batch Renorm) -- torch's
+    Saved for backward: x and per-channel vectors (mean, invstd, g, gamma; r, d for Batch Renorm) -- torch's
     native kernel saves x and five. Memory traffic: forward two reductions and the output pass;
     backward two reductions and the dx passes; one large buffer allocated per direction (the output
-    buffer doubles as scratch for x * x and dy * x). Not twice differentiable.
+    buffer doubles as scratch for x * x and dy * x). Under ``create_graph`` the backward
+    differentiates the same formula with autograd instead, so the grads are differentiable again
+    (gamma is saved for that).
     """
 
     @staticmethod
@@ -168,17 +182,17 @@ class _BatchNormFunction(torch.autograd.Function):
         else:
             shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
             _affine_into(y, x, g, shift)
-        ctx.centred = centred
-        ctx.save_for_backward(x, mean, invstd, g, r, d)
+        ctx.centred, ctx.eps = centred, eps
+        ctx.save_for_backward(x, mean, invstd, g, r, d, weight)
         ctx.mark_non_differentiable(mean, var, *extra)
         return (y, mean, var, *extra)
 
     @staticmethod
-    @once_differentiable_fast
+    @hand_written_backward(_batch_norm_function_double_backward)
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:  # grads are not materialised: y did not take part in the loss
             return (None,) * 7
-        x, mean, invstd, g, r, d = ctx.saved_tensors
+        x, mean, invstd, g, r, d, _ = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dims = _reduce_dims(x)
         k = -1.0 / _values_per_channel(x)

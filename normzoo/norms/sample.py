@@ -27,10 +27,11 @@ from torch import Tensor
 
 from normzoo.norms._base import (
     RunningStatsMixin,
+    _group_norm_double_backward,
     _is_small,
     _normalise_with_running_stats,
     _NormBase,
-    once_differentiable_fast,
+    hand_written_backward,
 )
 from normzoo.norms._small import SmallGroupNorm
 from normzoo.registry import register_norm
@@ -136,6 +137,17 @@ def _empty_like_viewed(x: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tenso
         return out, out.view(shape)
 
 
+def _group_norm_function_double_backward(
+    ctx: Any, dy: Tensor | None, *_: Any
+) -> tuple[Tensor | None, ...]:
+    """:class:`GroupNormFunction`'s backward under ``create_graph`` (differentiable again)."""
+    if dy is None:
+        return None, None, None, None, None, None
+    x, weight, _, _ = ctx.saved_tensors
+    grads = _group_norm_double_backward(ctx, dy, x, weight, ctx.num_groups, ctx.eps)
+    return (*grads, None, None, None)
+
+
 class GroupNormFunction(torch.autograd.Function):
     """y = gamma * (x - mu) / sqrt(sigma2 + eps) + beta with statistics per (sample, group).
 
@@ -169,7 +181,8 @@ class GroupNormFunction(torch.autograd.Function):
     accurate as torch's kernels; rounding the shift first lost what a large mean leaves of y).
     (The modules give small CPU inputs to :class:`~normzoo.norms._small.SmallGroupNorm`.) Under
     ``torch.compile`` the backward is :func:`_group_norm_backward_compiled` (the same formulas,
-    arranged for inductor's loops). Not twice differentiable.
+    arranged for inductor's loops). Under ``create_graph`` the backward differentiates the same
+    formula with autograd instead, so the grads are differentiable again.
     """
 
     @staticmethod
@@ -219,7 +232,7 @@ class GroupNormFunction(torch.autograd.Function):
             torch.addcmul(shift, x4, scale, out=y4)
         else:
             torch.mul(x4, scale, out=y4).add_(shift)
-        ctx.centred = centred
+        ctx.centred, ctx.num_groups, ctx.eps = centred, num_groups, eps
         ctx.save_for_backward(x, weight, mean, rstd)
         if not stats:
             return y
@@ -227,7 +240,7 @@ class GroupNormFunction(torch.autograd.Function):
         return y, mean, var  # mean, var: (N, G, 1, 1), viewed as (N, G) by group_norm()
 
     @staticmethod
-    @once_differentiable_fast
+    @hand_written_backward(_group_norm_function_double_backward)
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         return _group_norm_backward(ctx, dy)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from normzoo.norms._base import once_differentiable_fast
+from normzoo.norms._base import hand_written_backward, vjp_by_autograd
 from normzoo.registry import register_norm
 
 __all__ = [
@@ -57,6 +57,19 @@ def _norm_dims(ndim: int, dim: int | None) -> tuple[int, ...]:
     return tuple(d for d in range(ndim) if d != dim)
 
 
+def _weight_norm_double_backward(ctx: Any, dw: Tensor) -> tuple[Tensor | None, ...]:
+    """:class:`WeightNormFunction`'s backward under ``create_graph``: w = g * v / ||v|| (norm over
+    ``ctx.dims``) differentiated with autograd, so the grads are differentiable again."""
+    v, _, g = ctx.saved_tensors
+    need_g, need_v = ctx.needs_input_grad[:2]
+
+    def forward() -> Tensor:
+        return g * v / torch.linalg.vector_norm(v, dim=ctx.dims, keepdim=g.dim() > 0)
+
+    dg, dv = vjp_by_autograd(forward, [g if need_g else None, v if need_v else None], dw)
+    return dg, dv, None
+
+
 class WeightNormFunction(torch.autograd.Function):
     """w = g * v / ||v|| with a hand-derived backward: ``apply(g, v, dims)``.
 
@@ -66,10 +79,11 @@ class WeightNormFunction(torch.autograd.Function):
 
         dg = s / ||v||,    dv = (g / ||v||) * (dw - (s / ||v||^2) * v)
 
-    Saved for backward: v, ||v|| and g / ||v|| (torch's fused ``_weight_norm`` saves v, g and
-    ||v||; the per-unit scale is as small as g and spares the backward a division). Backward makes one
-    reduction pass and two elementwise passes over the weight, allocating one weight-sized buffer
-    (dw * v, reused for dv). Not twice differentiable.
+    Saved for backward: v, ||v|| and g, as torch's fused ``_weight_norm`` (the backward recomputes
+    the per-unit scale g / ||v||, a division as small as g). Backward makes one reduction pass and
+    two elementwise passes over the weight, allocating one weight-sized buffer (dw * v, reused for
+    dv). Under ``create_graph`` the backward differentiates w = g * v / ||v|| with autograd
+    instead, so the grads are differentiable again.
     """
 
     @staticmethod
@@ -77,13 +91,14 @@ class WeightNormFunction(torch.autograd.Function):
         norm = torch.linalg.vector_norm(v, dim=dims, keepdim=g.dim() > 0)
         scale = g / norm  # per output unit: one pass over v
         ctx.dims = dims
-        ctx.save_for_backward(v, norm, scale)
+        ctx.save_for_backward(v, norm, g)
         return v * scale
 
     @staticmethod
-    @once_differentiable_fast
+    @hand_written_backward(_weight_norm_double_backward)
     def backward(ctx: Any, dw: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        v, norm, scale = ctx.saved_tensors
+        v, norm, g = ctx.saved_tensors
+        scale = g / norm
         buf = dw * v
         s = buf.sum(ctx.dims, keepdim=norm.dim() > 0)  # (out, 1, ...): dw . v per output unit
         dg = s.div_(norm)  # s / ||v||
