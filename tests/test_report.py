@@ -427,6 +427,23 @@ def test_precisebn_findings_never_contradict_themselves() -> None:
     assert "at batch size 8:" in line and "no clear difference at batch sizes 2 and 32" in line
 
 
+def test_a_large_same_way_precisebn_change_is_not_called_no_difference() -> None:
+    """Batch Renorm · mlp at batch 128 in the shipped study: 4.0% -> 23.0% with PreciseBN, every
+    seed worse by 13 points or more, t = 3.9 below t(0.975, 2) = 4.3; the finding listed it under
+    'no clear difference'. It is now said as what it is."""
+    df = _frame(norms=("batchnorm", "layernorm"))
+    bn = df["norm"] == "batchnorm"
+    df.loc[bn, "test_error_precise"] = df["test_error"] + (df["seed"] - 1) * 0.001
+    at32 = bn & df["batch_size"].eq(32)
+    worse = df.loc[at32, "seed"].map({0: 0.15, 1: 0.14, 2: 0.28})  # 14-28 points, every seed
+    df.loc[at32, "test_error_precise"] = df.loc[at32, "test_error"] + worse
+    lines = findings(df)
+    line = _sentence(lines, r"^PreciseBN makes no clear difference to BatchNorm's error at")
+    assert "batch sizes 2 and 8:" in line and "any batch size" not in line
+    assert "At batch size 32 every seed's error rose with PreciseBN" in line
+    assert "too spread to pass the 95% bar with 3 seeds" in line
+
+
 def _partial(norms: tuple[str, ...]) -> pd.DataFrame:
     """Two models x batch 32, 64; BatchNorm failed at 32; GroupNorm invalid everywhere."""
     rows = []
