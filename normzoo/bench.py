@@ -822,8 +822,8 @@ def write_report(
                     s["baseline"]
                     + ("" if s["pairing"] == "native reference" else f" — {s['pairing']}"),
                     s["shapes"],
-                    f"{_fmt(s['eager'])} {s['eager_ok']}",
-                    f"{_fmt(s['compiled'])} {s['compiled_ok']}",
+                    f"{_fmt(s['eager'], '.3f')} {s['eager_ok']}",
+                    f"{_fmt(s['compiled'], '.3f')} {s['compiled_ok']}",
                     f"{_fmt(s['memory'], '.3f')} {s['memory_ok']}",
                     _fmt(s["memory_max"], ".3f"),
                     _fmt(s["memory_compiled"], ".3f"),
@@ -1046,8 +1046,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"normzoo-bench: wrote {paths['md']}, {paths['csv']}, {paths['png']}", file=sys.stderr)
     for s in summarise(rows, verdicts=not config.quick):
         print(
-            f"{s['device']} {s['layer']:>12s} vs {s['baseline']:<17s} eager {_fmt(s['eager'])} "
-            f"({s['eager_ok']}), compiled {_fmt(s['compiled'])} ({s['compiled_ok']}), "
+            f"{s['device']} {s['layer']:>12s} vs {s['baseline']:<17s} eager {_fmt(s['eager'], '.3f')} "
+            f"({s['eager_ok']}), compiled {_fmt(s['compiled'], '.3f')} ({s['compiled_ok']}), "
             f"memory {_fmt(s['memory'], '.3f')} ({s['memory_ok']})"
         )
     return 0
