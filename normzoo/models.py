@@ -6,7 +6,11 @@
   optional dense ``[Linear -> norm -> ReLU]`` layers (``hidden``), a Linear classifier. Strides let
   the last conv layers be small spatially (8x8 -> 4x4 -> 2x2), where batch statistics are noisiest.
 * ``resnet`` — torchvision's ResNet-18/34 through its ``norm_layer=`` hook, adapted to small images
-  as is usual for CIFAR (3x3 stride-1 stem, no max-pool).
+  as is usual for CIFAR (3x3 stride-1 stem, no max-pool). torchvision builds its convs without a
+  bias (the norm after each supplies beta); with a norm that supplies none (a weight-kind norm, or
+  ``none``) each of those convs gets a learnable per-output-channel bias, zero-initialised, so the
+  net is affine as the ``mlp`` and ``cnn`` (whose convs/linears always carry a bias) and WeightNorm's
+  data-dependent init sets b as well as g.
 
 How the norm goes in (``normzoo.get_norm(norm).kind``):
 
@@ -41,6 +45,12 @@ class _Norms:
     def __init__(self, name: str, overrides: dict[str, Any]) -> None:
         self.spec: NormSpec = get_norm(name)
         self.overrides = dict(overrides)
+
+    @property
+    def supplies_shift(self) -> bool:
+        """Whether the norm after a layer has a per-channel shift (beta) of its own: not for a
+        weight-kind norm (nothing goes after the layer) nor for ``none`` (the identity)."""
+        return self.spec.kind != "weight" and self.spec.name != "none"
 
     def activation(self, num_features: int, where: str, *, spatial: bool) -> nn.Module | None:
         """The norm after layer ``where`` (None for weight-kind norms: nothing goes there)."""
@@ -156,6 +166,8 @@ def _resnet(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: in
     model.conv1 = nn.Conv2d(int(input_shape[0]), 64, 3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
+    if not norms.supplies_shift:
+        _add_conv_biases(model)
     if cfg.get(
         "zero_init_residual", False
     ):  # torchvision's own loop assumes every norm has .weight
@@ -166,6 +178,14 @@ def _resnet(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: in
                 if getattr(last, "weight", None) is not None:
                     nn.init.zeros_(last.weight)
     return model
+
+
+def _add_conv_biases(model: nn.Module) -> None:
+    """Give every conv of ``model`` built without a bias a zero-initialised per-channel one (in the
+    place ``bias=True`` would have put it, so the state dict reads as a biased conv's)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(m.out_channels, dtype=m.weight.dtype))
 
 
 _BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}

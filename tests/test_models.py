@@ -166,3 +166,75 @@ def test_the_batch_size_check_leaves_the_model_as_it_was() -> None:
         check_batch_size(model, "bn", (1, 8, 8), 1)
     assert model.training and torch.equal(rng, torch.get_rng_state())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+NO_SHIFT = [*WEIGHT, "none"]  # norms with no beta of their own after a layer
+
+
+def biased(model: nn.Module) -> tuple[int, int]:
+    """(convs/linears with a bias, all convs/linears)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    return sum(getattr(m, "bias", None) is not None for m in layers), len(layers)
+
+
+@pytest.mark.parametrize("name", ["bn", "gn", *NO_SHIFT])
+def test_resnet_convs_carry_a_bias_when_the_norm_has_no_beta(name: str) -> None:
+    """torchvision builds its convs with bias=False (the norm supplies beta); with weightnorm or none
+    the ResNet had no bias but the classifier's (1 bias parameter against bn's 21)."""
+    model = build_model(cfg(ResNetConf), name, overrides(name), (3, 16, 16), 10)
+    with_bias, layers = biased(model)
+    assert layers == 21  # 20 convs + the classifier
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    assert len(biases) == 21  # either the norms' beta or the convs' bias, never both
+    if name in NO_SHIFT:
+        assert with_bias == 21
+        assert float(model.layer1[0].conv1.bias.detach().abs().sum()) == 0.0  # zero-initialised
+        assert "layer1.0.conv1.bias" in model.state_dict()
+    else:
+        assert with_bias == 1  # the classifier only: the norm after each conv has a beta
+    model.eval()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", [*ACTIVATION, *WEIGHT])
+@pytest.mark.parametrize("schema", [MLPConf, CNNConf])
+def test_mlp_and_cnn_layers_always_carry_a_bias(name: str, schema) -> None:
+    if schema is MLPConf and name in SPATIAL_ONLY:
+        return
+    kw = {"widths": [16]} if schema is MLPConf else {"channels": [4, 8], "strides": [1, 2]}
+    model = build_model(cfg(schema, **kw), name, overrides(name), (1, 8, 8), 10)
+    with_bias, layers = biased(model)
+    assert with_bias == layers
+
+
+@pytest.mark.parametrize("name", WEIGHT)
+def test_weight_norm_data_dependent_init_standardises_every_resnet_conv(name: str) -> None:
+    """Without conv biases the init set g only: each conv's pre-activation kept its batch mean."""
+    from normzoo.norms.weight import data_dependent_init
+
+    torch.manual_seed(0)
+    model = build_model(cfg(ResNetConf), name, {}, (3, 16, 16), 10).double()
+    x = 2.0 * torch.randn(16, 3, 16, 16, dtype=torch.float64) + 1.0
+    data_dependent_init(model, x)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_: nn.Module, __: tuple, out: torch.Tensor) -> None:
+            outputs[name] = out.clone()  # before the in-place ReLU after it
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(keep(n))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    assert len(outputs) == 21
+    for n, out in outputs.items():
+        dims = [0, 2, 3] if out.dim() == 4 else [0]
+        assert out.mean(dims).abs().max() < 1e-8, n
+        assert (out.var(dims, unbiased=False) - 1).abs().max() < 1e-5, n
