@@ -5,8 +5,13 @@ in training (statistics of the current batch) and at inference (running EMA stat
 measures that mismatch on the test set, the same way for every layer, so that layers without batch
 statistics are *measured* to have none rather than assumed to:
 
-* ``test_error`` / ``test_loss`` — eval mode: every norm layer uses its running (EMA) statistics
-  (in batches of ``eval_batch_size``: eval-mode outputs do not depend on the batch).
+* ``test_error_ema`` / ``test_loss_ema`` — eval mode: every norm layer uses its running (EMA)
+  statistics (in batches of ``eval_batch_size``: eval-mode outputs do not depend on the batch; a
+  layer without running statistics normalises with those of the test batches, of the training
+  batch size). Named apart from a run's own ``test_error``/``test_loss`` (``normzoo.train``'s
+  evaluation after the last epoch), which these never replace: the two agree (up to float
+  rounding) when every layer has running statistics, and are two measurements where eval mode
+  still depends on the batch composition (this one uses shuffled test batches, ``seed``).
 * ``test_error_batch_stats`` / ``test_loss_batch_stats`` — the norm layers in training mode, i.e.
   normalising with the statistics of test batches of the training batch size. Nothing is learnt: the
   forward runs under ``no_grad`` and every buffer is restored after each batch.
@@ -609,7 +614,7 @@ def run_diagnostics(
         # (a) eval mode, EMA statistics (per-sample outputs, compared with (b) sample by sample)
         _set_mode(model, layers, norm_training=False)
         ema_logits = _logits(model, x, test_order, eval_batch, volatile)
-        result["test_error"], result["test_loss"] = _error_and_loss(ema_logits, y)
+        result["test_error_ema"], result["test_loss_ema"] = _error_and_loss(ema_logits, y)
 
         # (b) batch statistics at the training batch size
         _set_mode(model, layers, norm_training=True)

@@ -214,20 +214,69 @@ def lr_schedule(
     return out
 
 
+def batch_stats_in_eval(model: nn.Module) -> bool:
+    """Whether some norm layer of ``model`` normalises with batch statistics even in eval mode: a
+    batch-statistics layer (registered with ``uses_batch_stats``, or a torch BatchNorm) without
+    running statistics (``track_running_stats=False``)."""
+    classes: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+    for name in normzoo.list_norms():
+        spec = get_norm(name)
+        if spec.uses_batch_stats and isinstance(spec.cls, type):
+            classes += (spec.cls,)
+    for m in model.modules():
+        if isinstance(m, classes) and (
+            not getattr(m, "track_running_stats", True)
+            or not isinstance(getattr(m, "running_mean", None), Tensor)
+            or not isinstance(getattr(m, "running_var", None), Tensor)
+        ):
+            return True
+    return False
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and error rate of ``model`` in eval mode (running statistics)."""
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 1000,
+    train_batch_size: int | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy and error rate of ``model`` in eval mode (running statistics).
+
+    Eval-mode outputs do not depend on the batch, so the samples go through in batches of
+    ``batch_size``. Except when a layer normalises with batch statistics in eval mode too
+    (:func:`batch_stats_in_eval`): then each sample is evaluated in a batch of
+    ``train_batch_size`` (the batch size the model trained with; required then), in the data's
+    order, and the last partial batch is filled up with samples from the start of ``x`` (only its
+    own samples are counted), so that no batch is larger or smaller than in training (one large
+    batch would normalise with the whole test set's statistics, transductively, and a last batch
+    of one sample has no batch statistics at all).
+    """
+    n = len(y)
+    fill = False
+    if batch_stats_in_eval(model):
+        if train_batch_size is None:
+            raise ValueError(
+                "evaluate: the model normalises with batch statistics in eval mode (a layer "
+                "without running statistics); pass train_batch_size"
+            )
+        batch_size, fill = min(int(train_batch_size), max(n, 1)), True
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
     wrong = torch.zeros((), device=x.device, dtype=torch.long)
-    for i in range(0, len(y), batch_size):
-        out = model(x[i : i + batch_size])
-        yb = y[i : i + batch_size]
-        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
-        wrong += (out.argmax(1) != yb).sum()
-    model.train(was_training)
-    n = max(len(y), 1)
+    try:
+        for i in range(0, n, batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            k = len(yb)
+            if fill and k < batch_size:
+                xb = torch.cat([xb, x[: batch_size - k]])
+            out = model(xb)[:k]
+            loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
+            wrong += (out.argmax(1) != yb).sum()
+    finally:
+        model.train(was_training)
+    n = max(n, 1)
     return float(loss_sum) / n, float(wrong) / n
 
 
@@ -511,7 +560,7 @@ def fit(
             state.steps = step
             state.train_time_s = time_before + time.perf_counter() - t0
             test_loss, test_error = evaluate(
-                model, data.test_x, data.test_y, int(cfg.data.eval_batch_size)
+                model, data.test_x, data.test_y, int(cfg.data.eval_batch_size), batch_size
             )
             row = {
                 "epoch": epoch,
@@ -830,7 +879,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         last = fit_state.curves[-1]
         for key in ("train_loss", "train_error", "test_loss", "test_error"):
             record[key] = last[key]
-        if diagnose is not None:
+        if diagnose is not None:  # its own keys: the run's test_error/test_loss stay the curves'
             record.update(
                 diagnose(
                     model,

@@ -98,9 +98,9 @@ def test_no_batch_stats_means_zero_mismatch_dense(norm: str) -> None:
         assert out["ema_mean_gap"] is not None
     else:
         # measured, not assumed: the same batches through eval and train mode give identical logits
-        assert out["test_error_batch_stats"] == out["test_error"]
-        assert out["test_loss_batch_stats"] == out["test_loss"]
-        assert out["test_loss_precise"] == out["test_loss"]
+        assert out["test_error_batch_stats"] == out["test_error_ema"]
+        assert out["test_loss_batch_stats"] == out["test_loss_ema"]
+        assert out["test_loss_precise"] == out["test_loss_ema"]
         assert out["kl_batch_vs_ema"] == 0.0
         assert out["batch_dependence"] <= 1e-6
         assert out["ema_mean_gap"] is None and out["brn_clip_r"] is None
@@ -115,7 +115,7 @@ def test_no_batch_stats_means_zero_mismatch_conv(norm: str) -> None:
     out = run_diagnostics(model, data, batch_size=3, precise_samples=32)
     if not normzoo.get_norm(norm).uses_batch_stats:
         assert out["kl_batch_vs_ema"] == 0.0
-        assert out["test_loss_batch_stats"] == out["test_loss"]
+        assert out["test_loss_batch_stats"] == out["test_loss_ema"]
         assert out["batch_dependence"] <= 1e-6
 
 
@@ -140,7 +140,7 @@ def test_batchnorm_has_batch_dependence_and_a_mismatch() -> None:
     assert out["layers"][0]["batch_dependence"] > 0.05
     assert out["kl_batch_vs_ema"] > 0.0
     assert out["ema_mean_gap"] > 0.0 and out["ema_log_std_gap"] > 0.0
-    assert out["test_loss_batch_stats"] != out["test_loss"]
+    assert out["test_loss_batch_stats"] != out["test_loss_ema"]
     json.dumps(out)  # serialisable as it is stored in metrics.json
     again = run_diagnostics(model, data, batch_size=4, precise_samples=64)
     out.pop("diagnostics_seconds"), again.pop("diagnostics_seconds")
@@ -403,9 +403,9 @@ def test_eval_mode_passes_take_the_eval_batch_size() -> None:
     large = run_diagnostics(model, data, batch_size=4, precise_samples=16, eval_batch_size=1000)
     assert small["diagnostics_eval_batch_size"] == 4
     assert large["diagnostics_eval_batch_size"] == 1000
-    for key in ("test_error", "test_error_precise", "test_error_batch_stats"):
+    for key in ("test_error_ema", "test_error_precise", "test_error_batch_stats"):
         assert large[key] == small[key], key
-    for key in ("test_loss", "test_loss_precise", "kl_batch_vs_ema"):
+    for key in ("test_loss_ema", "test_loss_precise", "kl_batch_vs_ema"):
         assert large[key] == pytest.approx(small[key], rel=1e-5, abs=1e-9), key
     untracked = _dense("batchnorm")
     untracked[1] = normzoo.build_norm("batchnorm", 16, track_running_stats=False)

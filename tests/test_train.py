@@ -394,3 +394,56 @@ def test_the_command_line_replaces_a_studys_swept_values(hydra_conf) -> None:
         cfg.hydra.overrides.task = study
     train.check_sweep(cfg)
     assert train.count_jobs(cfg) == 7 * 2 * 2  # the study's 7 batch sizes, 2 seeds, 2 norms
+
+
+def _untracked_bn_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        normzoo.build_norm("batchnorm", 16, track_running_stats=False),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
+    )
+
+
+def test_evaluate_with_batch_statistics_in_eval_mode_uses_the_training_batch_size() -> None:
+    """It went through eval_batch_size (1000) at once: the whole test set normalised with its own
+    statistics, at a batch size the model never trained with."""
+    model = _untracked_bn_mlp()
+    assert train.batch_stats_in_eval(model)
+    x, y = torch.randn(10, 6) * 2 + 1, torch.arange(10) % 3
+    loss, err = train.evaluate(model, x, y, 1000, 4)
+    # by hand: batches of 4 in order, the last (2 samples) filled up with the first 2
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x[0:4]), model(x[4:8]), model(torch.cat([x[8:10], x[0:2]]))[:2]])
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-6)
+    assert err == int((logits.argmax(1) != y).sum()) / 10
+    with torch.no_grad():
+        whole = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert loss != pytest.approx(whole, rel=1e-6)  # not the one-batch number
+    assert model.training is False  # evaluate leaves the mode as it found it (eval here)
+    with pytest.raises(ValueError, match="train_batch_size"):
+        train.evaluate(model, x, y, 1000)
+    # with running statistics eval mode does not depend on the batch: eval_batch_size it is
+    tracked = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), normzoo.build_norm("batchnorm", 16), torch.nn.Linear(16, 3)
+    )
+    assert not train.batch_stats_in_eval(tracked)
+    tracked.eval()
+    assert train.evaluate(tracked, x, y, 1000, 4)[1] == train.evaluate(tracked, x, y, 1000)[1]
+    assert train.batch_stats_in_eval(torch.nn.BatchNorm1d(4, track_running_stats=False))
+    assert not train.batch_stats_in_eval(torch.nn.InstanceNorm2d(4))  # per-sample statistics
+
+
+def test_test_error_is_the_last_epochs_whether_or_not_diagnostics_run(hydra_conf, tmp_path) -> None:
+    """The diagnostics overwrote test_error/test_loss with their own eval-mode numbers (B=4, bn
+    without running statistics: 0.047 with diagnostics on, 0.053 = curves[-1] with them off)."""
+    common = ["norm=bn", "norm.track_running_stats=false", "data.batch_size=4", "train.epochs=1"]
+    on = run(tmp_path / "on", *common, "diagnostics.enabled=true", "diagnostics.precise_samples=64")
+    off = run(tmp_path / "off", *common)
+    assert on["status"] == off["status"] == "ok"
+    for key in ("test_error", "test_loss"):
+        assert on[key] == on["curves"][-1][key] == off[key] == off["curves"][-1][key], key
+    assert {"test_error_ema", "test_loss_ema", "test_error_batch_stats"} <= set(on)
+    assert "test_error_ema" not in off
