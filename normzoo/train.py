@@ -138,8 +138,12 @@ __all__ = [
 
 log = logging.getLogger("normzoo.train")
 
-#: version of the metrics.json layout; bump when a key changes meaning.
-SCHEMA_VERSION = 1
+#: version of the metrics.json layout; bump when a key changes meaning. 2: ``train_time_s`` (and
+#: ``steps_per_s``) time the training steps only, the evaluations are ``eval_time_s``; the
+#: diagnostics' eval-mode error is ``test_error_ema``/``test_loss_ema`` (it replaced ``test_error``
+#: /``test_loss``, now always the last epoch's evaluation, at the training batch size for a layer
+#: without running statistics).
+SCHEMA_VERSION = 2
 #: exit status of a single run by its status.
 EXIT_CODES = {"ok": 0, "failed": 1, "config_error": 1, "invalid": 2, "diverged": 3}
 METRICS_FILE = "metrics.json"
@@ -439,7 +443,10 @@ def _clip_fractions(model: nn.Module) -> dict[str, float]:
 @dataclass
 class _Fit:
     steps: int = 0
+    #: seconds in the training (each epoch's shuffle and steps, epoch 1's data-dependent init)
     train_time_s: float = 0.0
+    #: seconds in the per-epoch test evaluations
+    eval_time_s: float = 0.0
     curves: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -462,6 +469,11 @@ def fit(
 
     ``checkpoint``: a path to continue from when it holds a checkpoint of this config, and to
     write (atomically) at the end of every epoch.
+
+    Timing: ``state.train_time_s`` sums the time of each epoch's shuffle and training steps (and
+    of the data-dependent init, if any) only: the per-epoch test evaluation, logging and
+    checkpoint writes are left out (on a GPU the clock is read after a synchronisation);
+    ``state.eval_time_s`` sums the evaluations. A resumed run continues both from the checkpoint.
 
     Raises:
         Diverged: at the first step whose loss is NaN/inf.
@@ -487,7 +499,7 @@ def fit(
     forward = torch.compile(model) if cfg.train.compile else model
     generator = torch.Generator().manual_seed(int(cfg.seed))
     on_cpu = device.type == "cpu"
-    step, first_epoch, time_before = 0, 1, 0.0
+    step, first_epoch = 0, 1
     saved = _load_checkpoint(checkpoint, cfg, device) if checkpoint is not None else None
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -497,7 +509,9 @@ def fit(
         if device.type == "cuda" and saved.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         state.curves = list(saved["curves"])
-        step, first_epoch, time_before = saved["step"], saved["epoch"] + 1, saved["train_time_s"]
+        step, first_epoch = saved["step"], saved["epoch"] + 1
+        state.train_time_s = float(saved["train_time_s"])
+        state.eval_time_s = float(saved.get("eval_time_s", 0.0))  # absent before it was recorded
         log.info("resuming from %s: epoch %d done, step %d", checkpoint, saved["epoch"], step)
 
     mode = _progress_mode(cfg)
@@ -512,11 +526,12 @@ def fit(
             bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, leave=False)
 
     model.train()
-    t0 = time.perf_counter()
+    stepping_since: float | None = None  # perf_counter at the start of the steps being timed
     mkldnn_before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = _use_mkldnn(cfg, device)
     try:
         for epoch in range(first_epoch, epochs + 1):
+            stepping_since = time.perf_counter()
             order = epoch_order(data, batch_size, generator, grouped)
             xs, ys = data.train_x[order], data.train_y[order]  # one gather per epoch, then views
             # On CPU loss.item() costs no sync (0.3 us, less than any tensor op): every step is
@@ -558,10 +573,15 @@ def fit(
                 if bar is not None:
                     bar.update(1)
             state.steps = step
-            state.train_time_s = time_before + time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the steps' queued kernels are training time
+            state.train_time_s += time.perf_counter() - stepping_since
+            stepping_since = None
+            evaluating_since = time.perf_counter()
             test_loss, test_error = evaluate(
                 model, data.test_x, data.test_y, int(cfg.data.eval_batch_size), batch_size
             )
+            state.eval_time_s += time.perf_counter() - evaluating_since
             row = {
                 "epoch": epoch,
                 "train_loss": loss_sum / steps_per_epoch if on_cpu else float(losses.mean()),
@@ -587,7 +607,8 @@ def fit(
     finally:
         torch.backends.mkldnn.enabled = mkldnn_before
         state.steps = step
-        state.train_time_s = time_before + time.perf_counter() - t0
+        if stepping_since is not None:  # stopped in the middle of an epoch's steps
+            state.train_time_s += time.perf_counter() - stepping_since
         if bar is not None:
             bar.close()
 
@@ -649,6 +670,7 @@ def _save_checkpoint(
         "epoch": epoch,
         "step": state.steps,
         "train_time_s": state.train_time_s,
+        "eval_time_s": state.eval_time_s,
         "curves": json.dumps(state.curves, allow_nan=True),
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -783,6 +805,7 @@ def _base_record(cfg: DictConfig) -> dict[str, Any]:
         "num_params": None,
         "wall_time_s": None,
         "train_time_s": None,
+        "eval_time_s": None,
         "steps_per_s": None,
         "versions": _versions(),
         "git_rev": _git_rev(),
@@ -915,6 +938,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         record["curves"] = fit_state.curves
         record["steps"] = fit_state.steps
         record["train_time_s"] = fit_state.train_time_s
+        record["eval_time_s"] = fit_state.eval_time_s
         record["steps_per_s"] = (
             fit_state.steps / fit_state.train_time_s if fit_state.train_time_s > 0 else None
         )

@@ -30,8 +30,8 @@ TINY = [
     "device=cpu",
 ]
 SMALL_CNN = ["model.channels=[8,8]", "model.strides=[1,2]"]
-TIMING = {"wall_time_s", "train_time_s", "steps_per_s", "started_at", "finished_at",
-          "diagnostics_seconds"}  # fmt: skip
+TIMING = {"wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "started_at",
+          "finished_at", "diagnostics_seconds"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +348,29 @@ def test_resume_compares_the_layer_options_a_run_used(hydra_conf, tmp_path):
     assert train._kept_result(tmp_path, config("norm=gn", "norm.num_groups=2")) is not None
     assert train._kept_result(tmp_path, config("norm=gn", "+norm_options.gn.num_groups=4")) is None
     assert train._kept_result(tmp_path, config("norm=gn")) is None  # 8 groups
+
+
+def test_a_resumed_run_continues_the_timings(hydra_conf, tmp_path, monkeypatch) -> None:
+    """train_time_s/eval_time_s of a resumed run: the checkpoint's plus the epochs run after it."""
+    args = ["norm=ln", "data.batch_size=16", "train.checkpoint=true"]
+    real, calls = train.evaluate, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed after epoch 1") from None
+        return real(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(config(*args), tmp_path)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["train_time_s"] > 0 and saved["eval_time_s"] > 0
+    saved["train_time_s"], saved["eval_time_s"] = 100.0, 50.0  # what a long epoch 1 took
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    _, resumed = run(tmp_path, *args)
+    assert resumed["status"] == "ok" and resumed["steps"] == 2 * (240 // 16)
+    assert 100.0 < resumed["train_time_s"] < 110.0
+    assert 50.0 < resumed["eval_time_s"] < 60.0
+    assert resumed["steps_per_s"] == pytest.approx(resumed["steps"] / resumed["train_time_s"])

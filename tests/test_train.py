@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,11 @@ KEYS = {
     "schema_version", "status", "error", "error_step", "norm", "norm_kind", "uses_batch_stats",
     "reference", "model", "data", "batch_size", "seed", "base_lr", "lr", "epochs", "optimizer",
     "device", "threads", "config", "train_loss", "train_error", "test_loss", "test_error",
-    "curves", "steps", "wall_time_s", "steps_per_s", "versions", "git_rev", "hostname", "command",
-    "started_at", "finished_at", "git_dirty", "task_overrides", "rerun_command",
+    "curves", "steps", "wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "versions",
+    "git_rev", "hostname", "command", "started_at", "finished_at", "git_dirty", "task_overrides", "rerun_command",
 }  # fmt: skip
-TIMING = {"wall_time_s", "train_time_s", "steps_per_s", "started_at", "finished_at",
-          "diagnostics_seconds"}  # fmt: skip
+TIMING = {"wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "started_at",
+          "finished_at", "diagnostics_seconds"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -447,3 +448,27 @@ def test_test_error_is_the_last_epochs_whether_or_not_diagnostics_run(hydra_conf
         assert on[key] == on["curves"][-1][key] == off[key] == off["curves"][-1][key], key
     assert {"test_error_ema", "test_loss_ema", "test_error_batch_stats"} <= set(on)
     assert "test_error_ema" not in off
+
+
+def test_train_time_is_the_training_steps_only(hydra_conf, tmp_path, monkeypatch) -> None:
+    """train_time_s (and steps_per_s) took in the per-epoch test evaluation and checkpoint writes:
+    the clock started before the first epoch was never paused."""
+    real_evaluate, real_save = train.evaluate, train._save_checkpoint
+    pause = 0.4
+
+    def slow_evaluate(*a, **kw):
+        time.sleep(pause)
+        return real_evaluate(*a, **kw)
+
+    def slow_save(*a, **kw):
+        time.sleep(pause)
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train, "_save_checkpoint", slow_save)
+    m = run(tmp_path, "norm=ln", "data.batch_size=16", "train.checkpoint=true")
+    assert m["status"] == "ok"
+    assert 0 < m["train_time_s"] < pause  # 2 x 15 small steps; 4 pauses were outside them
+    assert m["eval_time_s"] >= 2 * pause
+    assert m["train_time_s"] + m["eval_time_s"] + 2 * pause <= m["wall_time_s"]
+    assert m["steps_per_s"] == pytest.approx(m["steps"] / m["train_time_s"])
