@@ -107,8 +107,9 @@ def _classes_for(names: tuple[str, ...]) -> tuple[tuple[type, NormSpec], ...]:
         if isinstance(spec.cls, type):
             classes.setdefault(spec.cls, spec)
         elif spec.kind == "weight":
-            try:
-                probe = spec.cls(nn.Linear(2, 2), **dict(spec.defaults))
+            try:  # the probe's init must not advance the global RNG (it runs on first use)
+                with torch.random.fork_rng(devices=[]):
+                    probe = spec.cls(nn.Linear(2, 2), **dict(spec.defaults))
             except Exception:  # a factory that cannot wrap a Linear: nothing to learn from it
                 continue
             if parametrize.is_parametrized(probe):  # torch-style: the parametrization modules

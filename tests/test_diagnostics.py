@@ -413,3 +413,14 @@ def test_eval_mode_passes_take_the_eval_batch_size() -> None:
     assert out["diagnostics_eval_batch_size"] == 4
     with pytest.raises(ValueError, match="eval_batch_size"):
         run_diagnostics(model, data, batch_size=4, eval_batch_size=0)
+
+
+def test_finding_the_registered_classes_leaves_the_global_rng_alone() -> None:
+    """The probe nn.Linear(2, 2) that teaches it a weight-kind factory's class drew its init from
+    torch's global RNG on the first call, so a run's draws depended on when that call came."""
+    diagnostics._classes_for.cache_clear()
+    before = torch.get_rng_state()
+    classes = dict(diagnostics._classes_for(tuple(normzoo.list_norms())))
+    assert torch.equal(torch.get_rng_state(), before)
+    # the factory-registered weight norms are still learnt from the probe
+    assert {spec.name for spec in classes.values()} >= set(normzoo.list_norms(kind="weight"))
