@@ -193,6 +193,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     ]
     for src, dst in ERROR_COLUMNS.items():
         df[dst] = pd.to_numeric(df[src], errors="coerce") * 100 if src in df else np.nan
+    if "test_error_ema" in df:  # the diagnostics' eval-mode error, taken on the same batches as
+        # err_batch and err_precise (schema >= 2; before, it overwrote test_error itself)
+        ema = pd.to_numeric(df["test_error_ema"], errors="coerce") * 100
+        df["err_ema"] = ema.where(ema.notna(), df["err_ema"])
     df["ema_minus_precise"] = df["err_ema"] - df["err_precise"]
     df["ema_minus_batch"] = df["err_ema"] - df["err_batch"]
     df["gap_ema"] = (df["err_ema"] - df["err_batch"]).abs()

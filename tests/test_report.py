@@ -19,7 +19,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from normzoo.report import ReportCallback, build_report, findings, main, write_report
+from normzoo.report import ReportCallback, build_report, findings, main, prepare, write_report
 from normzoo.results import load_sweep
 
 BATCHES = (2, 8, 32)
@@ -477,3 +477,16 @@ def test_a_series_never_holds_two_configs(tmp_path: Path) -> None:
     df.loc[(df["norm"] == "batchnorm") & (df["seed"] == 2), "config_id"] = "ffffff000000"
     text = write_report(df, tmp_path).read_text()
     assert "| BatchNorm · config a1b2c3 |" in text and "| BatchNorm · config ffffff |" in text
+
+
+def test_ema_error_comes_from_the_diagnostics_when_recorded() -> None:
+    """Schema 2 keeps the run's own last-epoch test_error and records the diagnostics' eval-mode
+    error as test_error_ema, taken on the same batches as the batch-statistics error: the
+    mismatch columns compare those two; a schema-1 row (no test_error_ema) keeps test_error."""
+    df = _frame(norms=("batchnorm",)).iloc[:2].copy()
+    df["test_error"] = [0.05, 0.06]
+    df["test_error_ema"] = [0.04, np.nan]
+    df["test_error_batch_stats"] = [0.10, 0.10]
+    out = prepare(df)
+    assert out["err_ema"].tolist() == pytest.approx([4.0, 6.0])
+    assert out["ema_minus_batch"].tolist() == pytest.approx([-6.0, -4.0])
