@@ -160,6 +160,13 @@ def _cpu_scalar(value: float, dtype: torch.dtype) -> Tensor:
 _RENORM_DIAGNOSTICS = ("clip_fraction_r", "clip_fraction_d", "last_r", "last_d")
 
 
+def _batch_norm_scale(invstd: Tensor, weight: Tensor | None, r: Tensor | None) -> Tensor:
+    """g = gamma * invstd (* r), the per-channel scale of :func:`_scale_and_offset`, bitwise
+    (the backward recomputes it rather than saving one more per-channel vector)."""
+    g = invstd if weight is None else weight * invstd
+    return g if r is None else g * r
+
+
 def _scale_and_offset(
     invstd: Tensor,
     mean: Tensor,
@@ -184,9 +191,8 @@ def _scale_and_offset(
     clipped (the values of the layer's ``_RENORM_DIAGNOSTICS`` buffers). ``eps`` may be a 0-dim
     tensor (the small-input path's cached constant).
     """
-    g = invstd if weight is None else weight * invstd
     if ref_mean is None:
-        return g, bias, None, None, ()
+        return _batch_norm_scale(invstd, weight, None), bias, None, None, ()
     assert ref_var is not None and limits is not None
     rmax, dmax = limits.unbind()
     ref_invstd = torch.add(ref_var, eps).rsqrt_()
@@ -197,7 +203,7 @@ def _scale_and_offset(
     # clamp returns its input's value exactly where it does not clip
     clip_r = torch.ne(r, r_raw).mean(dtype=mean.dtype)
     clip_d = torch.ne(d, d_raw).mean(dtype=mean.dtype)
-    g = g * r
+    g = _batch_norm_scale(invstd, weight, r)
     if weight is None:
         offset = d if bias is None else d + bias
     else:

@@ -30,6 +30,7 @@ from torch import Tensor
 from normzoo.norms._base import (
     _RENORM_DIAGNOSTICS,
     _batch_norm_double_backward,
+    _batch_norm_scale,
     _cpu_scalar,
     _group_norm_double_backward,
     _scale_and_offset,
@@ -43,7 +44,7 @@ def _small_batch_norm_double_backward(ctx: Any, dy: Tensor | None) -> tuple[Tens
     """:class:`SmallBatchNorm`'s backward under ``create_graph`` (differentiable again)."""
     if dy is None:
         return None, None, None, None, None, None
-    x, _, _, _, r, d, weight = ctx.saved_tensors
+    x, _, _, r, d, weight = ctx.saved_tensors
     return (*_batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps), None, None, None)
 
 
@@ -119,7 +120,7 @@ class SmallBatchNorm(torch.autograd.Function):
             y = torch.mul(xc, g_c) if offset is None else torch.addcmul(offset.view(view), xc, g_c)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
-        ctx.save_for_backward(x, mean, invstd, g, r, d, weight)
+        ctx.save_for_backward(x, mean, invstd, r, d, weight)  # (g recomputed)
         if layer is not None:
             layer._update_running_stats(mean, sq.mul_(_cpu_scalar(1.0 / (m - 1), dtype)))
         return y
@@ -130,7 +131,8 @@ class SmallBatchNorm(torch.autograd.Function):
         """(the formulas are in the class docstring)"""
         if dy is None:  # grads are not materialised: y did not take part in the loss
             return None, None, None, None, None, None
-        x, mean, invstd, g, r, d, _ = ctx.saved_tensors
+        x, mean, invstd, r, d, weight = ctx.saved_tensors
+        g = _batch_norm_scale(invstd, weight, r)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         flat = x.dim() == 2
         if flat:

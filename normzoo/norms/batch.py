@@ -18,6 +18,7 @@ from normzoo.norms._base import (
     _RENORM_DIAGNOSTICS,
     RunningStatsMixin,
     _batch_norm_double_backward,
+    _batch_norm_scale,
     _is_small,
     _normalise_with_running_stats,
     _NormBase,
@@ -110,7 +111,7 @@ def _batch_norm_function_double_backward(
     """:class:`_BatchNormFunction`'s backward under ``create_graph`` (differentiable again)."""
     if dy is None:
         return (None,) * 7
-    x, _, _, _, r, d, weight = ctx.saved_tensors
+    x, _, _, r, d, weight = ctx.saved_tensors
     grads = _batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps)
     return (*grads, None, None, None, None)
 
@@ -146,8 +147,8 @@ class _BatchNormFunction(torch.autograd.Function):
     once and computes dx = g * (dy - (sum(dy) + (x - mean) * invstd * dot) / m) in place in that
     buffer.
 
-    Saved for backward: x and per-channel vectors (mean, invstd, g, gamma; r, d for Batch Renorm) -- torch's
-    native kernel saves x and five. Memory traffic: forward two reductions and the output pass;
+    Saved for backward: x and per-channel vectors (mean, invstd, gamma; r, d for Batch Renorm; the
+    backward recomputes g) -- torch's native kernel saves x and five. Memory traffic: forward two reductions and the output pass;
     backward two reductions and the dx passes; one large buffer allocated per direction (the output
     buffer doubles as scratch for x * x and dy * x). Under ``create_graph`` the backward
     differentiates the same formula with autograd instead, so the grads are differentiable again
@@ -183,7 +184,7 @@ class _BatchNormFunction(torch.autograd.Function):
             shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
             _affine_into(y, x, g, shift)
         ctx.centred, ctx.eps = centred, eps
-        ctx.save_for_backward(x, mean, invstd, g, r, d, weight)
+        ctx.save_for_backward(x, mean, invstd, r, d, weight)  # (g recomputed)
         ctx.mark_non_differentiable(mean, var, *extra)
         return (y, mean, var, *extra)
 
@@ -192,7 +193,8 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:  # grads are not materialised: y did not take part in the loss
             return (None,) * 7
-        x, mean, invstd, g, r, d, _ = ctx.saved_tensors
+        x, mean, invstd, r, d, weight = ctx.saved_tensors
+        g = _batch_norm_scale(invstd, weight, r)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dims = _reduce_dims(x)
         k = -1.0 / _values_per_channel(x)
