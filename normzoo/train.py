@@ -45,8 +45,8 @@ either no ``metrics.json`` or the previous complete one, never a partial one; th
 kill can leave (``.metrics.json.*.tmp``, ``.checkpoint.pt.*.tmp``) are not read by anything and
 are removed when the run is started again.
 
-Checkpoints (``train.checkpoint=auto|true|false``; ``auto``: on unless the data set is digits or
-the run is longer than :data:`AUTO_CHECKPOINT_STEPS` steps). At the end of every epoch the run
+Checkpoints (``train.checkpoint=auto|true|false``; ``auto``: on for every data set but digits,
+and for any run longer than :data:`AUTO_CHECKPOINT_STEPS` steps). At the end of every epoch the run
 writes ``checkpoint.pt`` atomically into its dir: model, optimizer, the global step (the lr
 schedule and Batch Renorm's progress follow from it), the epoch-order generator and torch's RNG
 states, the curves so far and the training time. Started again, it continues after the last saved
