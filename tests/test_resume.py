@@ -308,10 +308,9 @@ def test_keys_that_change_what_a_run_records_are_not_result_neutral(hydra_conf, 
     assert train._kept_result(tmp_path, config("norm=ln", "device=cuda")) is None
 
 
-def test_a_checkpoint_continues_under_result_neutral_changes(hydra_conf, tmp_path, monkeypatch):
-    """A killed checkpointed run started again with data.download=true (as the cifar10_resnet
-    study's header suggests) or threads=2 continues from its checkpoint."""
-    args = ["norm=ln", "data.batch_size=16", "train.checkpoint=true"]
+def _kill_after_the_first_epoch(monkeypatch, cfg, run_dir) -> None:
+    """Run ``cfg`` into ``run_dir`` and interrupt it (KeyboardInterrupt) right after epoch 1's
+    checkpoint, at the second evaluation."""
     real, calls = train.evaluate, []
 
     def interrupted(*a, **kw):
@@ -323,9 +322,16 @@ def test_a_checkpoint_continues_under_result_neutral_changes(hydra_conf, tmp_pat
     with monkeypatch.context() as patch:
         patch.setattr(train, "evaluate", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            train.run(config(*args), tmp_path)
+            train.run(cfg, run_dir)
+
+
+def test_a_checkpoint_continues_under_result_neutral_changes(hydra_conf, tmp_path, monkeypatch):
+    """A killed checkpointed run started again with data.download=true (as the cifar10_resnet
+    study's header suggests) or threads=2 continues from its checkpoint."""
+    args = ["norm=ln", "data.batch_size=16", "train.checkpoint=true"]
+    _kill_after_the_first_epoch(monkeypatch, config(*args), tmp_path)
     assert (tmp_path / "checkpoint.pt").is_file()
-    calls.clear()
+    real, calls = train.evaluate, []
     with monkeypatch.context() as patch:
         patch.setattr(train, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         result = train.run(config(*args, "data.download=true", "threads=2"), tmp_path)
@@ -353,18 +359,7 @@ def test_resume_compares_the_layer_options_a_run_used(hydra_conf, tmp_path):
 def test_a_resumed_run_continues_the_timings(hydra_conf, tmp_path, monkeypatch) -> None:
     """train_time_s/eval_time_s of a resumed run: the checkpoint's plus the epochs run after it."""
     args = ["norm=ln", "data.batch_size=16", "train.checkpoint=true"]
-    real, calls = train.evaluate, []
-
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed after epoch 1") from None
-        return real(*a, **kw)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train, "evaluate", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            train.run(config(*args), tmp_path)
+    _kill_after_the_first_epoch(monkeypatch, config(*args), tmp_path)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1 and saved["train_time_s"] > 0 and saved["eval_time_s"] > 0
     saved["train_time_s"], saved["eval_time_s"] = 100.0, 50.0  # what a long epoch 1 took
