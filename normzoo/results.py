@@ -98,14 +98,17 @@ def find_run_dirs(sweep_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> ``a.b`` keys; scalars kept, lists and other objects dropped."""
+def _flatten(
+    data: Mapping[str, Any], prefix: str = "", *, scalars_only: bool = True
+) -> dict[str, Any]:
+    """Nested dicts -> ``a.b`` keys; scalars kept, and lists and other objects dropped unless
+    ``scalars_only=False`` (a config, where a model's widths matter)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "."))
-        elif value is None or isinstance(value, (bool, int, float, str)):
+            out.update(_flatten(value, name + ".", scalars_only=scalars_only))
+        elif not scalars_only or value is None or isinstance(value, (bool, int, float, str)):
             out[name] = value
     return out
 
@@ -255,18 +258,6 @@ def _neutral_keys() -> frozenset[str]:
     return frozenset(keys)
 
 
-def _flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested or dotted config -> ``{"a.b": value}``; lists kept (a model's widths matter)."""
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flat_config(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def run_config(data: Mapping[str, Any]) -> dict[str, Any] | None:
     """The result-relevant config of one ``metrics.json`` record, without ``seed``: the flattened
     ``config`` section with the norm name resolved (``bn`` -> ``batchnorm``), the keys of
@@ -275,7 +266,7 @@ def run_config(data: Mapping[str, Any]) -> dict[str, Any] | None:
     cfg = data.get("config")
     if not isinstance(cfg, Mapping):
         return None
-    flat = _flat_config(cfg)
+    flat = _flatten(cfg, scalars_only=False)  # (lists kept: a model's widths matter)
     name = flat.get("norm.name", flat.get("norm", data.get("norm")))
     norm = _canonical_norm(str(name)) if name is not None else None
     for key in ("norm.name", "norm"):
