@@ -80,6 +80,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -1249,12 +1250,33 @@ def check_sweep(config: DictConfig) -> None:
     resolve_device(task.device)  # device=cuda without a GPU: before the first job, not in each
 
 
+def _job_nodes(
+    base: DictConfig, overrides: list[Any], where: str = ""
+) -> Iterator[tuple[DictConfig, tuple[tuple[str, Any], ...]]]:
+    """A group's node (``model`` / ``norm``) as each job of a sweep gets it: ``base`` with the
+    plain ``overrides`` applied, once per combination of the swept ones, with that combination."""
+    from hydra.core.override_parser.types import Transformer
+
+    base = copy.deepcopy(base)
+    for override in overrides:
+        if not override.is_sweep_override():
+            _update_node(base, override.key_or_group, override.value(), where)
+    sweeps = [
+        [(o.key_or_group, v) for v in o.sweep_iterator(transformer=Transformer.identity)]
+        for o in overrides
+        if o.is_sweep_override()
+    ]
+    for combination in itertools.product(*sweeps):
+        node = copy.deepcopy(base)
+        for key, value in combination:
+            _update_node(node, key, value, where)
+        yield node, combination
+
+
 def _check_models(config: DictConfig, swept: list[str], overrides: list[Any]) -> None:
     """Every model a sweep trains, with the ``model.*`` overrides applied to it (every combination
     of the swept ones): a key that one of the swept models lacks, or a value its builder refuses,
     stops the sweep before its first job (it would abort the sweep at that model's first job)."""
-    from hydra.core.override_parser.types import Transformer
-
     names = swept or [str(config.model.name)]
     where = f" (the sweep over model={','.join(swept)} applies it to every model)" if swept else ""
     for name in names:
@@ -1263,20 +1285,9 @@ def _check_models(config: DictConfig, swept: list[str], overrides: list[Any]) ->
                 check_override(override.input_line, name)
             except ConfigError as exc:
                 raise ConfigError(f"{exc}{where}") from None
-    fixed = [o for o in overrides if not o.is_sweep_override()]
-    sweeps = [
-        [(o.key_or_group, v) for v in o.sweep_iterator(transformer=Transformer.identity)]
-        for o in overrides
-        if o.is_sweep_override()
-    ]
     for name in names:
-        base = model_node(name) if swept else copy.deepcopy(config.model)
-        for override in fixed:
-            _update_node(base, override.key_or_group, override.value(), where)
-        for combination in itertools.product(*sweeps):
-            node = copy.deepcopy(base)
-            for key, value in combination:
-                _update_node(node, key, value, where)
+        base = model_node(name) if swept else config.model
+        for node, _ in _job_nodes(base, overrides, where):
             try:
                 validate_model(node)
             except ConfigError as exc:
@@ -1289,23 +1300,10 @@ def _check_norms(
     """Every norm a sweep trains, with the ``norm.*`` overrides applied to it (every combination of
     the swept ones) and the shared ``norm_options``: an option a swept norm does not take, or a
     value its layer refuses (``norm.momentum=0.1,2``), stops the sweep before its first job."""
-    from hydra.core.override_parser.types import Transformer
-
-    fixed = [o for o in overrides if not o.is_sweep_override()]
-    sweeps = [
-        [(o.key_or_group, v) for v in o.sweep_iterator(transformer=Transformer.identity)]
-        for o in overrides
-        if o.is_sweep_override()
-    ]
     norm_options = config.get("norm_options") or {}
     for name in swept or [str(config.norm.name)]:
-        base = norm_node(name) if swept else copy.deepcopy(config.norm)
-        for override in fixed:
-            _update_node(base, override.key_or_group, override.value())
-        for combination in itertools.product(*sweeps):
-            node = copy.deepcopy(base)
-            for key, value in combination:
-                _update_node(node, key, value)
+        base = norm_node(name) if swept else config.norm
+        for node, combination in _job_nodes(base, overrides):
             try:
                 validate_norm(node, norm_options, explicit)
             except ConfigError as exc:
