@@ -35,6 +35,8 @@ __all__ = [
     "UnknownNormError",
     "build_norm",
     "canonical_name",
+    "display_name",
+    "from_scratch_twin",
     "get_norm",
     "list_norms",
     "register_norm",
@@ -67,6 +69,7 @@ class NormSpec:
         needs_spatial: True if the layer is undefined without spatial dims (InstanceNorm).
         defaults: keyword arguments applied before the caller's overrides.
         description: one line for listings.
+        display: the name reports print (``"Batch Renorm"``); a reference's gets `` (torch)``.
     """
 
     name: str
@@ -80,6 +83,7 @@ class NormSpec:
     needs_spatial: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    display: str = ""
 
     def options(self) -> tuple[str, ...]:
         """The keyword arguments the layer accepts (besides its first positional argument)."""
@@ -133,6 +137,7 @@ def register_norm(
     needs_spatial: bool = False,
     defaults: Mapping[str, Any] | None = None,
     description: str = "",
+    display: str = "",
     replace: bool = False,
 ) -> Callable[[T], T]:
     """Class decorator that registers a normalisation layer under ``name``.
@@ -158,6 +163,7 @@ def register_norm(
                 needs_spatial=needs_spatial,
                 defaults=defaults or {},
                 description=description or (cls.__doc__ or "").strip().split("\n")[0],
+                display=display,
             ),
             replace=replace,
         )
@@ -250,6 +256,43 @@ def get_norm(name: str) -> NormSpec:
         f"unknown norm {name!r}.{hint} Known norms: {', '.join(sorted(_REGISTRY))} "
         f"(aliases: {', '.join(aliases)})."
     )
+
+
+def display_name(name: str) -> str:
+    """The name a report prints: ``batchnorm`` -> ``BatchNorm``, ``native_bn`` -> ``BatchNorm (torch)``.
+
+    A name the registry does not know is returned unchanged (a report of an old sweep must not fail).
+    """
+    try:
+        spec = get_norm(name)
+    except (UnknownNormError, TypeError):
+        return str(name)
+    if spec.display:
+        return spec.display
+    if spec.reference:
+        twin = from_scratch_twin(spec.name)
+        if twin is not None:
+            return f"{display_name(twin)} (torch)"
+    return spec.name
+
+
+def from_scratch_twin(name: str) -> str | None:
+    """For a native reference, the from-scratch entry whose ``native`` it is (else None)."""
+    spec = get_norm(name)
+    if not spec.reference:
+        return None
+    for other in _REGISTRY.values():
+        if (
+            not other.reference
+            and other.native
+            and canonical_name(other.native)
+            in (
+                canonical_name(spec.name),
+                *(canonical_name(a) for a in spec.aliases),
+            )
+        ):
+            return other.name
+    return None
 
 
 def build_norm(name: str, num_features: int | nn.Module, /, **overrides: Any) -> nn.Module:

@@ -225,6 +225,7 @@ class _BatchNormFunction(torch.autograd.Function):
 
 @register_norm(
     "batchnorm",
+    display="BatchNorm",
     aliases=("bn",),
     paper="Ioffe & Szegedy 2015, Batch Normalization: Accelerating Deep Network Training by "
     "Reducing Internal Covariate Shift, arXiv:1502.03167",
@@ -321,6 +322,7 @@ def _relaxed_fraction(now: float, start: float, end: float) -> float:
 
 @register_norm(
     "batchrenorm",
+    display="Batch Renorm",
     aliases=("brn", "renorm"),
     paper="Ioffe 2017, Batch Renormalization: Towards Reducing Minibatch Dependence in "
     "Batch-Normalized Models, arXiv:1702.03275",

@@ -11,7 +11,12 @@ from normzoo.registry import register_norm
 __all__ = ["NoNorm"]
 
 
-@register_norm("none", aliases=("identity", "nonorm"), description="no normalisation (baseline)")
+@register_norm(
+    "none",
+    aliases=("identity", "nonorm"),
+    description="no normalisation (baseline)",
+    display="no norm",
+)
 class NoNorm(nn.Module):
     """y = x. Accepts (and ignores) the common norm options so it drops in anywhere."""
 

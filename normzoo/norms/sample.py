@@ -387,6 +387,7 @@ def _normalise(
 
 @register_norm(
     "groupnorm",
+    display="GroupNorm",
     aliases=("gn",),
     paper="Wu & He 2018, Group Normalization, arXiv:1803.08494",
     native="native_groupnorm",
@@ -435,6 +436,7 @@ class GroupNorm(_NormBase):
 
 @register_norm(
     "layernorm",
+    display="LayerNorm",
     aliases=("ln",),
     paper="Ba, Kiros & Hinton 2016, Layer Normalization, arXiv:1607.06450",
     native="native_layernorm",
@@ -458,6 +460,7 @@ class LayerNorm(_NormBase):
 
 @register_norm(
     "instancenorm",
+    display="InstanceNorm",
     aliases=("in",),
     paper="Ulyanov, Vedaldi & Lempitsky 2016, Instance Normalization, arXiv:1607.08022",
     native="native_instancenorm",

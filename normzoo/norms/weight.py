@@ -146,6 +146,7 @@ class WeightNorm(nn.Module):
 
 @register_norm(
     "weightnorm",
+    display="WeightNorm",
     kind="weight",
     aliases=("wn",),
     paper="Salimans & Kingma 2016, Weight Normalization, arXiv:1602.07868",
