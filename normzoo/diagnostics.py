@@ -102,7 +102,7 @@ def _chunks(order: Tensor, batch_size: int) -> Iterator[tuple[Tensor, int]]:
         yield idx, k
 
 
-def _logits(
+def batched_logits(
     model: nn.Module, x: Tensor, order: Tensor, batch_size: int, volatile: list | None
 ) -> Tensor:
     """Logits of every sample of ``x`` (in the original order), evaluated in shuffled batches."""
@@ -116,7 +116,8 @@ def _logits(
     return out
 
 
-def _error_and_loss(logits: Tensor, y: Tensor) -> tuple[float, float]:
+def error_and_loss(logits: Tensor, y: Tensor) -> tuple[float, float]:
+    """(error rate, mean cross-entropy) of ``logits`` against the labels ``y``."""
     logits = logits.float()
     err = (logits.argmax(dim=1) != y).float().mean().item()
     loss = F.cross_entropy(logits, y).item()
@@ -242,11 +243,11 @@ def _ema_and_batch_stats(
     x, y = data.test_x, data.test_y
     result: dict[str, Any] = {}
     set_norm_mode(model, layers, norm_training=False)
-    ema_logits = _logits(model, x, order, sizes[0], volatile)
-    result["test_error_ema"], result["test_loss_ema"] = _error_and_loss(ema_logits, y)
+    ema_logits = batched_logits(model, x, order, sizes[0], volatile)
+    result["test_error_ema"], result["test_loss_ema"] = error_and_loss(ema_logits, y)
     set_norm_mode(model, layers, norm_training=True)
-    batch_logits = _logits(model, x, order, sizes[1], volatile)
-    err, loss = _error_and_loss(batch_logits, y)
+    batch_logits = batched_logits(model, x, order, sizes[1], volatile)
+    err, loss = error_and_loss(batch_logits, y)
     result["test_error_batch_stats"], result["test_loss_batch_stats"] = err, loss
     lp_b = F.log_softmax(batch_logits.double(), dim=1)
     lp_e = F.log_softmax(ema_logits.double(), dim=1)
@@ -279,11 +280,11 @@ def _precise(
     gaps = {layer.name: _gaps(layer, *pop[layer.name][:2]) for layer in running}
     with precise_statistics(model, pop, layers):
         set_norm_mode(model, layers, norm_training=False)
-        logits = _logits(model, data.test_x, order, eval_batch, None)
+        logits = batched_logits(model, data.test_x, order, eval_batch, None)
     result: dict[str, Any] = {}
     batch = min(batch_size, data.train_x.shape[0])
     result["precise_samples"] = math.ceil(precise_samples / batch) * batch
-    result["test_error_precise"], result["test_loss_precise"] = _error_and_loss(logits, data.test_y)
+    result["test_error_precise"], result["test_loss_precise"] = error_and_loss(logits, data.test_y)
     return result, gaps
 
 
@@ -387,7 +388,7 @@ def run_diagnostics(
         if any(layer.has_running_stats for layer in layers):
             precise, gaps = _precise(model, layers, data, order, sizes, precise_samples, seed)
         else:  # nothing to recompute: eval mode is already "precise"
-            err, loss = _error_and_loss(ema_logits, data.test_y)
+            err, loss = error_and_loss(ema_logits, data.test_y)
             precise = {"precise_samples": 0, "test_error_precise": err, "test_loss_precise": loss}
         result.update(precise)
         dependence, dep_layers = _dependence_and_floor(
