@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import normzoo
-from normzoo import diagnostics
+from normzoo import precise_bn
 from normzoo.diagnostics import find_norm_layers, population_stats, run_diagnostics
+from normzoo.layers import _classes_for
 from normzoo.norms.native import NativeBatchNorm
 
 
@@ -300,7 +301,7 @@ def test_ghost_batches_give_the_statistics_of_one_forward_per_batch(
     """PreciseBN's ghost batches (many batches per forward, each normalised on its own) give the
     per-batch statistics of the one-forward-per-batch loop, including a last forward with fewer
     batches, and leave the model as it was (modules and state)."""
-    monkeypatch.setattr(diagnostics, "GHOST_SAMPLES", 16)  # several forwards, the last one short
+    monkeypatch.setattr(precise_bn, "GHOST_SAMPLES", 16)  # several forwards, the last one short
     data = _data(n_train=50, shape=(4, 4) if conv else ())
     if norm == "torch_bn":
         model = _two_bn_model("native_batchnorm", conv)
@@ -367,7 +368,7 @@ def test_ghost_batches_fall_back_for_a_layer_with_hooks() -> None:
     calls: list[tuple[bool, int, int]] = []
     layer = model[1]
     layer.register_forward_hook(lambda m, a, out: calls.append((m is layer, *a[0].shape[:2])))
-    with diagnostics._ghost_batches(model, find_norm_layers(model), 4) as wide:
+    with precise_bn._ghost_batches(model, find_norm_layers(model), 4) as wide:
         assert wide is None
     kw = {"batch_size": 4, "num_samples": 40}
     a = population_stats(model, x, ghost=True, **kw)
@@ -384,7 +385,7 @@ def test_ghost_batches_fall_back_for_a_shared_layer() -> None:
     model = nn.Sequential(bn, nn.ReLU(), bn).double()
     x = _data(n_train=40).train_x.double()
     layers = find_norm_layers(model)
-    with diagnostics._ghost_batches(model, layers, 4) as wide:
+    with precise_bn._ghost_batches(model, layers, 4) as wide:
         assert wide is None
     kw = {"batch_size": 4, "num_samples": 40}
     a = population_stats(model, x, ghost=True, **kw)
@@ -418,9 +419,9 @@ def test_eval_mode_passes_take_the_eval_batch_size() -> None:
 def test_finding_the_registered_classes_leaves_the_global_rng_alone() -> None:
     """The probe nn.Linear(2, 2) that teaches it a weight-kind factory's class drew its init from
     torch's global RNG on the first call, so a run's draws depended on when that call came."""
-    diagnostics._classes_for.cache_clear()
+    _classes_for.cache_clear()
     before = torch.get_rng_state()
-    classes = dict(diagnostics._classes_for(tuple(normzoo.list_norms())))
+    classes = dict(_classes_for(tuple(normzoo.list_norms())))
     assert torch.equal(torch.get_rng_state(), before)
     # the factory-registered weight norms are still learnt from the probe
     assert {spec.name for spec in classes.values()} >= set(normzoo.list_norms(kind="weight"))
