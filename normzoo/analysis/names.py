@@ -1,4 +1,5 @@
-"""Layer names as the analysis needs them, all answered by :mod:`normzoo.registry`.
+"""Layer names as the analysis needs them, all answered by :mod:`normzoo.registry` (display names
+are :func:`normzoo.registry.display_name` itself).
 
 A sweep on disk may name a layer the registry no longer knows (an old study, a plugin that is not
 installed): every function here then keeps the name as it is instead of failing the report.
@@ -10,7 +11,7 @@ import functools
 
 from normzoo import registry
 
-__all__ = ["canonical", "display", "family", "is_reference", "uses_batch_stats"]
+__all__ = ["canonical", "family", "is_reference", "uses_batch_stats"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -39,11 +40,6 @@ def is_reference(name: str) -> bool:
         return registry.get_norm(name).reference
     except Exception:
         return False
-
-
-def display(name: str) -> str:
-    """``batchnorm`` -> ``BatchNorm``; ``native_batchnorm`` -> ``BatchNorm (torch)``."""
-    return registry.display_name(name)
 
 
 @functools.lru_cache(maxsize=256)
