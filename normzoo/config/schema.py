@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 #: the Hydra config dir (the ``config_path`` of ``normzoo.train``).
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 #: keys of the ``norm`` node that are not layer options.
 NORM_RESERVED_KEYS = frozenset({"name", "data_init", "data_init_samples"})
