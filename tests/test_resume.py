@@ -20,6 +20,8 @@ from hydra import compose, initialize_config_dir
 import normzoo.train as train
 from normzoo.config import CONF_DIR
 from normzoo.results import load_sweep
+from normzoo.run import loop, runner
+from normzoo.run.checkpoint import use_checkpoint
 
 TINY = [
     "data.train_subset=240",
@@ -67,7 +69,7 @@ def no_loading(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("load_data called for a run that should have been skipped")
 
-    monkeypatch.setattr(train, "load_data", refuse)
+    monkeypatch.setattr(runner, "load_data", refuse)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +103,7 @@ def test_rerun_redoes_failed_runs_and_runs_of_another_config(hydra_conf, tmp_pat
         raise RuntimeError("boom")
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, "evaluate", broken)
+        patch.setattr(loop, "evaluate", broken)
         failed, _ = run(tmp_path, "norm=ln")
     assert failed["status"] == "failed"
     redone, m = run(tmp_path, "norm=ln")
@@ -138,7 +140,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run_bitwise(
     assert strip(whole, "train.checkpoint") == strip(plain, "train.checkpoint")
 
     calls: list[int] = []
-    real = train.evaluate
+    real = loop.evaluate
 
     def interrupted(*a, **kw):  # the second epoch's evaluation never returns
         calls.append(1)
@@ -148,7 +150,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run_bitwise(
 
     out = tmp_path / "resumed"
     with monkeypatch.context() as patch:
-        patch.setattr(train, "evaluate", interrupted)
+        patch.setattr(loop, "evaluate", interrupted)
         with pytest.raises(KeyboardInterrupt):  # not caught by run(): as a kill, no metrics.json
             train.run(config(*args, "train.checkpoint=true"), out)
     assert not (out / "metrics.json").exists() and (out / "checkpoint.pt").is_file()
@@ -157,7 +159,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run_bitwise(
 
     calls.clear()
     with monkeypatch.context() as patch:
-        patch.setattr(train, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        patch.setattr(loop, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         result, resumed = run(out, *args, "train.checkpoint=true")
     assert result["status"] == "ok" and calls == [1]  # only epoch 2 was trained and evaluated
     assert strip(resumed, "train.checkpoint") == strip(plain, "train.checkpoint")
@@ -168,9 +170,9 @@ def test_checkpoint_resume_matches_an_uninterrupted_run_bitwise(
 def test_a_checkpoint_of_another_config_is_ignored(hydra_conf, tmp_path, monkeypatch) -> None:
     args = ["norm=gn", "norm.num_groups=2", "data.batch_size=16", "train.checkpoint=true"]
     with monkeypatch.context() as patch:  # leave a checkpoint behind: fail in epoch 2's evaluation
-        real, calls = train.evaluate, []
+        real, calls = loop.evaluate, []
         patch.setattr(
-            train,
+            loop,
             "evaluate",
             lambda *a, **k: real(*a, **k) if calls.append(1) or len(calls) < 2 else 1 / 0,
         )
@@ -192,7 +194,7 @@ def test_a_checkpoint_of_another_config_is_ignored(hydra_conf, tmp_path, monkeyp
     ],
 )
 def test_checkpoint_auto_is_on_for_long_runs_only(hydra_conf, args, steps, expected) -> None:
-    assert train._use_checkpoint(compose("config", overrides=args), steps) is expected
+    assert use_checkpoint(compose("config", overrides=args), steps) is expected
 
 
 # ----------------------------------------------------------------------------- the study, killed
@@ -303,15 +305,15 @@ def test_keys_left_out_of_dir_names_that_cannot_change_a_result_keep_it(
 
 def test_keys_that_change_what_a_run_records_are_not_result_neutral(hydra_conf, tmp_path):
     run(tmp_path, "norm=ln")  # diagnostics.enabled=false, device=cpu
-    assert train._kept_result(tmp_path, config("norm=ln")) is not None
-    assert train._kept_result(tmp_path, config("norm=ln", "diagnostics.enabled=true")) is None
-    assert train._kept_result(tmp_path, config("norm=ln", "device=cuda")) is None
+    assert runner.kept_result(tmp_path, config("norm=ln")) is not None
+    assert runner.kept_result(tmp_path, config("norm=ln", "diagnostics.enabled=true")) is None
+    assert runner.kept_result(tmp_path, config("norm=ln", "device=cuda")) is None
 
 
 def _kill_after_the_first_epoch(monkeypatch, cfg, run_dir) -> None:
     """Run ``cfg`` into ``run_dir`` and interrupt it (KeyboardInterrupt) right after epoch 1's
     checkpoint, at the second evaluation."""
-    real, calls = train.evaluate, []
+    real, calls = loop.evaluate, []
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -320,7 +322,7 @@ def _kill_after_the_first_epoch(monkeypatch, cfg, run_dir) -> None:
         return real(*a, **kw)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, "evaluate", interrupted)
+        patch.setattr(loop, "evaluate", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train.run(cfg, run_dir)
 
@@ -331,9 +333,9 @@ def test_a_checkpoint_continues_under_result_neutral_changes(hydra_conf, tmp_pat
     args = ["norm=ln", "data.batch_size=16", "train.checkpoint=true"]
     _kill_after_the_first_epoch(monkeypatch, config(*args), tmp_path)
     assert (tmp_path / "checkpoint.pt").is_file()
-    real, calls = train.evaluate, []
+    real, calls = loop.evaluate, []
     with monkeypatch.context() as patch:
-        patch.setattr(train, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        patch.setattr(loop, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         result = train.run(config(*args, "data.download=true", "threads=2"), tmp_path)
     assert result["status"] == "ok" and calls == [1]  # only epoch 2 was trained
 
@@ -347,13 +349,13 @@ def test_resume_compares_the_layer_options_a_run_used(hydra_conf, tmp_path):
     assert m["status"] == "ok" and m["norm_layer_options"]["num_groups"] == 2
     m["config"]["norm.num_groups"] = 32  # as recorded with the old default
     (tmp_path / "metrics.json").write_text(json.dumps(m))
-    assert train._kept_result(tmp_path, config("norm=gn", study)) is not None
-    assert train._kept_result(tmp_path, config("norm=gn", "+norm_options.gn.num_groups=2"))
+    assert runner.kept_result(tmp_path, config("norm=gn", study)) is not None
+    assert runner.kept_result(tmp_path, config("norm=gn", "+norm_options.gn.num_groups=2"))
     other = config("norm=gn", study, "+norm_options.bn.momentum=0.3")
-    assert train._kept_result(tmp_path, other) is not None
-    assert train._kept_result(tmp_path, config("norm=gn", "norm.num_groups=2")) is not None
-    assert train._kept_result(tmp_path, config("norm=gn", "+norm_options.gn.num_groups=4")) is None
-    assert train._kept_result(tmp_path, config("norm=gn")) is None  # 8 groups
+    assert runner.kept_result(tmp_path, other) is not None
+    assert runner.kept_result(tmp_path, config("norm=gn", "norm.num_groups=2")) is not None
+    assert runner.kept_result(tmp_path, config("norm=gn", "+norm_options.gn.num_groups=4")) is None
+    assert runner.kept_result(tmp_path, config("norm=gn")) is None  # 8 groups
 
 
 def test_a_resumed_run_continues_the_timings(hydra_conf, tmp_path, monkeypatch) -> None:

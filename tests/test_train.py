@@ -14,7 +14,10 @@ from omegaconf import open_dict
 
 import normzoo
 import normzoo.train as train
+from normzoo import sweep
 from normzoo.config import CONF_DIR, ConfigError
+from normzoo.run import loop
+from normzoo.sweep import callbacks
 
 TINY = [
     "data.train_subset=240",
@@ -141,7 +144,7 @@ def test_an_exception_is_recorded_as_failed(hydra_conf, tmp_path: Path, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("boom in the training loop")
 
-    monkeypatch.setattr(train, "evaluate", broken)
+    monkeypatch.setattr(loop, "evaluate", broken)
     m = run(tmp_path, "norm=ln")
     assert m["status"] == "failed" and m["error"] == "RuntimeError: boom in the training loop"
     assert "boom" in m["traceback"] and "evaluate" in m["traceback"]
@@ -245,8 +248,8 @@ def test_sweep_guard_passes_good_sweeps_and_studies(hydra_conf) -> None:
 
 def test_unknown_norm_on_the_command_line_is_refused_with_a_suggestion() -> None:
     with pytest.raises(ConfigError, match="Did you mean norm=layernorm"):
-        train._check_argv(["-m", "norm=bn,layernrm", "seed=0"])
-    train._check_argv(["norm=bn,gn,native_ln", "norm=choice(bn,gn)"])
+        sweep.check_argv(["-m", "norm=bn,layernrm", "seed=0"])
+    sweep.check_argv(["norm=bn,gn,native_ln", "norm=choice(bn,gn)"])
 
 
 @pytest.mark.parametrize(
@@ -302,9 +305,9 @@ def test_sweep_guard_passes_model_keys_that_fit_every_swept_model(hydra_conf) ->
 
 def test_command_line_check_knows_every_model_of_a_sweep() -> None:
     with pytest.raises(ConfigError, match="no such key for model=mlp"):
-        train._check_argv(["-m", "model=cnn,mlp", "model.channels=[8,8,8]", "norm=bn"])
-    train._check_argv(["-m", "model=cnn,mlp", "norm=bn"])
-    train._check_argv(["-m", "model=cnn", "model.channels=[8,8,8]"])
+        sweep.check_argv(["-m", "model=cnn,mlp", "model.channels=[8,8,8]", "norm=bn"])
+    sweep.check_argv(["-m", "model=cnn,mlp", "norm=bn"])
+    sweep.check_argv(["-m", "model=cnn", "model.channels=[8,8,8]"])
 
 
 @pytest.mark.parametrize(
@@ -370,7 +373,7 @@ def test_sweep_guard_logs_one_progress_line_per_finished_job(hydra_conf, tmp_pat
     results = [{"status": "ok"}, {"status": "invalid", "skipped": True}, RuntimeError("x"), None]
     caplog.set_level("INFO", logger="normzoo.train")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "_is_multirun", lambda: True)
+        patch.setattr(callbacks, "is_multirun", lambda: True)
         for i, value in enumerate(results):
             job = JobReturn(overrides=["norm=bn", f"seed={i}"])
             job.status = JobStatus.FAILED if isinstance(value, Exception) else JobStatus.COMPLETED
@@ -411,9 +414,9 @@ def test_evaluate_with_batch_statistics_in_eval_mode_uses_the_training_batch_siz
     """It went through eval_batch_size (1000) at once: the whole test set normalised with its own
     statistics, at a batch size the model never trained with."""
     model = _untracked_bn_mlp()
-    assert train.batch_stats_in_eval(model)
+    assert loop.batch_stats_in_eval(model)
     x, y = torch.randn(10, 6) * 2 + 1, torch.arange(10) % 3
-    loss, err = train.evaluate(model, x, y, 1000, 4)
+    loss, err = loop.evaluate(model, x, y, 1000, 4)
     # by hand: batches of 4 in order, the last (2 samples) filled up with the first 2
     model.eval()
     with torch.no_grad():
@@ -430,11 +433,11 @@ def test_evaluate_with_batch_statistics_in_eval_mode_uses_the_training_batch_siz
     tracked = torch.nn.Sequential(
         torch.nn.Linear(6, 16), normzoo.build_norm("batchnorm", 16), torch.nn.Linear(16, 3)
     )
-    assert not train.batch_stats_in_eval(tracked)
+    assert not loop.batch_stats_in_eval(tracked)
     tracked.eval()
-    assert train.evaluate(tracked, x, y, 1000, 4)[1] == train.evaluate(tracked, x, y, 1000)[1]
-    assert train.batch_stats_in_eval(torch.nn.BatchNorm1d(4, track_running_stats=False))
-    assert not train.batch_stats_in_eval(torch.nn.InstanceNorm2d(4))  # per-sample statistics
+    assert train.evaluate(tracked, x, y, 1000, 4)[1] == loop.evaluate(tracked, x, y, 1000)[1]
+    assert loop.batch_stats_in_eval(torch.nn.BatchNorm1d(4, track_running_stats=False))
+    assert not loop.batch_stats_in_eval(torch.nn.InstanceNorm2d(4))  # per-sample statistics
 
 
 def test_test_error_is_the_last_epochs_whether_or_not_diagnostics_run(hydra_conf, tmp_path) -> None:
@@ -453,7 +456,7 @@ def test_test_error_is_the_last_epochs_whether_or_not_diagnostics_run(hydra_conf
 def test_train_time_is_the_training_steps_only(hydra_conf, tmp_path, monkeypatch) -> None:
     """train_time_s (and steps_per_s) took in the per-epoch test evaluation and checkpoint writes:
     the clock started before the first epoch was never paused."""
-    real_evaluate, real_save = train.evaluate, train._save_checkpoint
+    real_evaluate, real_save = loop.evaluate, loop.save_checkpoint
     pause = 0.4
 
     def slow_evaluate(*a, **kw):
@@ -464,8 +467,8 @@ def test_train_time_is_the_training_steps_only(hydra_conf, tmp_path, monkeypatch
         time.sleep(pause)
         return real_save(*a, **kw)
 
-    monkeypatch.setattr(train, "evaluate", slow_evaluate)
-    monkeypatch.setattr(train, "_save_checkpoint", slow_save)
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
     m = run(tmp_path, "norm=ln", "data.batch_size=16", "train.checkpoint=true")
     assert m["status"] == "ok"
     assert 0 < m["train_time_s"] < pause  # 2 x 15 small steps; 4 pauses were outside them

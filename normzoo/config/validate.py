@@ -1,252 +1,45 @@
-"""Structured configs: the schema every composed config is checked against.
-
-Hydra merges ``conf/`` onto these dataclasses (stored in the ``ConfigStore``), so a misspelt key
-(``data.bach_size=8``) or a wrong type (``data.batch_size=foo``) fails when the config is composed,
-with the key named. Ranges OmegaConf cannot express (``data.batch_size >= 1``, ``optim.lr > 0``, ...)
-and the registry-driven checks (the norm's options) are in :func:`validate`, which the runner calls
-before any data is loaded; in a multirun it is called for every job before the first one starts.
-
-Importing this module also registers
-
-* the schemas (``base_config``, ``schema/model/<name>``), and
-* one ``norm/<alias>`` node per registry alias (``norm=bn`` is ``norm=batchnorm``), with the content
-  of ``conf/norm/<canonical>.yaml``; a registered norm without a YAML file (a third-party plugin) gets
-  a ``norm/<name>`` node built from its spec.
-"""
+"""Checks the schema cannot make: ranges (:data:`RULES`), the types and keys of a command-line
+override before Hydra composes (:func:`check_override`), and the norm's options against the
+registry (:func:`validate_norm` builds the layer once). The runner calls :func:`validate` before
+any data is loaded; in a multirun it is called for every job before the first one starts."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import enum
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from normzoo.registry import UnknownNormError, get_norm, list_norms
+from normzoo.config.flat import plain as _plain
+from normzoo.config.options import _layer_options, _merge_layer_options
+from normzoo.config.schema import (
+    ARCHS,
+    DATASETS,
+    HEADS,
+    MODEL_SCHEMAS,
+    NORM_RESERVED_KEYS,
+    OPTIMIZERS,
+    SECTIONS,
+    Config,
+    Device,
+    Progress,
+    norm_choices,
+)
+from normzoo.errors import ConfigError
+from normzoo.registry import UnknownNormError, get_norm
 
 __all__ = [
-    "CONF_DIR",
-    "NORM_RESERVED_KEYS",
     "RULES",
-    "CNNConf",
-    "Config",
-    "ConfigError",
-    "DataConf",
-    "Device",
-    "DiagnosticsConf",
-    "InvalidCombination",
-    "MLPConf",
-    "OptimConf",
-    "Progress",
-    "ReportConf",
-    "ResNetConf",
-    "TrainConf",
     "check_override",
     "check_value",
-    "explicit_norm_keys",
-    "flatten",
-    "layer_options_from_flat",
-    "model_node",
-    "norm_choices",
-    "norm_layer_options",
-    "norm_node",
-    "register_configs",
     "suggest_norm",
     "validate",
     "validate_model",
     "validate_norm",
 ]
-
-#: ``conf/`` of the source checkout (the ``config_path`` of ``normzoo.train``).
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-#: keys of the ``norm`` node that are not layer options.
-NORM_RESERVED_KEYS = frozenset({"name", "data_init", "data_init_samples"})
-
-
-class ConfigError(ValueError):
-    """A config value that is out of range or does not fit the registry; names the key."""
-
-
-class InvalidCombination(ValueError):
-    """A combination of valid settings that cannot run (InstanceNorm on dense features, GroupNorm
-    groups not dividing a layer's width, ...). A run records it as status ``invalid`` with this
-    message, before any training."""
-
-
-class Device(enum.Enum):
-    """Where a run trains: ``auto`` picks ``cuda`` when a GPU is visible, else ``cpu``."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Progress(enum.Enum):
-    """``auto``: a tqdm bar on a terminal, plain log lines otherwise."""
-
-    auto = "auto"
-    bar = "bar"
-    log = "log"
-    none = "none"
-
-
-@dataclass
-class MLPConf:
-    """Dense net: [Linear -> norm -> ReLU] x len(widths) -> Linear."""
-
-    name: str = "mlp"
-    widths: list[int] = field(default_factory=lambda: [256, 256, 256])
-
-
-@dataclass
-class CNNConf:
-    """Small conv net: [Conv kxk (stride s) -> norm -> ReLU] per channel width, a head, a classifier.
-
-    ``head``: ``avg`` (global average pool) or ``flatten``; ``hidden``: widths of optional dense
-    layers (Linear -> norm -> ReLU) between the head and the classifier.
-    """
-
-    name: str = "cnn"
-    channels: list[int] = field(default_factory=lambda: [32, 32, 32])
-    strides: list[int] = field(default_factory=lambda: [1, 2, 2])
-    kernel_size: int = 3
-    head: str = "flatten"
-    hidden: list[int] = field(default_factory=list)
-
-
-@dataclass
-class ResNetConf:
-    """torchvision ResNet through its ``norm_layer=`` hook, with a 3x3 stem and no max-pool."""
-
-    name: str = "resnet"
-    arch: str = "resnet18"
-    zero_init_residual: bool = False
-
-
-@dataclass
-class DataConf:
-    """The data set and how training batches are drawn.
-
-    ``classes_per_batch`` > 0 draws class-grouped (non-i.i.d.) batches of that many classes with
-    ``batch_size / classes_per_batch`` images each (Batch Renorm paper: 16 classes x 2 images).
-    ``train_subset``/``test_subset`` > 0 keep that many samples (a seeded, stratified choice for
-    digits; the first ones otherwise) for quick runs.
-    """
-
-    name: str = "digits"
-    root: str = "data"
-    download: bool = False
-    batch_size: int = 32
-    eval_batch_size: int = 1000
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    classes_per_batch: int = 0
-    train_subset: int = 0
-    test_subset: int = 0
-
-
-@dataclass
-class OptimConf:
-    """Optimizer and the linear scaling rule lr = base_lr * batch_size / reference_batch_size."""
-
-    name: str = "sgd"
-    base_lr: float = 0.1
-    reference_batch_size: int = 32
-    scale_lr: bool = True
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-
-
-@dataclass
-class TrainConf:
-    """The schedule: a fixed epoch budget; linear warm-up over a fraction of it, then cosine.
-
-    ``check_every``: on a GPU, how often (in steps) the losses kept on the device are checked for
-    NaN/inf (the diverging step is found exactly either way; 0 = 50); on CPU every step is checked.
-    ``mkldnn``: oneDNN conv kernels on CPU, ``on``/``off``/``auto`` (off at batch size <= 8, where
-    torch's native kernels are faster for small models).
-    ``checkpoint``: ``true`` saves ``checkpoint.pt`` (model, optimizer, step, RNG states, curves)
-    into the run dir at the end of every epoch and continues from it when the run is started again;
-    ``auto`` does so for long runs only (not on digits, or more than
-    ``normzoo.train.AUTO_CHECKPOINT_STEPS`` optimizer steps); ``false`` never.
-    """
-
-    epochs: int = 10
-    warmup_fraction: float = 0.05
-    final_lr_fraction: float = 0.0
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0
-    compile: bool = False
-    deterministic: bool = True
-    check_every: int = 0
-    mkldnn: str = "auto"
-    progress: Progress = Progress.auto
-    checkpoint: Any = "auto"  # auto | true | false (a bool or the string: checked by validate)
-
-
-@dataclass
-class DiagnosticsConf:
-    """The train/inference mismatch diagnostics run at the end of every ok run."""
-
-    enabled: bool = True
-    precise_samples: int = 4096
-
-
-@dataclass
-class ReportConf:
-    """Where ``normzoo.report.ReportCallback`` writes the report at the end of a multirun."""
-
-    out: str | None = None
-
-
-@dataclass
-class Config:
-    """The whole run. ``norm`` is free-form (each layer has its own options; :func:`validate`
-    checks them against the registry); ``norm_options`` maps a norm name (or alias) to options
-    applied only when that norm is the one selected (a study sweeping over norms sets, e.g.,
-    ``norm_options.groupnorm.num_groups`` for its widths); a ``norm.<option>`` set on the command
-    line wins over them (:func:`norm_layer_options`). ``resume``: a run whose dir already
-    holds a finished result of the same config (``ok``, ``invalid`` or ``diverged``) is skipped;
-    ``resume=false`` reruns it."""
-
-    norm: dict[str, Any] = field(default_factory=dict)
-    norm_options: dict[str, Any] = field(default_factory=dict)
-    model: Any = MISSING
-    data: DataConf = field(default_factory=DataConf)
-    optim: OptimConf = field(default_factory=OptimConf)
-    train: TrainConf = field(default_factory=TrainConf)
-    diagnostics: DiagnosticsConf = field(default_factory=DiagnosticsConf)
-    report: ReportConf = field(default_factory=ReportConf)
-    seed: int = 0
-    device: Device = Device.auto
-    threads: int = 1
-    study: str | None = None
-    resume: bool = True
-
-
-MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConf, "cnn": CNNConf, "resnet": ResNetConf}
-OPTIMIZERS = ("sgd", "adamw")
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
-HEADS = ("avg", "flatten")
-ARCHS = ("resnet18", "resnet34")
-
-
-def norm_choices() -> list[str]:
-    """Every accepted ``norm=`` value: the YAML files of ``conf/norm`` and the ConfigStore nodes."""
-    files = {p.stem for p in (CONF_DIR / "norm").glob("*.yaml")}
-    stored = set(ConfigStore.instance().repo.get("norm", {}))
-    return sorted(files | {Path(s).stem for s in stored})
 
 
 def suggest_norm(value: str) -> str:
@@ -255,75 +48,6 @@ def suggest_norm(value: str) -> str:
     close = difflib.get_close_matches(value.lower(), choices, n=1, cutoff=0.5)
     hint = f" Did you mean norm={close[0]}?" if close else ""
     return f"unknown norm {value!r} (norm={value}).{hint} Choices: {', '.join(choices)}."
-
-
-def norm_layer_options(cfg: DictConfig, explicit: Iterable[str] = ()) -> dict[str, Any]:
-    """The layer options of the selected norm: the ``norm`` node without its reserved keys, then
-    ``norm_options[<key>]`` for every key that names the selected norm (its canonical name or an
-    alias) on top, then the ``norm`` keys in ``explicit`` (those set on the command line, see
-    :func:`explicit_norm_keys`) on top again: an explicit ``norm.num_groups=4`` wins over a study's
-    ``norm_options.groupnorm.num_groups``."""
-    node = OmegaConf.to_container(cfg.norm, resolve=True)
-    extra = OmegaConf.to_container(cfg.get("norm_options") or OmegaConf.create({}), resolve=True)
-    return _merge_layer_options(str(cfg.norm.name), node, extra, explicit)
-
-
-def explicit_norm_keys(overrides: Iterable[str] | None) -> set[str]:
-    """The ``norm`` option keys a job's overrides set (``norm.<key>=``, ``+norm.<key>=``, ...)."""
-    keys = set()
-    for text in overrides or ():
-        key = str(text).split("=", 1)[0].lstrip("+~")
-        if key.startswith("norm.") and key[5:]:
-            keys.add(key[5:].split(".")[0])
-    return keys
-
-
-def _merge_layer_options(
-    name: str, node: dict[str, Any], norm_options: dict[str, Any], explicit: Iterable[str]
-) -> dict[str, Any]:
-    canonical = get_norm(name).name
-    base = {k: v for k, v in node.items() if k not in NORM_RESERVED_KEYS}
-    opts = dict(base)
-    for key, extra in norm_options.items():
-        try:
-            target = get_norm(str(key)).name
-        except UnknownNormError:
-            continue
-        if target == canonical and isinstance(extra, dict):
-            opts.update(extra)
-    for key in explicit:
-        if key in base:
-            opts[key] = base[key]
-    return opts
-
-
-def layer_options_from_flat(
-    flat: dict[str, Any], overrides: Iterable[str] | None = None
-) -> dict[str, Any] | None:
-    """:func:`norm_layer_options` from a :func:`flatten`-ed config (a ``metrics.json`` record's
-    ``config``) and the job's overrides; None when the norm is not registered."""
-    node: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in flat.items():
-        if key.startswith("norm."):
-            node[key[5:]] = value
-        elif key.startswith("norm_options."):
-            which, _, option = key[len("norm_options.") :].partition(".")
-            if option:
-                extra.setdefault(which, {})[option] = value
-    try:
-        return _merge_layer_options(
-            str(node.get("name")), node, extra, explicit_norm_keys(overrides)
-        )
-    except UnknownNormError:
-        return None
-
-
-def _layer_options(name: str) -> tuple[set[str], bool]:
-    spec = get_norm(name)
-    params = list(inspect.signature(spec.cls).parameters.values())[1:]
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
-    return set(spec.options()), takes_any
 
 
 #: range rules for single keys: key -> (test, the allowed values in words)
@@ -383,14 +107,6 @@ def check_value(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={plain!r} is out of range: allowed {allowed}")
 
 
-#: the config nodes whose keys are fixed by a schema (``model`` depends on the model chosen)
-SECTIONS: dict[str, type] = {
-    "data": DataConf,
-    "optim": OptimConf,
-    "train": TrainConf,
-    "diagnostics": DiagnosticsConf,
-    "report": ReportConf,
-}
 _GROUPS = ("norm", "model", "data", "optim", "experiment")
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
@@ -548,25 +264,6 @@ def validate_model(model: Any) -> None:
         )
 
 
-def norm_node(option: str) -> DictConfig:
-    """The ``norm`` node ``norm=<option>`` composes (a YAML file of ``conf/norm`` or an alias or
-    plugin node of the ConfigStore)."""
-    path = CONF_DIR / "norm" / f"{option}.yaml"
-    if path.is_file():
-        return OmegaConf.load(path)
-    return copy.deepcopy(ConfigStore.instance().load(f"norm/{option}.yaml").node)
-
-
-def model_node(name: str) -> DictConfig:
-    """The ``model`` node ``model=<name>`` composes (its schema with ``conf/model/<name>.yaml``)."""
-    node = OmegaConf.structured(MODEL_SCHEMAS[name])
-    path = CONF_DIR / "model" / f"{name}.yaml"
-    if path.is_file():
-        content = OmegaConf.load(path)
-        node = OmegaConf.merge(node, {k: content[k] for k in content if k != "defaults"})
-    return node
-
-
 def validate_norm(norm: Any, norm_options: Any, explicit: Iterable[str] = ()) -> None:
     """Check a ``norm`` node and the ``norm_options`` beside it: known names and options, and the
     layer built once (a tiny one, on the CPU) with the options a run would use, so that a value
@@ -649,58 +346,3 @@ def _build_once(spec: Any, options: dict[str, Any]) -> None:
         f"norm={spec.name} cannot be built with {shown}: {errors[0]} (from norm.* or "
         f"norm_options.{spec.name}.*)"
     )
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay lists, enums become their names."""
-    out: dict[str, Any] = {}
-    if isinstance(node, DictConfig | dict):
-        items = node.items()
-        if isinstance(node, DictConfig):
-            items = ((k, node[k]) for k in node)
-        for key, value in items:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            if isinstance(value, DictConfig | dict) and len(value) > 0:
-                out.update(flatten(value, full))
-            else:
-                out[full] = _plain(value)
-        return out
-    return {prefix: _plain(node)}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
-    if isinstance(value, enum.Enum):
-        return value.name
-    return value
-
-
-_registered = False
-
-
-def register_configs() -> None:
-    """Store the schemas and the norm alias nodes in the ConfigStore (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for name, schema in MODEL_SCHEMAS.items():
-        cs.store(group="schema/model", name=name, node=schema)
-    norm_dir = CONF_DIR / "norm"
-    for name in list_norms():
-        spec = get_norm(name)
-        path = norm_dir / f"{name}.yaml"
-        if path.is_file():
-            node = OmegaConf.load(path)
-        else:  # a plugin's norm: usable as norm=<name> without a YAML file
-            node = OmegaConf.create({"name": name, **dict(spec.defaults)})
-            cs.store(group="norm", name=name, node=node)
-        for alias in spec.aliases:
-            if not (norm_dir / f"{alias}.yaml").is_file():
-                cs.store(group="norm", name=alias, node=node)
-    _registered = True
-
-
-register_configs()

@@ -1,0 +1,229 @@
+"""One run of a config, without Hydra: ``run(cfg, out_dir, task_overrides=..., multirun=...)``.
+
+Validate the config, load the data onto the device, build the model (a combination that cannot
+apply is recorded as ``invalid`` here, before any training), train (:func:`normzoo.run.loop.fit`),
+then the mismatch diagnostics (``normzoo.diagnostics``), and write the record
+(:mod:`normzoo.run.record`). The run never raises for a failure of its own: it is recorded. A
+config error (out of range, unknown norm, ``device=cuda`` without a GPU, a missing data set) is
+raised before anything is loaded outside a multirun, and recorded as ``failed`` in one.
+
+Resume. With ``resume=true`` (the default) a run whose dir already holds a ``metrics.json`` with
+status ``ok``, ``invalid`` or ``diverged`` *for the same config* (the recorded ``config`` equals
+this one up to :data:`normzoo.config.identity.RESULT_NEUTRAL_KEYS`) is skipped before anything is
+loaded and its ``metrics.json`` is left untouched: those statuses are deterministic results of the
+config. ``failed`` runs, dirs without a ``metrics.json`` (killed) and runs whose config changed are
+run again; ``resume=false`` reruns everything. The code revision is not compared. The temp files a
+kill can leave (``.metrics.json.*.tmp``, ``.checkpoint.pt.*.tmp``) are removed when the run starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from normzoo.config.identity import comparable_config
+from normzoo.config.options import explicit_norm_keys, norm_layer_options
+from normzoo.config.validate import validate
+from normzoo.data import DataNotFoundError, batches_per_epoch, load_data
+from normzoo.diagnostics import run_diagnostics
+from normzoo.errors import ConfigError, Diverged, InvalidCombination
+from normzoo.models import build_model, check_batch_size, count_parameters
+from normzoo.provenance import now_utc
+from normzoo.registry import NormSpec, get_norm
+from normzoo.run.checkpoint import CHECKPOINT_FILE, use_checkpoint
+from normzoo.run.device import configure_torch, resolve_device, resolved_device_type
+from normzoo.run.loop import FitState, fit, peak_lr
+from normzoo.run.record import KEEP_ON_RESUME, METRICS_FILE, base_record, read_record, write_record
+
+__all__ = ["kept_result", "run"]
+
+log = logging.getLogger("normzoo.train")
+
+
+def _spec_or_none(cfg: DictConfig) -> NormSpec | None:
+    try:
+        return get_norm(str(cfg.norm.name))
+    except Exception:  # an unknown name is reported by validate()
+        return None
+
+
+def _lr_or_none(cfg: DictConfig) -> float | None:
+    try:
+        return peak_lr(cfg)
+    except Exception:
+        return None
+
+
+def run(
+    cfg: DictConfig,
+    out_dir: str | Path | None = None,
+    *,
+    task_overrides: list[str] | None = None,
+    multirun: bool = False,
+) -> dict[str, Any]:
+    """One run of ``cfg``; writes ``metrics.json`` into ``out_dir`` (default: the current dir).
+
+    ``task_overrides``: the job's command-line overrides (recorded; a ``norm.<option>`` among them
+    wins over a study's ``norm_options``). ``multirun``: the run is one job of a sweep (a config
+    error is then recorded as ``failed`` instead of raised; log lines instead of a bar).
+    Returns ``{"status", "error", "dir"}``; with ``cfg.resume`` a finished result of the same
+    config already in ``out_dir`` is kept and nothing runs (then also ``skipped=True``).
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir) if out_dir is not None else Path.cwd()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume", False):
+        kept = kept_result(out, cfg, task_overrides)
+        if kept is not None:
+            log.info("resume: %s is already %s; kept (resume=false reruns it)", out, kept["status"])
+            with contextlib.suppress(OSError):  # left by a kill between the record and its delete
+                (out / CHECKPOINT_FILE).unlink()
+            return {"status": kept["status"], "error": kept.get("error"), "dir": str(out),
+                    "skipped": True}  # fmt: skip
+    _remove_temp_files(out)
+    spec = _spec_or_none(cfg)
+    record = base_record(cfg, spec, _lr_or_none(cfg), task_overrides)
+    fit_state = FitState()
+    try:
+        _train(cfg, out, record, fit_state, task_overrides, multirun)
+        record["status"] = "ok"
+    except InvalidCombination as exc:
+        record.update(status="invalid", error=str(exc))
+        log.warning("invalid combination: %s", exc)
+    except Diverged as exc:
+        record.update(status="diverged", error=str(exc), error_step=exc.step)
+        log.warning("diverged: %s", exc)
+    except (ConfigError, DataNotFoundError) as exc:
+        if not multirun:
+            raise
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        log.error("config error: %s", exc)
+    except Exception as exc:
+        tail = traceback.format_exc().strip().splitlines()[-30:]
+        record.update(
+            status="failed",
+            error=f"{type(exc).__name__}: {exc}",
+            error_step=fit_state.steps if fit_state.steps else None,
+            traceback="\n".join(tail),
+        )
+        log.error("run failed: %s\n%s", exc, "\n".join(tail))
+    finally:
+        _finish(record, fit_state, out, t_start)
+    if record["status"] != "ok":
+        log.info("status %s -> %s", record["status"], out / METRICS_FILE)
+    return {"status": record["status"], "error": record["error"], "dir": str(out)}
+
+
+def _train(
+    cfg: DictConfig,
+    out: Path,
+    record: dict[str, Any],
+    fit_state: FitState,
+    task_overrides: list[str] | None,
+    multirun: bool,
+) -> None:
+    """Everything of a run that can fail, in order; fills ``record`` and ``fit_state``."""
+    explicit = explicit_norm_keys(task_overrides)
+    validate(cfg, explicit=explicit)  # ranges, registry: before any data is loaded
+    device = resolve_device(cfg.device)
+    spec = get_norm(str(cfg.norm.name))  # the run's one resolution of its norm
+    record["device"] = str(device)
+    configure_torch(cfg, device)
+    torch.manual_seed(int(cfg.seed))
+
+    data = load_data(cfg.data, device)
+    batch_size = int(cfg.data.batch_size)
+    steps_per_epoch = batches_per_epoch(data, batch_size, int(cfg.data.classes_per_batch))
+    if steps_per_epoch < 1:
+        raise InvalidCombination(
+            f"data.batch_size={cfg.data.batch_size} exceeds the {len(data.train_y)} training "
+            f"samples (partial batches are dropped): no training step"
+        )
+    torch.manual_seed(int(cfg.seed))  # the model's init does not depend on the data loading
+    layer_options = norm_layer_options(cfg, explicit)
+    record["norm_layer_options"] = layer_options
+    model: nn.Module = build_model(
+        cfg.model, spec.name, layer_options, data.input_shape, data.num_classes
+    ).to(device)
+    check_batch_size(model, spec.name, data.input_shape, batch_size)
+    record["num_params"] = count_parameters(model)
+    total = steps_per_epoch * int(cfg.train.epochs)
+    log.info(
+        "run %s on %s: %s/%s B=%d seed=%d lr=%.4g epochs=%d (%d steps) -> %s",
+        spec.name, device, cfg.model.name, data.name, cfg.data.batch_size, cfg.seed,
+        record["lr"], cfg.train.epochs, total, out,
+    )  # fmt: skip
+
+    checkpoint = out / CHECKPOINT_FILE if use_checkpoint(cfg, total) else None
+    identity = comparable_config(cfg, device, task_overrides)
+    fit(model, data, cfg, device, fit_state, checkpoint, spec=spec, identity=identity,
+        multirun=multirun)  # fmt: skip
+    last = fit_state.curves[-1]
+    for key in ("train_loss", "train_error", "test_loss", "test_error"):
+        record[key] = last[key]
+    if cfg.diagnostics.enabled:  # its own keys: the run's test_error/test_loss stay the curves'
+        record.update(
+            run_diagnostics(
+                model,
+                data,
+                batch_size=batch_size,
+                precise_samples=int(cfg.diagnostics.precise_samples),
+                seed=int(cfg.seed),
+                eval_batch_size=int(cfg.data.eval_batch_size),
+            )
+        )
+
+
+def _finish(record: dict[str, Any], fit_state: FitState, out: Path, t_start: float) -> None:
+    """Timings and curves into the record; write it; a finished result needs no checkpoint."""
+    record["curves"] = fit_state.curves
+    record["steps"] = fit_state.steps
+    record["train_time_s"] = fit_state.train_time_s
+    record["eval_time_s"] = fit_state.eval_time_s
+    record["steps_per_s"] = (
+        fit_state.steps / fit_state.train_time_s if fit_state.train_time_s > 0 else None
+    )
+    record["wall_time_s"] = time.perf_counter() - t_start
+    record["finished_at"] = now_utc()
+    if record["status"] is not None:
+        write_record(out, record)
+    if record["status"] in KEEP_ON_RESUME:  # a finished result: nothing left to continue
+        with contextlib.suppress(OSError):
+            (out / CHECKPOINT_FILE).unlink()
+
+
+def kept_result(
+    out: Path, cfg: DictConfig, task_overrides: list[str] | None = None
+) -> dict[str, Any] | None:
+    """The ``metrics.json`` in ``out`` if a rerun keeps it: a status in :data:`KEEP_ON_RESUME`
+    recorded for the same config (up to the result-neutral keys)."""
+    old = read_record(Path(out) / METRICS_FILE)
+    if old is None or old.get("status") not in KEEP_ON_RESUME:
+        return None
+    try:
+        mine = comparable_config(cfg, resolved_device_type(cfg), task_overrides)
+        theirs = comparable_config(
+            old.get("config") or {}, old.get("device"), old.get("task_overrides")
+        )
+    except (ValueError, AttributeError):
+        return None  # a damaged record: run again
+    if theirs != mine:
+        log.info("resume: %s holds a result of another config; running again", out)
+        return None
+    return old
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temp files of an atomic write killed mid-way (never read; a rerun writes new ones)."""
+    for name in (METRICS_FILE, CHECKPOINT_FILE):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
