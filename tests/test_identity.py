@@ -10,6 +10,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import normzoo.analysis.record as record
 import normzoo.results as results
 import normzoo.train as train
 from normzoo.config import CONF_DIR, flatten
@@ -47,7 +48,7 @@ def test_run_dir_names_leave_out_exactly_the_declared_keys() -> None:
 
 def test_results_and_the_trainer_use_the_same_neutral_keys() -> None:
     assert train.RESULT_NEUTRAL_KEYS is RESULT_NEUTRAL_KEYS
-    assert results._neutral_keys() == SERIES_NEUTRAL_KEYS
+    assert results.NEUTRAL_CONFIG_KEYS is SERIES_NEUTRAL_KEYS
     assert {"device", "study"} == SERIES_NEUTRAL_KEYS - RESULT_NEUTRAL_KEYS
 
 
@@ -94,5 +95,6 @@ def test_the_results_table_expands_the_same_grid(tmp_path: Path) -> None:
 def test_one_flatten_for_configs_and_records() -> None:
     data = {"a": {"b": 1, "c": [1, 2], "d": {}}, "e": None, "f": {"g": {"h": "x"}}}
     assert flatten(data) == {"a.b": 1, "a.c": [1, 2], "a.d": {}, "e": None, "f.g.h": "x"}
-    assert flatten(data, scalars_only=True) == results._flatten(data)
-    assert flatten(data, keep_empty=False) == results._flatten(data, scalars_only=False)
+    assert flatten(data, scalars_only=True) == {"a.b": 1, "e": None, "f.g.h": "x"}
+    assert flatten(data, keep_empty=False) == {"a.b": 1, "a.c": [1, 2], "e": None, "f.g.h": "x"}
+    assert record.flatten is flatten  # the results table reads records with the same function

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from normzoo.analysis.names import canonical
+from normzoo.config import grid
 
 __all__ = [
     "GRID_SWEEPERS",
@@ -86,14 +87,9 @@ def expected_jobs(sweep_dir: str | os.PathLike[str]) -> list[list[str]] | None:
             return None
         params = sweeper.get("params") or {}
         task = list((hydra_conf.get("overrides") or {}).get("task") or [])
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-        lines = [f"{k}={v}" for k, v in params.items()] + [str(t) for t in task]
-        parsed = _parser().parse_overrides(lines)
-        batches = BasicSweeper.split_arguments(parsed, None)
+        return grid.jobs(params, task)
     except Exception:  # an unreadable sweep definition must not hide the runs that exist
         return None
-    return [list(job) for batch in batches for job in batch]
 
 
 def job_overrides(run_dir: Path) -> list[str] | None:

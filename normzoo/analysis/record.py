@@ -6,7 +6,6 @@ an exception: a report must describe a broken sweep, not fail on it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -15,6 +14,8 @@ from typing import Any
 
 from normzoo.analysis.jobs import job_identity, job_overrides, override_columns
 from normzoo.analysis.names import canonical
+from normzoo.config.flat import flatten
+from normzoo.config.identity import SERIES_NEUTRAL_KEYS
 
 __all__ = ["FINISHED_STATUSES", "METRICS_FILE", "NEUTRAL_CONFIG_KEYS", "read_run", "run_config"]
 
@@ -23,36 +24,9 @@ METRICS_FILE = "metrics.json"
 FINISHED_STATUSES = ("ok", "failed", "diverged", "invalid")
 #: nested sections of metrics.json whose keys become plain column names
 _HOISTED = ("config", "cfg", "metrics", "final", "result", "results", "diagnostics", "timing")
-#: config keys that never change a run's result (on top of the trainer's RESULT_NEUTRAL_KEYS):
-#: runs that differ only here are the same measurement. ``hydra.*`` keys are neutral too.
-NEUTRAL_CONFIG_KEYS = frozenset(
-    {
-        "resume",
-        "train.progress",
-        "train.checkpoint",
-        "report.out",
-        "threads",
-        "device",
-        "data.root",
-        "data.download",
-        "study",
-    }
-)
-
-
-def flatten(
-    data: Mapping[str, Any], prefix: str = "", *, scalars_only: bool = True
-) -> dict[str, Any]:
-    """Nested dicts -> ``a.b`` keys; scalars kept, and lists and other objects dropped unless
-    ``scalars_only=False`` (a config, where a model's widths matter)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, name + ".", scalars_only=scalars_only))
-        elif not scalars_only or value is None or isinstance(value, (bool, int, float, str)):
-            out[name] = value
-    return out
+#: config keys that never change a run's result: runs that differ only here are the same
+#: measurement (the one declaration, in normzoo.config.identity). ``hydra.*`` keys are neutral too.
+NEUTRAL_CONFIG_KEYS = SERIES_NEUTRAL_KEYS
 
 
 def _tidy(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -65,31 +39,13 @@ def _tidy(data: Mapping[str, Any]) -> dict[str, Any]:
         elif value is None or isinstance(value, (bool, int, float, str)):
             row[key] = value
     for key in [k for k in _HOISTED if k in nested] + [k for k in nested if k not in _HOISTED]:
-        for sub, value in flatten(nested[key]).items():
+        for sub, value in flatten(nested[key], scalars_only=True).items():
             name = sub if key in _HOISTED and sub not in row else f"{key}.{sub}"
             row.setdefault(name, value)
     for col in list(row):  # a config group stored as {name: ...} also answers to its group name
         if col.endswith(".name") and "." not in col[: -len(".name")]:
             row.setdefault(col[: -len(".name")], row[col])
     return row
-
-
-def _trainer_neutral_keys() -> frozenset[str]:
-    """The trainer's own list, so that a key it learns to ignore is ignored here too: from
-    ``normzoo.config.identity`` (its one definition after the redesign), else ``normzoo.train``."""
-    try:
-        from normzoo.config.identity import RESULT_NEUTRAL_KEYS
-    except ImportError:
-        try:
-            from normzoo.train import RESULT_NEUTRAL_KEYS
-        except Exception:  # pragma: no cover - the analysis must not need the trainer
-            return frozenset()
-    return frozenset(RESULT_NEUTRAL_KEYS)
-
-
-@functools.lru_cache(maxsize=1)
-def _neutral_keys() -> frozenset[str]:
-    return NEUTRAL_CONFIG_KEYS | _trainer_neutral_keys()
 
 
 def run_config(data: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -100,13 +56,13 @@ def run_config(data: Mapping[str, Any]) -> dict[str, Any] | None:
     cfg = data.get("config")
     if not isinstance(cfg, Mapping):
         return None
-    flat = flatten(cfg, scalars_only=False)  # (lists kept: a model's widths matter)
+    flat = flatten(cfg, keep_empty=False)  # (lists kept: a model's widths matter)
     name = flat.get("norm.name", flat.get("norm", data.get("norm")))
     norm = canonical(str(name)) if name is not None else None
     for key in ("norm.name", "norm"):
         if isinstance(flat.get(key), str):
             flat[key] = norm
-    neutral = _neutral_keys()
+    neutral = SERIES_NEUTRAL_KEYS
     out: dict[str, Any] = {}
     for key, value in flat.items():
         if key in neutral or key == "seed" or key.startswith("hydra."):

@@ -201,7 +201,8 @@ def load_layers(df: pd.DataFrame) -> pd.DataFrame:
                 continue
             row = {k: run.get(k) for k in ("norm", "batch_size", "seed", "run_dir")}
             row["depth"] = depth
-            row.update({f"layer_{k}" if k in row else k: v for k, v in flatten(layer).items()})
+            flat = flatten(layer, scalars_only=True)
+            row.update({f"layer_{k}" if k in row else k: v for k, v in flat.items()})
             rows.append(row)
     return pd.DataFrame(rows)
 
