@@ -176,7 +176,7 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
 
 #: ``digits_hard``'s augmentation: largest rotation (degrees), relative zoom, shift (pixels of the
 #: 16x16 image), contrast range and the std of the added Gaussian pixel noise (pixels in [0, 1])
-HARD_ROTATION, HARD_ZOOM, HARD_SHIFT, HARD_CONTRAST, HARD_NOISE = 20.0, 0.15, 2.0, (0.6, 1.0), 0.25
+HARD_ROTATION, HARD_ZOOM, HARD_SHIFT, HARD_CONTRAST, HARD_NOISE = 15.0, 0.1, 2.0, (0.7, 1.0), 0.1
 
 
 @functools.lru_cache(maxsize=2)
