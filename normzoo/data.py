@@ -4,11 +4,22 @@
   so it works offline. Pixels scaled to [0, 1], a seeded stratified train/test split
   (:func:`stratified_split`, ``data.test_fraction``, ``data.split_seed``), then standardised with the
   training set's statistics.
+* ``digits_hard`` — generated deterministically from the same digits (:func:`generate_hard_digits`):
+  each 8x8 source image upsampled to 16x16 and drawn :data:`HARD_COPIES` times with a seeded random
+  rotation, scale, shift and pixel noise. Split by *source image* (every copy of a source lies in
+  one part, so no test image is a shifted twin of a training image); its test sources are exactly
+  ``digits``' test split. 1797 x 6 = 10782 samples of (1, 16, 16); at the defaults (test 0.2,
+  validation 0.2) 6900 train, 1728 validation, 2154 test.
 * ``mnist``, ``fashion_mnist`` — torchvision's on-disk format (idx ubyte files under
   ``<data.root>/MNIST/raw`` or ``<data.root>/FashionMNIST/raw``), read by torchvision.
 * ``cifar10`` — the python pickle batches under ``<data.root>/cifar-10-batches-py``, read here
   directly (torchvision's class would md5-check 170 MB on every run); ``data.download=true`` fetches
   them through torchvision.
+
+Validation (``data.val_fraction``, default 0 = none): a seeded stratified part of the *training*
+set (:func:`stratified_split` with ``data.split_seed``), so the test part never changes with it; for
+``digits`` the test split is exactly the one of ``val_fraction=0``. A study makes its choices on
+``val_x``/``val_y`` and only reports the test numbers.
 
 Every set is standardised per channel with the training set's mean and std and lives on the device as
 one tensor: a batch is a slice of an epoch's permutation (no DataLoader, no per-step host copies).
@@ -39,11 +50,14 @@ from torch import Tensor
 from normzoo.config import InvalidCombination
 
 __all__ = [
+    "GENERATED",
+    "HARD_COPIES",
     "DataBundle",
     "DataNotFoundError",
     "batches_per_epoch",
     "check_available",
     "epoch_order",
+    "generate_hard_digits",
     "load_data",
     "stratified_split",
 ]
@@ -59,6 +73,10 @@ _MNIST_FILES = (
 _TORCHVISION_DIR = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+#: data sets built in memory from scikit-learn's digits (nothing on disk to check)
+GENERATED = ("digits", "digits_hard")
+#: samples drawn from each source image for ``digits_hard``
+HARD_COPIES = 6
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -70,8 +88,9 @@ class DataBundle:
     """A data set on its device.
 
     Attributes:
-        train_x, test_x: float32 inputs, (N, C, H, W), standardised with the training statistics.
-        train_y, test_y: int64 class labels, (N,).
+        train_x, val_x, test_x: float32 inputs, (N, C, H, W), standardised with the training
+            statistics (``val_x`` has N = 0 when ``data.val_fraction`` is 0).
+        train_y, val_y, test_y: int64 class labels, (N,).
         num_classes: number of classes.
         input_shape: (C, H, W) of one sample.
         name: the data set's name (``digits``, ``mnist``, ...).
@@ -84,10 +103,13 @@ class DataBundle:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
+    val_x: Tensor
+    val_y: Tensor
 
     def __repr__(self) -> str:
         return (
-            f"DataBundle({self.name!r}, train={len(self.train_y)}, test={len(self.test_y)}, "
+            f"DataBundle({self.name!r}, train={len(self.train_y)}, val={len(self.val_y)}, "
+            f"test={len(self.test_y)}, "
             f"input_shape={self.input_shape}, classes={self.num_classes}, "
             f"device={self.train_x.device})"
         )
@@ -108,7 +130,7 @@ def _root(cfg_data: Any) -> Path:
 def check_available(cfg_data: Any) -> None:
     """Raise :class:`DataNotFoundError` if the data set is missing and cannot be downloaded."""
     name = str(cfg_data.name)
-    if name == "digits" or bool(cfg_data.download):
+    if name in GENERATED or bool(cfg_data.download):
         return
     root = _root(cfg_data)
     if name in _TORCHVISION_DIR:
@@ -150,6 +172,48 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
         table = np.column_stack([bunch.data, bunch.target])
     x = (table[:, :64].astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)  # values 0..16 -> [0, 1]
     return x, table[:, 64].astype(np.int64)
+
+
+#: ``digits_hard``'s augmentation: largest rotation (degrees), relative zoom, shift (pixels of the
+#: 16x16 image), contrast range and the std of the added Gaussian pixel noise (pixels in [0, 1])
+HARD_ROTATION, HARD_ZOOM, HARD_SHIFT, HARD_CONTRAST, HARD_NOISE = 15.0, 0.1, 2.0, (0.7, 1.0), 0.1
+
+
+@functools.lru_cache(maxsize=2)
+def _hard_digits(seed: int) -> np.ndarray:
+    """``digits_hard``'s images, built once per process and seed (~0.1 s)."""
+    return generate_hard_digits(_digits_raw()[0], HARD_COPIES, seed)
+
+
+def generate_hard_digits(images: np.ndarray, copies: int, seed: int, size: int = 16) -> np.ndarray:
+    """``copies`` seeded random views of each 8x8 image: (N * copies, 1, size, size) float32.
+
+    Sample ``i * copies + j`` is view j of image i: the image upsampled bilinearly to size x size,
+    then one random affine map (rotation in +-HARD_ROTATION degrees, zoom in 1 +- HARD_ZOOM, shift
+    in +-HARD_SHIFT pixels per axis; bilinear, zeros outside), multiplied by a contrast drawn from
+    HARD_CONTRAST and given N(0, HARD_NOISE^2) pixel noise. Every draw comes from one
+    ``torch.Generator`` seeded with ``seed``: the same call gives the same array.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(images).float().repeat_interleave(copies, dim=0)  # (N * copies, 1, 8, 8)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    n = len(x)
+
+    def uniform(*shape: int, low: float = -1.0, high: float = 1.0) -> Tensor:
+        return low + (high - low) * torch.rand(*shape, generator=g)
+
+    angle = uniform(n) * np.deg2rad(HARD_ROTATION)
+    zoom = 1.0 + uniform(n) * HARD_ZOOM
+    shift = uniform(n, 2) * HARD_SHIFT * 2.0 / size  # pixels -> affine_grid's [-1, 1] units
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )  # (n, 2, 3): output pixel -> where it is read in the input
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+    x = x * uniform(n, 1, 1, 1, low=HARD_CONTRAST[0], high=HARD_CONTRAST[1])
+    x = x + HARD_NOISE * torch.randn(x.shape, generator=g)
+    return x.numpy()
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -238,38 +302,78 @@ def _subset(x: Tensor, y: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
     return x[keep], y[keep]
 
 
-def load_data(cfg_data: Any, device: torch.device | str = "cpu") -> DataBundle:
+def _hold_out(labels: np.ndarray, idx: np.ndarray, fraction: float, seed: int) -> tuple:
+    """``idx`` split into (kept, held out): a seeded stratified ``fraction`` of it held out."""
+    if fraction == 0:
+        return idx, idx[:0]
+    kept, held = stratified_split(labels[idx], fraction, seed)
+    return idx[kept], idx[held]
+
+
+def _copies_of(sources: np.ndarray, copies: int) -> np.ndarray:
+    """The sample indices of ``sources`` in a set that holds ``copies`` samples per source image."""
+    return (sources[:, None] * copies + np.arange(copies)).ravel()
+
+
+def _embedded_split(name: str, cfg_data: Any, val_fraction: float) -> tuple[Tensor, ...]:
+    """``digits`` / ``digits_hard``: (train x, y, val x, y, test x, y), split by source image."""
+    x, y = _digits_raw()
+    seed = int(cfg_data.split_seed)
+    tr, te = stratified_split(y, float(cfg_data.test_fraction), seed)  # today's test split
+    tr, va = _hold_out(y, tr, val_fraction, seed + 1)  # a seed of its own: not the test draw
+    if name == "digits_hard":
+        x, y = _hard_digits(seed), np.repeat(y, HARD_COPIES)
+        tr, va, te = (_copies_of(idx, HARD_COPIES) for idx in (tr, va, te))
+    return tuple(torch.from_numpy(a[i]) for i in (tr, va, te) for a in (x, y))
+
+
+def _file_split(name: str, cfg_data: Any, val_fraction: float) -> tuple[Tensor, ...]:
+    """A set with its own test part on disk: the validation part is held out of its training part."""
+    root, download = str(_root(cfg_data)), bool(cfg_data.download)
+    if name in _TORCHVISION_DIR:
+        train_x, train_y, test_x, test_y = _torchvision_raw(name, root, download)
+    elif name == "cifar10":
+        train_x, train_y, test_x, test_y = (torch.from_numpy(a) for a in _cifar_raw(root, download))
+    else:
+        raise ValueError(f"data.name={name!r}: unknown data set")
+    labels = train_y.numpy()
+    tr, va = _hold_out(labels, np.arange(len(labels)), val_fraction, int(cfg_data.split_seed) + 1)
+    if val_fraction == 0:  # the training set as it is on disk, in its order
+        return train_x, train_y, train_x[:0], train_y[:0], test_x, test_y
+    tr, va = torch.from_numpy(tr), torch.from_numpy(va)
+    return train_x[tr], train_y[tr], train_x[va], train_y[va], test_x, test_y
+
+
+def load_data(
+    cfg_data: Any, device: torch.device | str = "cpu", *, val_fraction: float | None = None
+) -> DataBundle:
     """Load ``cfg_data.name`` into memory on ``device``, standardised with training statistics.
+
+    ``val_fraction`` (default: ``cfg_data.val_fraction``, 0 where the config has no such key):
+    the stratified share of the training part held out as the validation split.
 
     Raises:
         DataNotFoundError: the files are missing and ``data.download`` is false.
+        ValueError: an unknown data set, or ``val_fraction`` outside [0, 1).
     """
     name = str(cfg_data.name)
+    if val_fraction is None:
+        val_fraction = float(cfg_data.get("val_fraction", 0.0))
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"data.val_fraction={val_fraction}: expected 0 <= value < 1")
     check_available(cfg_data)
-    if name == "digits":
-        x, y = _digits_raw()
-        tr, te = stratified_split(y, float(cfg_data.test_fraction), int(cfg_data.split_seed))
-        train_x, test_x = torch.from_numpy(x[tr]), torch.from_numpy(x[te])
-        train_y, test_y = torch.from_numpy(y[tr]), torch.from_numpy(y[te])
-    elif name in _TORCHVISION_DIR:
-        train_x, train_y, test_x, test_y = _torchvision_raw(
-            name, str(_root(cfg_data)), bool(cfg_data.download)
-        )
-    elif name == "cifar10":
-        arrays = _cifar_raw(str(_root(cfg_data)), bool(cfg_data.download))
-        train_x, train_y, test_x, test_y = (torch.from_numpy(a) for a in arrays)
-    else:
-        raise ValueError(f"data.name={name!r}: unknown data set")
+    split = _embedded_split if name in GENERATED else _file_split
+    train_x, train_y, val_x, val_y, test_x, test_y = split(name, cfg_data, val_fraction)
 
     seed = int(cfg_data.split_seed)
     train_x, train_y = _subset(train_x, train_y, int(cfg_data.train_subset), seed)
     test_x, test_y = _subset(test_x, test_y, int(cfg_data.test_subset), seed + 1)
-    if name != "digits":
-        train_x, test_x = train_x.float() / 255.0, test_x.float() / 255.0  # uint8 -> [0, 1]
+    if name not in GENERATED:  # uint8 -> [0, 1]
+        train_x, val_x, test_x = (t.float() / 255.0 for t in (train_x, val_x, test_x))
     # per-channel standardisation with the training set's statistics
     mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
     std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x, val_x, test_x = ((t - mean) / std for t in (train_x, val_x, test_x))
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     return DataBundle(
         train_x=train_x.contiguous().to(device),
@@ -279,6 +383,8 @@ def load_data(cfg_data: Any, device: torch.device | str = "cpu") -> DataBundle:
         num_classes=num_classes,
         input_shape=tuple(train_x.shape[1:]),
         name=name,
+        val_x=val_x.contiguous().to(device),
+        val_y=val_y.long().to(device),
     )
 
 
@@ -335,7 +441,11 @@ def epoch_order(
     Class-grouped (k > 0): each batch holds k distinct classes with B / k images each (Ioffe 2017,
     Sec. 4.3, 16 classes x 2 images); every class's images are permuted and cut into chunks of B / k,
     each batch takes one chunk from each of the k classes with the most chunks left (ties broken
-    at random), and the batches are then shuffled.
+    at random), and the batches are then shuffled. Every sample appears at most once per epoch;
+    left out are each class's last ``len(class) mod (B / k)`` images of this epoch's permutation
+    (other ones each epoch) and the chunks left once fewer than k classes have any. Taking the
+    fullest classes first keeps those under one chunk per class on digits at k <= 8; at k = the
+    number of classes the smallest class sets the number of batches.
     """
     n = len(data.train_y)
     if classes_per_batch <= 0:

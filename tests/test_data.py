@@ -1,5 +1,6 @@
-"""normzoo.data: the embedded digits set, torchvision's on-disk formats (tiny fake files in the real
-layouts, loaded through the real code), batch orders (i.i.d. and class-grouped)."""
+"""normzoo.data: the embedded digits set and the generated digits_hard, the validation split,
+torchvision's on-disk formats (tiny fake files in the real layouts, loaded through the real code),
+batch orders (i.i.d. and class-grouped)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor
 
 from normzoo.config import DataConf, InvalidCombination
 from normzoo.data import (
+    HARD_COPIES,
+    HARD_NOISE,
     DataBundle,
     DataNotFoundError,
     batches_per_epoch,
     check_available,
     epoch_order,
+    generate_hard_digits,
     load_data,
     stratified_split,
 )
@@ -58,6 +63,83 @@ def test_digits_split_is_seeded(digits: DataBundle) -> None:
 def test_subsets(digits: DataBundle) -> None:
     small = load_data(data_cfg(train_subset=100, test_subset=50))
     assert len(small.train_y) == 100 and len(small.test_y) == 50
+
+
+def test_no_validation_split_by_default(digits: DataBundle) -> None:
+    assert digits.val_x.shape == (0, 1, 8, 8) and digits.val_y.shape == (0,)
+
+
+@pytest.fixture(scope="module")
+def digits_val() -> DataBundle:
+    return load_data(data_cfg(), val_fraction=0.2)
+
+
+def test_validation_leaves_the_test_split_as_it_was(digits: DataBundle, digits_val) -> None:
+    # the test part is exactly the one without a validation split (old results compare)
+    assert torch.equal(digits_val.test_y, digits.test_y)
+    assert len(digits_val.train_y) + len(digits_val.val_y) == len(digits.train_y)
+    assert len(digits_val.val_y) == round(0.2 * len(digits.train_y))
+
+
+def rows(x: Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in x.flatten(1)}
+
+
+def test_validation_is_disjoint_covers_and_is_stratified(digits: DataBundle, digits_val) -> None:
+    # one affine standardisation for all three parts, so equal images stay equal rows
+    sets = [rows(p) for p in (digits_val.train_x, digits_val.val_x, digits_val.test_x)]
+    assert sum(len(r) for r in sets) == len(set().union(*sets)) == 1797  # disjoint, covering
+    # stratified: each class's validation count within 1 of its share of the training part
+    pool = torch.bincount(torch.cat([digits_val.train_y, digits_val.val_y]), minlength=10)
+    held = torch.bincount(digits_val.val_y, minlength=10)
+    assert float((held - 0.2 * pool).abs().max()) < 1.0
+
+
+def test_validation_is_standardised_with_the_training_part_only(digits_val) -> None:
+    assert abs(float(digits_val.train_x.mean())) < 1e-5
+    assert float(digits_val.train_x.std()) == pytest.approx(1.0, abs=1e-3)
+    assert abs(float(digits_val.val_x.mean())) > 1e-4  # not standardised on itself
+
+
+def test_validation_split_is_seeded_and_read_from_the_config(digits_val) -> None:
+    cfg = data_cfg()
+    OmegaConf.set_struct(cfg, False)
+    cfg.val_fraction = 0.2  # the key the schema gains; load_data reads it when present
+    again = load_data(cfg)
+    assert torch.equal(again.val_x, digits_val.val_x) and torch.equal(again.val_y, digits_val.val_y)
+    other = load_data(data_cfg(split_seed=1), val_fraction=0.2)
+    assert not torch.equal(other.val_y, digits_val.val_y)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_data(data_cfg(), val_fraction=1.0)
+
+
+def test_hard_digits_are_seeded_views_of_each_image() -> None:
+    images = np.zeros((5, 1, 8, 8), dtype=np.float32)
+    images[2] = 1.0  # one bright image among blank ones
+    views = generate_hard_digits(images, copies=3, seed=0)
+    assert views.shape == (15, 1, 16, 16) and views.dtype == np.float32
+    assert np.array_equal(views, generate_hard_digits(images, copies=3, seed=0))
+    assert not np.allclose(views, generate_hard_digits(images, copies=3, seed=1))
+    # sample i * copies + j is a view of image i: only views 6, 7, 8 are bright
+    brightness = views.reshape(15, -1).mean(1)
+    assert sorted(np.argsort(-brightness)[:3].tolist()) == [6, 7, 8]
+    assert brightness[6:9].min() > 0.4 and np.abs(np.delete(brightness, [6, 7, 8])).max() < 0.05
+    # the views differ (random rotation / zoom / shift / noise), the blanks are pure pixel noise
+    assert not np.allclose(views[6], views[7])
+    assert float(views[:6].std()) == pytest.approx(HARD_NOISE, rel=0.05)
+
+
+def test_digits_hard_has_the_stated_sizes_and_splits_by_source_image(digits) -> None:
+    hard = load_data(data_cfg(name="digits_hard"), val_fraction=0.2)
+    assert hard.input_shape == (1, 16, 16) and hard.num_classes == 10
+    assert len(hard.test_y) == HARD_COPIES * len(digits.test_y)  # digits' test images' copies
+    assert (len(hard.train_y), len(hard.val_y), len(hard.test_y)) == (6900, 1728, 2154)
+    assert sum(len(p) for p in (hard.train_y, hard.val_y, hard.test_y)) == 1797 * HARD_COPIES
+    # the test labels are digits' test labels, each repeated once per copy
+    assert torch.equal(torch.bincount(hard.test_y), HARD_COPIES * torch.bincount(digits.test_y))
+    assert abs(float(hard.train_x.mean())) < 1e-5
+    again = load_data(data_cfg(name="digits_hard"), val_fraction=0.2)
+    assert torch.equal(again.train_x, hard.train_x) and torch.equal(again.test_x, hard.test_x)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -151,6 +233,15 @@ def test_class_grouped_batches_hold_k_classes(digits: DataBundle, batch: int, k:
         assert set(counts[counts > 0].tolist()) == {batch // k}
     # nearly every sample is used once (only the remainders of the per-class chunks are left out)
     assert steps * batch >= len(digits.train_y) - 10 * batch
+
+
+def test_class_grouped_order_is_seeded(digits: DataBundle) -> None:
+    order = epoch_order(digits, 32, torch.Generator().manual_seed(0), 4)
+    assert torch.equal(order, epoch_order(digits, 32, torch.Generator().manual_seed(0), 4))
+    assert not torch.equal(order, epoch_order(digits, 32, torch.Generator().manual_seed(1), 4))
+    # at B / k = 1 nothing is left over: a permutation of the whole training set
+    pairs = epoch_order(digits, 2, torch.Generator().manual_seed(0), 2)
+    assert sorted(pairs.tolist()) == list(range(len(digits.train_y)))
 
 
 def test_class_grouping_that_cannot_apply_is_invalid(digits: DataBundle) -> None:
