@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 import normzoo
+from normzoo.registry import display_name
 
 #: |layer - float64 reference| allowed, relative to (1 + |reference|)
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -227,3 +228,24 @@ def test_state_dict_round_trip(name: str) -> None:
     fresh.load_state_dict(state)
     for mode in (True, False):
         torch.testing.assert_close(fresh.train(mode)(x), layer.train(mode)(x), rtol=0, atol=0)
+
+
+#: issue 16's entries: (alias, kind, uses batch statistics, display name)
+ENTRIES = {
+    "filterresponsenorm": ("frn", "activation", False, "FRN + TLU"),
+    "evonorms0": ("evos0", "activation", False, "EvoNorm-S0"),
+    "evonormb0": ("evob0", "activation", True, "EvoNorm-B0"),
+    "batchchannelnorm": ("bcn", "activation", True, "Batch-Channel Norm"),
+    "weightstandardization": ("ws", "weight", False, "Weight Standardization"),
+    "gn_ws": ("gnws", "weight", False, "GroupNorm + WS"),
+}
+
+
+@pytest.mark.parametrize("name", list(ENTRIES))
+def test_the_registry_lists_the_entry_with_its_paper_and_flags(name: str) -> None:
+    alias, kind, batch, display = ENTRIES[name]
+    assert name in normzoo.list_norms(kind=kind, references=False, batch_stats=batch)
+    spec = normzoo.get_norm(alias)
+    assert spec.name == name and spec.native is None and not spec.reference
+    assert "arXiv:" in spec.paper and display_name(name) == display
+    assert "=" in (spec.cls.__doc__ or "")  # the docstring states the formula

@@ -212,7 +212,9 @@ class EvoNormB0(_NormBase):
         self.momentum = momentum
         self.v = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
         if self.track_running_stats:
-            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
+            self.register_buffer(
+                "running_var", torch.ones(num_features, device=device, dtype=dtype)
+            )
             self.register_buffer(
                 "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
             )
@@ -266,4 +268,3 @@ class EvoNormB0(_NormBase):
             f"{super().extra_repr()}, momentum={self.momentum}, "
             f"track_running_stats={self.track_running_stats}"
         )
-

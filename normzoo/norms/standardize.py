@@ -31,6 +31,7 @@ from normzoo.registry import register_norm
 
 __all__ = [
     "BatchChannelNorm",
+    "GroupNormWeightStandardization",
     "WeightStandardization",
     "group_norm_with_weight_standardization",
     "is_weight_standardized",
@@ -71,6 +72,12 @@ class WeightStandardization(nn.Module):
         return f"eps={self.eps}"
 
 
+class GroupNormWeightStandardization(WeightStandardization):
+    """:class:`WeightStandardization` as ``gn_ws`` installs it: the same map, its own type, so a
+    model's layers name the entry that wrapped them (``normzoo.diagnostics`` maps a
+    parametrization's type to its registry entry)."""
+
+
 def is_weight_standardized(module: nn.Module) -> bool:
     """Whether ``module.weight`` carries a :class:`WeightStandardization` parametrization."""
     if not parametrize.is_parametrized(module, "weight"):
@@ -99,6 +106,12 @@ def weight_standardization(module: nn.Module, *, eps: float = 1e-5) -> nn.Module
         TypeError: a module that is not one of the supported layer types.
         ValueError: a weight already standardised, or a fan-in of 1 (every W_hat would be 0).
     """
+    return _standardize(module, WeightStandardization(eps))
+
+
+def _standardize(module: nn.Module, parametrization: WeightStandardization) -> nn.Module:
+    """Register ``parametrization`` on ``module.weight`` after the checks of
+    :func:`weight_standardization`."""
     if not isinstance(module, SUPPORTED):
         raise TypeError(
             f"weight_standardization wraps {', '.join(t.__name__ for t in SUPPORTED)}; "
@@ -112,7 +125,7 @@ def weight_standardization(module: nn.Module, *, eps: float = 1e-5) -> nn.Module
             f"weight standardization needs a fan-in of at least 2 per output unit, "
             f"{type(module).__name__} has {fan_in}: every standardised weight would be 0"
         )
-    parametrize.register_parametrization(module, "weight", WeightStandardization(eps), unsafe=True)
+    parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
     return module
 
 
@@ -140,7 +153,7 @@ def group_norm_with_weight_standardization(
     if not isinstance(module, nn.Linear) and isinstance(module, SUPPORTED):
         norm = GroupNorm(module.out_channels, num_groups=num_groups, eps=eps, affine=affine)
         norm = norm.to(device=module.weight.device, dtype=module.weight.dtype)
-    module = weight_standardization(module, eps=ws_eps)
+    module = _standardize(module, GroupNormWeightStandardization(ws_eps))
     if norm is None:
         return module
     return nn.Sequential(OrderedDict(conv=module, norm=norm))
