@@ -108,10 +108,23 @@ def test_norm_options_apply_only_to_their_norm(hydra_conf) -> None:
         "num_groups": 2, "eps": 0.001, "affine": True}  # fmt: skip
 
 
+#: from-scratch entries of issue 16 that the default study leaves to its own variants study, so
+#: `make study` keeps its cost (the digits study compares the classic layers)
+VARIANTS = {
+    "batchchannelnorm",
+    "evonormb0",
+    "evonorms0",
+    "filterresponsenorm",
+    "gn_ws",
+    "weightstandardization",
+}
+
+
 def test_digits_study_sweeps_every_from_scratch_layer(hydra_conf) -> None:
     cfg = compose("config", overrides=["experiment=digits"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert sorted(params.norm.split(",")) == normzoo.list_norms(references=False)
+    classic = [n for n in normzoo.list_norms(references=False) if n not in VARIANTS]
+    assert sorted(params.norm.split(",")) == classic
     assert params["data.batch_size"] == "2,4,8,16,32,64,128"
     assert params.seed == "0,1,2"
     assert cfg.hydra.sweep.dir == "multirun/digits"

@@ -178,8 +178,10 @@ def recorded_ops(name: str) -> set[str]:
     torch.manual_seed(0)
     runs: list[tuple[nn.Module, torch.Tensor]] = []
     if spec.kind == "weight":
-        runs.append((normzoo.build_norm(name, nn.Linear(5, 4)), torch.randn(3, 5)))
-        runs.append((normzoo.build_norm(name, nn.Conv2d(3, 4, 3)), torch.randn(2, 3, 6, 6)))
+        groups: dict[str, Any] = {"num_groups": 2} if "num_groups" in spec.options() else {}
+        runs.append((normzoo.build_norm(name, nn.Linear(5, 4), **groups), torch.randn(3, 5)))
+        conv = normzoo.build_norm(name, nn.Conv2d(3, 4, 3), **groups)
+        runs.append((conv, torch.randn(2, 3, 6, 6)))
     else:
         options: dict[str, Any] = {"num_groups": 2} if "num_groups" in spec.options() else {}
         if "track_running_stats" in spec.options():

@@ -80,6 +80,34 @@ AXES: dict[str, Axes] = {
 }
 #: Activation entries that normalise nothing (no statistics, no axes).
 NO_STATISTICS = {"none"}
+#: Activation layers that are not a standardisation (their output has no zero mean / unit variance
+#: per statistic group, and no plain scale-and-shift invariance), with the axes whose values count
+#: towards ``min_group`` and the reason; their own formula is checked against a float64 reference
+#: in the named test file. They still take the finiteness and batch-independence properties.
+OWN_FORMULA: dict[str, tuple[Axes, str]] = {
+    "filterresponsenorm": (
+        lambda layer: layer.num_features,
+        "x / RMS over S, no centring, then a threshold: tests/test_response_norms.py",
+    ),
+    "evonorms0": (
+        lambda layer: layer.num_groups,
+        "x sigmoid(v x) / group std, not centred: tests/test_response_norms.py",
+    ),
+    "evonormb0": (
+        "channel",
+        "x / max(batch std, v x + instance std): tests/test_response_norms.py",
+    ),
+    "batchchannelnorm": (
+        "channel",
+        "a batch step then a group step, z is the GN of the BN output: tests/test_standardize.py",
+    ),
+}
+
+
+def _axes_of(name: str) -> Axes:
+    """The axes of a layer's statistics (see :data:`AXES` and :data:`OWN_FORMULA`)."""
+    family = _family(name)
+    return AXES[family] if family in AXES else OWN_FORMULA[family][0]
 
 
 def _family(name: str) -> str:
@@ -95,11 +123,16 @@ def _family(name: str) -> str:
 
 ACTIVATION = normzoo.list_norms("activation", references=False)
 REFERENCES = [n for n in normzoo.list_norms("activation") if normzoo.get_norm(n).reference]
-NORMALISING = [n for n in ACTIVATION if n not in NO_STATISTICS] + REFERENCES
+NORMALISING = [n for n in ACTIVATION if n not in NO_STATISTICS | set(OWN_FORMULA)] + REFERENCES
 BATCH_STATS = [n for n in NORMALISING if normzoo.get_norm(n).uses_batch_stats]
 PER_SAMPLE = [n for n in ACTIVATION + REFERENCES if not normzoo.get_norm(n).uses_batch_stats]
 RUNNING_STATS = [n for n in NORMALISING if "track_running_stats" in normzoo.get_norm(n).options()]
-WEIGHT = normzoo.list_norms("weight")  # from-scratch and reference
+#: weight entries that are not w = g v / ||v|| (tests/test_standardize.py has their properties)
+NOT_G_AND_V = {
+    "weightstandardization": "W_hat = (W - mean) / std per unit: no g, no v",
+    "gn_ws": "WS and a GroupNorm after a conv",
+}
+WEIGHT = [n for n in normzoo.list_norms("weight") if n not in NOT_G_AND_V]  # scratch and reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +158,7 @@ class Case:
 
 def _groups(name: str, layer: nn.Module, t: Tensor) -> Tensor:
     """``t`` of shape (N, C, *S) as (K, m): one row per (mean, variance) the layer takes."""
-    axes = AXES[_family(name)]
+    axes = _axes_of(name)
     if axes == "channel":
         return t.transpose(0, 1).reshape(t.shape[1], -1)
     assert callable(axes)
@@ -134,14 +167,14 @@ def _groups(name: str, layer: nn.Module, t: Tensor) -> Tensor:
 
 def _ungroup(name: str, layer: nn.Module, rows: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of :func:`_groups`."""
-    if AXES[_family(name)] == "channel":
+    if _axes_of(name) == "channel":
         return rows.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
     return rows.reshape(shape)
 
 
 def _group_size(name: str, layer: nn.Module, shape: tuple[int, ...]) -> int:
     """m: how many values each of the layer's statistic groups holds for input of ``shape``."""
-    axes = AXES[_family(name)]
+    axes = _axes_of(name)
     groups = shape[1] if axes == "channel" else shape[0] * axes(layer)  # type: ignore[operator]
     return math.prod(shape) // groups
 
@@ -199,11 +232,12 @@ def _draw_case(
         kw["track_running_stats"] = data.draw(st.booleans(), label="track_running_stats")
     layer = normzoo.build_norm(name, c, **kw).to(dtype)
     shape = [n, c, *spatial]
-    if _family(name) in AXES and _group_size(name, layer, tuple(shape)) < min_group:
+    has_axes = _family(name) in AXES or _family(name) in OWN_FORMULA
+    if has_axes and _group_size(name, layer, tuple(shape)) < min_group:
         # widen one axis the groups span (by min_group: each group holds at least that many)
         if rank > 2:
             shape[2] *= min_group
-        elif AXES[_family(name)] == "channel":
+        elif _axes_of(name) == "channel":
             shape[0] *= min_group
         else:  # (N, C): C / G values per group; a multiple of C keeps every G a divisor
             shape[1] = c = c * min_group
@@ -270,7 +304,8 @@ def _finite(what: str, t: Tensor | None) -> None:
 def test_every_activation_layer_declares_its_axes() -> None:
     """A new activation layer must say which axes it normalises over before it is property-tested,
     and ``uses_batch_stats`` must agree with the axes (per channel over the batch)."""
-    assert set(ACTIVATION) == set(AXES) | NO_STATISTICS
+    assert set(ACTIVATION) == set(AXES) | NO_STATISTICS | set(OWN_FORMULA)
+    assert not set(AXES) & set(OWN_FORMULA)
     for name in NORMALISING:
         assert (AXES[_family(name)] == "channel") == normzoo.get_norm(name).uses_batch_stats, name
     assert {_family(n) for n in REFERENCES} <= set(AXES)

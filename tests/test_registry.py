@@ -172,12 +172,24 @@ def test_reset_parameters_restores_the_initial_state(name: str) -> None:
         assert torch.equal(state[key], value), key
 
 
+#: weight entries that are not a (g, v) WeightNorm layout, and what they hand back instead
+NOT_G_AND_V = {
+    "weightstandardization": "the conv itself, one original (the trained W) and no g",
+    "gn_ws": "Sequential(conv with WS, GroupNorm): the GN + WS baseline as one entry",
+}
+
+
 @pytest.mark.parametrize("name", normzoo.list_norms(kind="weight"))
 def test_every_weight_entry_wraps_the_layer_it_is_given(name: str) -> None:
     conv = nn.Conv2d(3, 4, 3)
-    wrapped = normzoo.build_norm(name, conv)
-    assert isinstance(wrapped, nn.Conv2d)
+    options = {"num_groups": 2} if "num_groups" in normzoo.get_norm(name).options() else {}
+    wrapped = normzoo.build_norm(name, conv, **options)
     assert wrapped(torch.randn(2, 3, 5, 5)).shape == (2, 4, 3, 3)
+    assert torch.nn.utils.parametrize.is_parametrized(conv, "weight")
+    if name in NOT_G_AND_V:
+        assert any(k.endswith("parametrizations.weight.original") for k in wrapped.state_dict())
+        return
+    assert isinstance(wrapped, nn.Conv2d)
     assert "parametrizations.weight.original0" in wrapped.state_dict()
 
 

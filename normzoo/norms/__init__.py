@@ -3,15 +3,27 @@
 * ``batch``  — statistics over the batch: BatchNorm, BatchRenorm.
 * ``sample`` — statistics per sample: LayerNorm, GroupNorm, InstanceNorm.
 * ``weight`` — weight reparametrisation: WeightNorm.
+* ``response`` — batch-free response norms: FRN + TLU, EvoNorm-S0 / B0.
+* ``standardize`` — Weight Standardization, GN + WS, Batch-Channel Normalization.
 * ``native`` — torch's fused layers, registered as references (the only file that calls them).
 * ``identity`` — the no-norm baseline.
 """
 
-from normzoo.norms import batch, identity, native, sample, weight
+from normzoo.norms import batch, identity, native, response, sample, standardize, weight
 from normzoo.norms.batch import *  # noqa: F403
 from normzoo.norms.identity import *  # noqa: F403
 from normzoo.norms.native import *  # noqa: F403
+from normzoo.norms.response import *  # noqa: F403
 from normzoo.norms.sample import *  # noqa: F403
+from normzoo.norms.standardize import *  # noqa: F403
 from normzoo.norms.weight import *  # noqa: F403
 
-__all__ = [*batch.__all__, *identity.__all__, *native.__all__, *sample.__all__, *weight.__all__]
+__all__ = [
+    *batch.__all__,
+    *identity.__all__,
+    *native.__all__,
+    *response.__all__,
+    *sample.__all__,
+    *standardize.__all__,
+    *weight.__all__,
+]
