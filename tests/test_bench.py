@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -69,7 +70,7 @@ def test_quick_run_without_out_leaves_the_shipped_benchmark_alone(
 ) -> None:
     """A smoke test writes to a temporary folder, not to reports/bench, and judges nothing."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     assert main(["--quick", "--device", "cpu", "--norms", "layernorm"]) == 0
     assert not (tmp_path / "reports").exists()
     md = (tmp_path / "tmp" / "normzoo-bench-quick" / "bench.md").read_text()

@@ -1,0 +1,157 @@
+"""The ``normzoo-bench`` command line: options -> :class:`BenchConfig` -> rows -> report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from normzoo.bench.measure import CONV_SHAPES, DENSE_SHAPES, QUICK_SHAPES, BenchConfig, run_bench
+from normzoo.bench.report import fmt, load_average, provenance, write_report
+from normzoo.bench.summary import summarise
+from normzoo.bench.timing import steady_heap
+
+__all__ = ["DEFAULT_OUT", "main"]
+
+#: where ``normzoo-bench`` writes without ``--out`` (``--quick``: a temporary folder instead)
+DEFAULT_OUT = "reports/bench"
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.lower().replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: use N,C[,H,W] or NxCxHxW") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: need at least (N, C), all positive")
+    return shape
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="normzoo-bench",
+        description="Forward+backward time and saved-for-backward bytes of every from-scratch norm "
+        "vs its native torch reference (eager and torch.compile). Writes bench.csv, bench.md and a PNG.",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="auto",
+        help="auto: CPU, plus CUDA when present (default)",
+    )
+    p.add_argument(
+        "--norms",
+        nargs="+",
+        metavar="NAME[:BASELINE]",
+        help="layers to benchmark (default: every from-scratch norm with a baseline)",
+    )
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        type=_parse_shape,
+        metavar="N,C[,H,W]",
+        help="input shapes (default: conv 32,64,32,32 128,64,16,16 2,64,32,32 8,256,14,14; "
+        "dense 256,256 2,512)",
+    )
+    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed blocks per contender (default 20)"
+    )
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds a timed block lasts at least (default 0.02)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile'd modules (default on; off with --quick)",
+    )
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--note", default="", help="free text recorded in bench.md (e.g. machine load)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"output folder (default {DEFAULT_OUT}; with --quick <temp dir>/normzoo-bench-quick, "
+        "so a smoke test never overwrites the shipped benchmark)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: shape 4,32,8,8, 2 repeats, 1 warm-up, 1 step per block, no compile; "
+        "no pass/FAIL verdicts",
+    )
+    return p
+
+
+def _config_from_args(args: argparse.Namespace) -> BenchConfig:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("normzoo-bench: --device cuda but CUDA is not available")
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"]}.get(
+        args.device, ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    )
+    quick = args.quick
+    cfg = BenchConfig(
+        devices=devices,
+        norms=args.norms,
+        shapes=list(args.shapes or (QUICK_SHAPES if quick else [*CONV_SHAPES, *DENSE_SHAPES])),
+        dtype=args.dtype,
+        repeats=args.repeats if args.repeats is not None else (2 if quick else 20),
+        warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
+        min_time=args.min_time if args.min_time is not None else (0.0 if quick else 0.02),
+        compile=args.compile if args.compile is not None else not quick,
+        backend=args.backend,
+        threads=args.threads,
+        seed=args.seed,
+        quick=quick,
+    )
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.min_time < 0:
+        raise SystemExit("normzoo-bench: need --repeats >= 1, --warmup >= 0, --min-time >= 0")
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``normzoo-bench`` and ``python -m normzoo.bench``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    config = _config_from_args(args)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    info = provenance(shlex.join(["normzoo-bench", *argv]))
+    info["heap"] = steady_heap()
+    t0 = time.perf_counter()
+    try:
+        rows = run_bench(config)
+    except ValueError as exc:  # an unknown name or a layer without a baseline
+        print(f"normzoo-bench: {exc}", file=sys.stderr)
+        return 2
+    load = load_average()
+    if load is not None:
+        info["load average at end (1/5/15 min)"] = load
+    if args.note:
+        info["note"] = args.note
+    out = args.out
+    if out is None:
+        out = Path(tempfile.gettempdir(), "normzoo-bench-quick") if config.quick else DEFAULT_OUT
+    paths = write_report(rows, out, info=info, config=config, wall_s=time.perf_counter() - t0)
+    print(f"normzoo-bench: wrote {paths['md']}, {paths['csv']}, {paths['png']}", file=sys.stderr)
+    for s in summarise(rows, verdicts=not config.quick):
+        print(
+            f"{s['device']} {s['layer']:>12s} vs {s['baseline']:<17s} eager {fmt(s['eager'], '.3f')} "
+            f"({s['eager_ok']}), compiled {fmt(s['compiled'], '.3f')} ({s['compiled_ok']}), "
+            f"memory {fmt(s['memory'], '.3f')} ({s['memory_ok']})"
+        )
+    return 0
