@@ -2,7 +2,6 @@
 :mod:`normzoo.bench.study_speed`, where the code lives."""
 
 from normzoo.bench.study_speed import (
-    TARGET_RATIO,
     TIMES_FILE,
     compare_sweeps,
     default_pairs,
@@ -11,7 +10,7 @@ from normzoo.bench.study_speed import (
     write_report,
 )
 
-__all__ = ["TARGET_RATIO", "TIMES_FILE", "compare_sweeps", "default_pairs", "main", "run_sweep",
+__all__ = ["TIMES_FILE", "compare_sweeps", "default_pairs", "main", "run_sweep",
            "write_report"]  # fmt: skip
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ set of input shapes, eagerly and under ``torch.compile``, on CPU (and CUDA when 
 | :mod:`~normzoo.bench.timing` | the interleaved (ABBA) timing harness, the steady heap |
 | :mod:`~normzoo.bench.memory` | the saved-for-backward bytes probe |
 | :mod:`~normzoo.bench.measure` | one measured row (layer x shape x mode x device), the whole run |
-| :mod:`~normzoo.bench.summary` | per-layer medians over shapes |
+| :mod:`~normzoo.bench.summary` | per-layer medians over shapes, the spread, the sentences |
 | :mod:`~normzoo.bench.report`, :mod:`~normzoo.bench.figure` | ``bench.md`` / ``bench.csv``, the PNG |
 | :mod:`~normzoo.bench.cli` | the command line (``normzoo-bench``, ``python -m normzoo.bench``) |
 | :mod:`~normzoo.bench.study_speed` | a whole study's wall time, from-scratch vs native |
@@ -31,7 +31,7 @@ from normzoo.bench.measure import (
 from normzoo.bench.memory import saved_tensor_bytes
 from normzoo.bench.pairs import NATURAL_BASELINES, Pairing, build_contender, resolve_pairings
 from normzoo.bench.report import provenance, write_report
-from normzoo.bench.summary import TARGETS, summarise
+from normzoo.bench.summary import findings, summarise, time_phrase
 from normzoo.bench.timing import steady_heap, time_interleaved
 
 __all__ = [
@@ -41,10 +41,10 @@ __all__ = [
     "DENSE_SHAPES",
     "NATURAL_BASELINES",
     "QUICK_SHAPES",
-    "TARGETS",
     "BenchConfig",
     "Pairing",
     "build_contender",
+    "findings",
     "main",
     "measure_pair",
     "provenance",
@@ -54,5 +54,6 @@ __all__ = [
     "steady_heap",
     "summarise",
     "time_interleaved",
+    "time_phrase",
     "write_report",
 ]

@@ -1,88 +1,119 @@
-"""``bench_ratios.png``: from-scratch / native per layer, one panel per metric (OO matplotlib)."""
+"""``bench_ratios.png``: each layer's time and saved bytes as multiples of torch's (OO matplotlib).
+
+One panel per metric with data (eager time, compiled time, saved bytes), one row per layer, so the
+figure grows with the number of layers (1 works as well as 20): a dot at the median over shapes,
+a line over the range across shapes, small dots for the single shapes, one colour per device, and
+a vertical line at 1 (the same as torch). Time axes are log2: 2x slower and 2x faster sit equally
+far from 1.
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
+from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullLocator
 
-from normzoo.bench.summary import TARGETS
 from normzoo.plotting import new_figure, save_figure
+from normzoo.registry import display_name
 
-__all__ = ["plot_ratios"]
+__all__ = ["SMOKE_TITLE", "plot_ratios", "ratio_figure"]
 
-_TITLES = {"eager": "eager fwd+bwd time", "compiled": "compiled fwd+bwd time",
-           "memory": "saved-for-backward bytes (eager)"}  # fmt: skip
-#: per metric, the (mode, column) of the single-shape dots
-_PER_SHAPE = {"eager": ("eager", "ratio"), "compiled": ("compiled", "ratio"),
-              "memory": ("eager", "bytes_ratio")}  # fmt: skip
-_RATIO_TICKS = [0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 16, 32, 64]
-
-
-def _fmt(v: float, spec: str) -> str:
-    return "—" if math.isnan(v) else format(v, spec)
+SMOKE_TITLE = "SMOKE TEST, NOT A MEASUREMENT (--quick)"
+#: per metric: panel title, and the (mode, column) of the single-shape values
+_PANELS = {
+    "eager": ("eager fwd+bwd time vs torch", "eager", "paired_ratio"),
+    "compiled": ("compiled fwd+bwd time vs torch", "compiled", "paired_ratio"),
+    "memory": ("saved-for-backward bytes vs torch", "eager", "bytes_ratio"),
+}
+_TICKS = [0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1, 1.05, 1.1, 1.25, 1.5, 2, 3, 4, 8, 16, 32, 64]
 
 
-def _panel(ax: Any, metric: str, rows: Sequence[dict[str, Any]],
-           summary: Sequence[dict[str, Any]], layers: list[str], devices: list[str]) -> None:  # fmt: skip
-    """Bars from 1.0 to each layer's median (one colour per device), dots for single shapes."""
-    mode, column = _PER_SHAPE[metric]
-    if metric != "memory":  # a ratio is multiplicative: 2x slower and 2x faster sit alike from 1
-        ax.set_yscale("log", base=2)
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    width = 0.8 / max(len(devices), 1)
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks from :data:`_TICKS` inside [lo, hi], 1 always, thinned to at most ~8 on a log axis."""
+    gap = math.log2(hi / lo) / 8
+    picked = [1.0]
+    for t in sorted((t for t in _TICKS if lo <= t <= hi), key=lambda t: abs(math.log2(t))):
+        if all(abs(math.log2(t / p)) >= gap for p in picked):
+            picked.append(t)
+    return sorted(picked)
+
+
+def _values(rows: Sequence[dict[str, Any]], layer: str, device: str, metric: str) -> list[float]:
+    _, mode, column = _PANELS[metric]
+    keys = (layer, device, mode)
+    vals = [r[column] for r in rows if (r["layer"], r["device"], r["mode"]) == keys]
+    return [v for v in vals if isinstance(v, (int, float)) and not math.isnan(v)]
+
+
+def _panel(ax: Any, metric: str, rows: Sequence[dict[str, Any]], layers: list[str],
+           devices: list[str]) -> None:  # fmt: skip
+    """One row per layer (first at the top): median dot, range line, single-shape dots."""
+    step = 0.6 / max(len(devices), 1)
+    seen: list[float] = [1.0]
     for j, dev in enumerate(devices):
-        offset = (j - (len(devices) - 1) / 2) * width
-        vals = [
-            next((s[metric] for s in summary if (s["layer"], s["device"]) == (lay, dev)), math.nan)
-            for lay in layers
-        ]
-        bars = ax.bar([i + offset for i in range(len(layers))], [v - 1 for v in vals],
-                      bottom=1.0, width=width, color=f"C{j}", alpha=0.75)  # fmt: skip
-        labels = [_fmt(v, ".3f" if metric == "memory" else ".2f") for v in vals]
-        ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
-        for i, lay in enumerate(layers):
-            pts = [r[column] for r in rows
-                   if (r["layer"], r["device"], r["mode"]) == (lay, dev, mode)]  # fmt: skip
-            ax.plot([i + offset] * len(pts), pts, "k.", ms=3, alpha=0.6)
-    ax.axhline(TARGETS[metric], color="crimson", ls="--", lw=1.2)
-    ax.axhline(1.0, color="grey", lw=0.6)
-    ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right")
-    ax.set_title(f"{_TITLES[metric]} (target <= {TARGETS[metric]}x)", fontsize=9)
-    ax.set_ylabel("from-scratch / native")
-    ax.margins(y=0.12)
-    lo, hi = ax.get_ylim()
-    if metric == "memory":  # room above 1.0 for the bar labels
-        ax.set_ylim(min(lo, 0.95), max(hi, 1.0) + 0.06 * (max(hi, 1.0) - min(lo, 0.95)))
-    else:  # readable ticks on the log axis, also when the range is narrow
-        ax.set_yticks([t for t in _RATIO_TICKS if lo <= t <= hi])
-        ax.yaxis.set_minor_locator(NullLocator())
+        for i, layer in enumerate(layers):
+            vals = _values(rows, layer, dev, metric)
+            if not vals:
+                continue
+            y = i + (j - (len(devices) - 1) / 2) * step
+            seen += vals
+            ax.plot([min(vals), max(vals)], [y, y], color=f"C{j}", lw=1.5, alpha=0.6)
+            ax.plot(vals, [y] * len(vals), ".", color="k", ms=3, alpha=0.6)
+            ax.plot(
+                [statistics.median(vals)],
+                [y],
+                "o",
+                color=f"C{j}",
+                ms=6,
+                label=dev if i == 0 else None,
+            )
+    ax.axvline(1.0, color="grey", lw=0.8)
+    lo, hi = min(seen), max(seen)
+    pad = (hi / lo) ** 0.08 if hi > lo else 1.05
+    if metric != "memory":
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(lo / pad, hi * pad)
+    if metric != "memory":
+        ax.set_xticks(_log_ticks(lo / pad, hi * pad))
+    ax.set_yticks(range(len(layers)), [display_name(layer) for layer in layers])
+    ax.set_ylim(len(layers) - 0.5, -0.5)
+    ax.set_title(_PANELS[metric][0], fontsize=9)
+    ax.set_xlabel("x torch's (1 = the same)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def ratio_figure(
+    rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], *, smoke: bool = False
+) -> Figure:
+    """The figure of :func:`plot_ratios` (returned, not saved)."""
+    metrics = [m for m in _PANELS if any(not math.isnan(s[m]) for s in summary)] or ["eager"]
+    layers = list(dict.fromkeys(s["layer"] for s in summary))
+    devices = list(dict.fromkeys(s["device"] for s in summary))
+    fig = new_figure(0.8 + 3.4 * len(metrics), 1.6 + 0.32 * max(len(layers), 1))
+    axes = fig.subplots(1, len(metrics), squeeze=False, sharey=True)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        _panel(ax, metric, rows, layers, devices)
+    if len(devices) > 1:
+        axes[0].legend(fontsize=7, loc="best", frameon=False)
+    title = "from-scratch layers as multiples of torch's: median over shapes (dot), range (line)"
+    fig.suptitle(f"{SMOKE_TITLE}\n{title}" if smoke else title, fontsize=10,
+                 color="crimson" if smoke else "black")  # fmt: skip
+    return fig
 
 
 def plot_ratios(
-    rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], path: Path
-) -> None:
-    """One panel per metric with data: bars from 1.0 to the per-layer median ratio, dots for the
-    single shapes, the issue-5 target dashed. Time panels use a log2 axis."""
-    metrics = [m for m in TARGETS if any(not math.isnan(s[m]) for s in summary)] or ["eager"]
-    layers = list(dict.fromkeys(s["layer"] for s in summary))
-    devices = list(dict.fromkeys(s["device"] for s in summary))
-    fig = new_figure(1.2 + 0.75 * max(len(layers), 3) * len(metrics), 4.0)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, metric in zip(axes, metrics, strict=True):
-        _panel(ax, metric, rows, summary, layers, devices)
-    handles: list[Any] = [Rectangle((0, 0), 1, 1, color=f"C{j}", alpha=0.75)
-                          for j in range(len(devices))]  # fmt: skip
-    handles += [
-        Line2D([], [], color="crimson", ls="--"),
-        Line2D([], [], color="k", ls="", marker="."),
-    ]
-    fig.legend(handles, [*devices, "target", "single shapes"], loc="outside upper right",
-               fontsize=8, ncol=len(devices) + 2, frameon=False)  # fmt: skip
-    fig.suptitle("from-scratch / native: median over shapes (bars from 1.0)", fontsize=10, x=0.3)
-    save_figure(fig, path, dpi=120)
+    rows: Sequence[dict[str, Any]],
+    summary: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    smoke: bool = False,
+) -> Path:
+    """Write :func:`ratio_figure` to ``path`` (PNG)."""
+    return save_figure(ratio_figure(rows, summary, smoke=smoke), path, dpi=120)

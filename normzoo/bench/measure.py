@@ -64,6 +64,10 @@ CSV_COLUMNS: tuple[str, ...] = (
     "native_ms",
     "ratio",
     "paired_ratio",
+    "ratio_q1",
+    "ratio_q3",
+    "ratio_min",
+    "ratio_max",
     "scratch_iqr_ms",
     "native_iqr_ms",
     "saved_bytes_scratch",
@@ -201,8 +205,7 @@ def measure_pair(
         row[f"{side}_ms"] = 1e3 * statistics.median(ts) if ts else math.nan
         row[f"{side}_iqr_ms"] = 1e3 * iqr(ts) if ts else math.nan
     row["ratio"] = row["scratch_ms"] / row["native_ms"]
-    paired = [a / b for a, b in zip(times[0], times[1], strict=False)]
-    row["paired_ratio"] = statistics.median(paired) if paired else math.nan
+    row.update(ratio_spread([a / b for a, b in zip(times[0], times[1], strict=False)]))
     row["bytes_ratio"] = (
         row["saved_bytes_scratch"] / row["saved_bytes_native"]
         if row["saved_bytes_native"] and not math.isnan(row["saved_bytes_native"])
@@ -212,6 +215,20 @@ def measure_pair(
     if mode == "compiled":
         torch._dynamo.reset()  # fresh caches: no entry ever reaches dynamo's recompile limit
     return {c: row.get(c, math.nan) for c in CSV_COLUMNS}
+
+
+def ratio_spread(paired: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and range of the per-repeat ratios (one block of each side per repeat)."""
+    if not paired:
+        return {
+            k: math.nan for k in ("paired_ratio", "ratio_q1", "ratio_q3", "ratio_min", "ratio_max")
+        }
+    q1 = q3 = paired[0]
+    if len(paired) > 1:
+        quartiles = statistics.quantiles(paired, n=4, method="inclusive")
+        q1, q3 = quartiles[0], quartiles[2]
+    return {"paired_ratio": statistics.median(paired), "ratio_q1": q1, "ratio_q3": q3,
+            "ratio_min": min(paired), "ratio_max": max(paired)}  # fmt: skip
 
 
 @dataclass
@@ -227,9 +244,10 @@ class BenchConfig:
     min_time: float = 0.02
     compile: bool = True
     backend: str = "inductor"
-    threads: int | None = None
+    #: torch threads; 1 by default (more threads on a shared machine: stalls in every parallel region)
+    threads: int | None = 1
     seed: int = 0
-    #: a ``--quick`` smoke test: too few repeats for a verdict on the targets
+    #: a ``--quick`` smoke test: too few and too short repeats to be a measurement
     quick: bool = False
 
 

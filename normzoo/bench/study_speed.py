@@ -40,10 +40,10 @@ from typing import Any
 import pandas as pd
 
 from normzoo.bench.report import load_average, provenance
-from normzoo.bench.study_speed_report import SIDES, TARGET_RATIO, write_report
+from normzoo.bench.study_speed_report import SIDES, write_report
 from normzoo.registry import get_norm, list_norms
 
-__all__ = ["TARGET_RATIO", "TIMES_FILE", "compare_sweeps", "default_pairs", "main", "run_sweep",
+__all__ = ["TIMES_FILE", "compare_sweeps", "default_pairs", "main", "run_sweep",
            "write_report"]  # fmt: skip
 
 TIMES_FILE = "study_speed.json"
