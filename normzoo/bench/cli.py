@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from normzoo.bench.measure import CONV_SHAPES, DENSE_SHAPES, QUICK_SHAPES, BenchConfig, run_bench
+from normzoo.bench.overhead import OverheadConfig, run_overhead
+from normzoo.bench.overhead_report import write_overhead_report
 from normzoo.bench.report import SMOKE, load_average, provenance, write_report
 from normzoo.bench.summary import findings, summarise
 from normzoo.bench.timing import steady_heap
@@ -98,7 +100,77 @@ def _parser() -> argparse.ArgumentParser:
         help="smoke test: shape 4,32,8,8, 2 repeats, 1 warm-up, 1 step per block, no compile; "
         "a smoke test, not a measurement (labelled so in bench.md and the PNG)",
     )
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="instead: the cost of normalising, one training step of each model with each layer "
+        "against the same model with no norm (writes overhead.md and overhead.csv)",
+    )
+    p.add_argument(
+        "--models",
+        default="mlp,cnn",
+        help="--overhead: comma-separated models (default mlp,cnn; resnet is resnet18 on 3x32x32)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        default="8,128",
+        help="--overhead: comma-separated batch sizes (default 8,128)",
+    )
     return p
+
+
+def _overhead_config(args: argparse.Namespace, devices: list[str]) -> OverheadConfig:
+    quick = args.quick
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"normzoo-bench: bad --batch-sizes {args.batch_sizes!r}") from None
+    return OverheadConfig(
+        devices=devices,
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        batch_sizes=batches,
+        norms=args.norms,
+        repeats=args.repeats if args.repeats is not None else (2 if quick else 20),
+        warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
+        min_time=args.min_time if args.min_time is not None else (0.0 if quick else 0.02),
+        threads=args.threads,
+        seed=args.seed,
+        quick=quick,
+    )
+
+
+def _main_overhead(args: argparse.Namespace, devices: list[str], info: dict[str, str]) -> int:
+    """``--overhead``: measure, write overhead.md / .csv, print where."""
+    config = _overhead_config(args, devices)
+    t0 = time.perf_counter()
+    try:
+        rows = run_overhead(config, log=_stderr)
+    except ValueError as exc:  # an unknown model or norm name
+        print(f"normzoo-bench: {exc}", file=sys.stderr)
+        return 2
+    _finish_info(info, args)
+    paths = write_overhead_report(rows, _out_dir(args), info=info, config=config,
+                                  wall_s=time.perf_counter() - t0)  # fmt: skip
+    print(f"normzoo-bench: wrote {paths['md']}, {paths['csv']}", file=sys.stderr)
+    return 0
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _finish_info(info: dict[str, str], args: argparse.Namespace) -> None:
+    load = load_average()
+    if load is not None:
+        info["load average at end (1/5/15 min)"] = load
+    if args.note:
+        info["note"] = args.note
+
+
+def _out_dir(args: argparse.Namespace) -> str | Path:
+    if args.out is not None:
+        return args.out
+    return Path(tempfile.gettempdir(), "normzoo-bench-quick") if args.quick else DEFAULT_OUT
 
 
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -138,21 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     info = provenance(shlex.join(["normzoo-bench", *argv]))
     info["heap"] = steady_heap()
+    if args.overhead:
+        return _main_overhead(args, config.devices, info)
     t0 = time.perf_counter()
     try:
         rows = run_bench(config)
     except ValueError as exc:  # an unknown name or a layer without a baseline
         print(f"normzoo-bench: {exc}", file=sys.stderr)
         return 2
-    load = load_average()
-    if load is not None:
-        info["load average at end (1/5/15 min)"] = load
-    if args.note:
-        info["note"] = args.note
-    out = args.out
-    if out is None:
-        out = Path(tempfile.gettempdir(), "normzoo-bench-quick") if config.quick else DEFAULT_OUT
-    paths = write_report(rows, out, info=info, config=config, wall_s=time.perf_counter() - t0)
+    _finish_info(info, args)
+    paths = write_report(
+        rows, _out_dir(args), info=info, config=config, wall_s=time.perf_counter() - t0
+    )
     print(f"normzoo-bench: wrote {paths['md']}, {paths['csv']}, {paths['png']}", file=sys.stderr)
     if config.quick:
         print(f"normzoo-bench: {SMOKE}", file=sys.stderr)
