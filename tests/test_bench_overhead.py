@@ -10,7 +10,13 @@ import pytest
 import yaml
 
 from normzoo.bench import main
-from normzoo.bench.overhead import OVERHEAD_MODELS, OverheadConfig, run_overhead
+from normzoo.bench.overhead import (
+    OVERHEAD_MODELS,
+    OverheadConfig,
+    conf_dir,
+    run_overhead,
+    shipped_options,
+)
 from normzoo.bench.overhead_report import overhead_phrase
 
 _TINY = {"mlp": ({"name": "mlp", "widths": [8, 8]}, (1, 4, 4)),
@@ -60,11 +66,16 @@ def test_overhead_phrase_states_a_change_only_outside_the_spread() -> None:
     assert overhead_phrase(1.31, 1.25, 1.4, smoke=True) == "1.31x (IQR 1.25–1.40)"
 
 
+def test_layers_get_their_shipped_options() -> None:
+    assert shipped_options("groupnorm")["num_groups"] == 8  # divides the cnn's 16 channels
+    assert shipped_options("native_groupnorm")["num_groups"] == 8
+    assert "name" not in shipped_options("batchnorm")
+    assert shipped_options("no_such_layer") == {}
+
+
 def test_models_are_the_shipped_configs() -> None:
-    root = Path(__file__).resolve().parent.parent
-    folder = next((d for d in (root / "normzoo" / "conf" / "model", root / "conf" / "model")
-                   if d.is_dir()), None)  # fmt: skip
-    assert folder is not None, "no conf/model folder"
+    assert conf_dir() is not None, "no shipped conf folder"
+    folder = conf_dir() / "model"
     for name, (spec, _) in OVERHEAD_MODELS.items():
         shipped = yaml.safe_load((folder / f"{name}.yaml").read_text())
         shipped.pop("defaults", None)

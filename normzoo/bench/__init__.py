@@ -12,10 +12,14 @@ set of input shapes, eagerly and under ``torch.compile``, on CPU (and CUDA when 
 | :mod:`~normzoo.bench.summary` | per-layer medians over shapes, the spread, the sentences |
 | :mod:`~normzoo.bench.report`, :mod:`~normzoo.bench.figure` | ``bench.md`` / ``bench.csv``, the PNG |
 | :mod:`~normzoo.bench.cli` | the command line (``normzoo-bench``, ``python -m normzoo.bench``) |
-| :mod:`~normzoo.bench.study_speed` | a whole study's wall time, from-scratch vs native |
+| :mod:`~normzoo.bench.overhead`, :mod:`~normzoo.bench.overhead_report` | ``--overhead``: a
+  training step of each model with each layer against no norm; ``overhead.md`` / ``.csv`` |
+| :mod:`~normzoo.bench.study_speed`, :mod:`~normzoo.bench.study_speed_report` | a whole study's
+  wall time, from-scratch vs native (``normzoo-study-speed``) |
 
 Output (``--out``, default ``reports/bench``): ``bench.csv`` (one row per layer x shape x mode x
-device), ``bench.md`` and ``bench_ratios.png``. Ratios are ``scratch_ms / native_ms``.
+device), ``bench.md`` and ``bench_ratios.png``; a layer's time is stated as a multiple of torch's
+with the spread over repeats (see :mod:`~normzoo.bench.summary`).
 """
 
 from normzoo.bench.cli import DEFAULT_OUT, main
@@ -29,6 +33,7 @@ from normzoo.bench.measure import (
     run_bench,
 )
 from normzoo.bench.memory import saved_tensor_bytes
+from normzoo.bench.overhead import OverheadConfig, run_overhead
 from normzoo.bench.pairs import NATURAL_BASELINES, Pairing, build_contender, resolve_pairings
 from normzoo.bench.report import provenance, write_report
 from normzoo.bench.summary import findings, summarise, time_phrase
@@ -42,6 +47,7 @@ __all__ = [
     "NATURAL_BASELINES",
     "QUICK_SHAPES",
     "BenchConfig",
+    "OverheadConfig",
     "Pairing",
     "build_contender",
     "findings",
@@ -50,6 +56,7 @@ __all__ = [
     "provenance",
     "resolve_pairings",
     "run_bench",
+    "run_overhead",
     "saved_tensor_bytes",
     "steady_heap",
     "summarise",

@@ -7,7 +7,8 @@ norm goes) are timed interleaved (:func:`~normzoo.bench.timing.time_interleaved`
 ratio is the median over repeats of (layer step time / no-norm step time) with the IQR of those
 per-repeat ratios. Memory: the bytes autograd saves for backward in one forward + loss
 (:func:`~normzoo.bench.memory.saved_tensor_bytes`), and on CUDA the peak allocated bytes of a
-step (``torch.cuda.max_memory_allocated``; CPU has no such counter).
+step (``torch.cuda.max_memory_allocated``; CPU has no such counter). Each layer gets the options of its
+shipped ``conf/norm/<name>.yaml``, as in a study.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +81,24 @@ class OverheadConfig:
     )
 
 
+def conf_dir() -> Path | None:
+    """The shipped Hydra config folder (package data, or a checkout's ``conf/``), if any."""
+    root = Path(__file__).resolve().parent.parent
+    return next((d for d in (root / "conf", root.parent / "conf") if (d / "norm").is_dir()), None)
+
+
+def shipped_options(layer: str) -> dict[str, Any]:
+    """The layer options of ``conf/norm/<layer>.yaml`` (what a study trains with, e.g. GroupNorm's
+    ``num_groups: 8``), or none when no config ships for it."""
+    folder = conf_dir()
+    path = folder / "norm" / f"{layer}.yaml" if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    options = OmegaConf.to_container(OmegaConf.load(path))
+    assert isinstance(options, dict)
+    return {str(k): v for k, v in options.items() if k not in ("name", "defaults")}
+
+
 @dataclass
 class _Contender:
     layer: str
@@ -93,7 +113,8 @@ def _contender(layer: str, spec: dict[str, Any], shape: tuple[int, ...], x: torc
     """The model with ``layer``, its training step and its forward + loss (or why it cannot be)."""
     torch.manual_seed(seed)
     try:
-        model = build_model(OmegaConf.create(spec), layer, None, shape, NUM_CLASSES)
+        options = shipped_options(layer)
+        model = build_model(OmegaConf.create(spec), layer, options, shape, NUM_CLASSES)
         check_batch_size(model, layer, shape, int(x.shape[0]))
     except Exception as exc:  # an invalid combination is a row, not a crash
         return _Contender(layer, None, None, None, f"{type(exc).__name__}: {exc}"[:300])
