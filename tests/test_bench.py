@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import tempfile
 import time
 
 import pandas as pd
@@ -16,13 +17,19 @@ from normzoo.bench import (
     CSV_COLUMNS,
     QUICK_SHAPES,
     Pairing,
+    findings,
     main,
     measure_pair,
     resolve_pairings,
     saved_tensor_bytes,
     summarise,
     time_interleaved,
+    time_phrase,
+    write_report,
 )
+from normzoo.bench.figure import SMOKE_TITLE, plot_ratios, ratio_figure
+from normzoo.bench.summary import verdict
+from normzoo.registry import display_name
 
 
 def test_quick_run_writes_a_row_per_benchmarked_layer(tmp_path) -> None:
@@ -54,12 +61,17 @@ def test_quick_run_writes_a_row_per_benchmarked_layer(tmp_path) -> None:
         spec = get_norm(layer)
         assert baseline == (spec.native or bench.NATURAL_BASELINES[layer])
 
+    assert (df.ratio_q1 <= df.paired_ratio).all() and (df.paired_ratio <= df.ratio_q3).all()
+    assert (df.ratio_min <= df.ratio_q1).all() and (df.ratio_q3 <= df.ratio_max).all()
+    assert (df.threads == 1).all()  # one torch thread unless --threads says otherwise
+
     md = (tmp_path / "bench.md").read_text()
-    assert "![ratios per layer](bench_ratios.png)" in md
+    assert "](bench_ratios.png)" in md
     assert f"torch**: {torch.__version__}" in md and "normzoo-bench --quick" in md
-    assert "**note**: shared machine" in md
+    assert "**note**: shared machine" in md and "torch threads 1 (`--threads`, default 1" in md
+    assert md.splitlines()[2].startswith("**This is a smoke test, not a measurement**")
     for layer in df.layer:
-        assert f"| cpu | {layer} |" in md
+        assert f"| cpu | {display_name(layer)} |" in md
     png = (tmp_path / "bench_ratios.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
 
@@ -69,12 +81,13 @@ def test_quick_run_without_out_leaves_the_shipped_benchmark_alone(
 ) -> None:
     """A smoke test writes to a temporary folder, not to reports/bench, and judges nothing."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bench.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     assert main(["--quick", "--device", "cpu", "--norms", "layernorm"]) == 0
     assert not (tmp_path / "reports").exists()
     md = (tmp_path / "tmp" / "normzoo-bench-quick" / "bench.md").read_text()
-    assert "smoke test" in md and " pass |" not in md and "FAIL" not in md
-    assert "(smoke)" in capsys.readouterr().out
+    assert "smoke test, not a measurement" in md and "pass" not in md and "FAIL" not in md
+    assert "than torch by" not in md and "outside the spread" not in md  # no verdicts
+    assert "LayerNorm (cpu), eager:" in capsys.readouterr().out
 
 
 def test_saved_bytes_counts_one_known_tensor() -> None:
@@ -162,25 +175,99 @@ def test_resolve_pairings_from_the_registry(monkeypatch) -> None:
     assert natural in resolve_pairings()
 
 
-def test_summary_medians_and_targets() -> None:
-    def row(mode: str, shape: str, ratio: float, bytes_ratio: float, native_ms: float) -> dict:
-        return {"device": "cpu", "mode": mode, "layer": "x", "baseline": "native_x",
-                "pairing": "native reference", "shape": shape, "ratio": ratio,
-                "bytes_ratio": bytes_ratio, "native_ms": native_ms, "error": ""}  # fmt: skip
+def _summary_row(mode: str, shape: str, ratio: float, q: tuple[float, float], bytes_ratio: float,
+                 native_ms: float) -> dict:  # fmt: skip
+    return {"device": "cpu", "mode": mode, "layer": "batchnorm", "baseline": "native_batchnorm",
+            "pairing": "native reference", "shape": shape, "paired_ratio": ratio,
+            "ratio_q1": q[0], "ratio_q3": q[1], "bytes_ratio": bytes_ratio, "native_ms": native_ms,
+            "error": ""}  # fmt: skip
 
-    rows = [row("eager", "a", 1.0, 0.5, 2.0), row("eager", "b", 2.0, 1.5, 1.0)]
-    rows += [row("eager", "c", 1.2, 1.0, math.nan)]
-    rows += [row("compiled", "a", 0.9, 0.8, 3.0), row("compiled", "b", math.nan, math.nan, 4.0)]
-    rows += [row("compiled", "c", 1.0, 1.0, 5.0)]  # (no eager baseline time: not in native_fused)
+
+def test_summary_medians_spread_and_verdicts() -> None:
+    row = _summary_row
+    rows = [
+        row("eager", "a", 0.8, (0.75, 0.85), 0.5, 2.0),
+        row("eager", "b", 2.0, (1.9, 2.1), 1.5, 1.0),
+    ]
+    rows += [row("eager", "c", 1.2, (0.95, 1.3), 1.0, math.nan)]
+    rows += [row("compiled", "a", 0.9, (0.8, 1.0), 0.8, 3.0)]
+    rows += [row("compiled", "b", math.nan, (math.nan, math.nan), math.nan, 4.0)]
+    rows += [row("compiled", "c", 1.0, (1.0, 1.0), 1.0, 5.0)]  # (no eager baseline time)
     (s,) = summarise(rows)
-    # the baseline's compiled / eager time, matched by shape: a 3.0 / 2.0, b 4.0 / 1.0
+    # torch's compiled / eager time, matched by shape: a 3.0 / 2.0, b 4.0 / 1.0
     assert s["native_fused"] == pytest.approx((1.5 + 4.0) / 2)
-    assert s["eager"] == pytest.approx(1.2) and s["eager_ok"] == "pass"
-    assert s["compiled"] == pytest.approx(0.95) and s["compiled_ok"] == "pass"
-    assert s["memory"] == pytest.approx(1.0) and s["memory_ok"] == "pass"
-    assert s["memory_max"] == pytest.approx(1.5) and s["memory_compiled"] == pytest.approx(0.9)
-    rows[2]["ratio"] = 1.4
-    assert summarise(rows)[0]["eager_ok"] == "FAIL"
+    assert s["eager"] == pytest.approx(1.2) and (s["eager_lo"], s["eager_hi"]) == (0.8, 2.0)
+    assert (s["eager_slower"], s["eager_faster"], s["eager_noise"]) == (1, 1, 1)
+    assert s["compiled"] == pytest.approx(0.95) and s["compiled_n"] == 2
+    assert (s["compiled_slower"], s["compiled_faster"], s["compiled_noise"]) == (0, 0, 2)
+    assert s["memory"] == pytest.approx(1.0) and s["memory_max"] == pytest.approx(1.5)
+    assert s["memory_compiled"] == pytest.approx(0.9)
+    (eager, compiled, memory) = findings([s])
+    assert eager == ("BatchNorm (cpu), eager: 1.20x torch's time (median over 3 shapes; "
+                     "0.80–2.00 across them); slower than torch on 1, faster than torch on 1, "
+                     "within the noise on 1 (of 3 shapes).")  # fmt: skip
+    assert "within the noise on 2 (of 2 shapes)" in compiled
+    assert memory.startswith(
+        "BatchNorm (cpu), saved for backward: 1.000x torch's saved bytes (the same)"
+    )
+    assert all("smoke test, not a measurement" in f for f in findings([s], smoke=True)[:2])
+
+
+def test_faster_or_slower_only_outside_the_spread() -> None:
+    assert time_phrase(1.12, 1.05, 1.2, "native_batchnorm") == (
+        "1.12x torch's time (IQR 1.05–1.20): slower than torch by 12%"
+    )
+    assert time_phrase(0.75, 0.7, 0.8, "native_layernorm").endswith("faster than torch by 25%")
+    within = time_phrase(1.12, 0.98, 1.2, "native_batchnorm")
+    assert within.endswith("no difference outside the spread") and " by " not in within
+    # the rule reads the IQR as printed (to 1%): 1.004 is not above 1
+    assert verdict(1.004, 1.1) == "within the noise" and verdict(1.006, 1.1) == "slower"
+    assert time_phrase(1.12, 1.05, 1.2, "native_batchnorm", smoke=True).endswith("smoke test")
+    assert time_phrase(math.nan, math.nan, math.nan, "native_batchnorm") == "not measured"
+    assert "BatchNorm's time" in time_phrase(1.5, 1.4, 1.6, "batchnorm")  # not torch: named
+
+
+def test_report_speaks_without_internal_target_words(tmp_path) -> None:
+    from test_bench_golden import measured_rows
+
+    info = {"command": "normzoo-bench"}
+    for quick in (False, True):
+        config = bench.BenchConfig(quick=quick)
+        md = write_report(measured_rows(), tmp_path, info=info, config=config, wall_s=1.0)["md"]
+        text = md.read_text()
+        for word in ("target", "issue", "PASS", "FAIL", "pass", "smoke)"):
+            assert word not in text, word
+        assert ("smoke test, not a measurement" in text) is quick
+        assert ("slower than torch by 135%" in text) is not quick
+
+
+@pytest.mark.parametrize("n_layers", [1, 2, 14])
+def test_figure_has_one_row_per_layer_for_any_number(tmp_path, n_layers: int) -> None:
+    rows = [
+        _summary_row("eager", "a", 0.9 + 0.1 * i, (0.85, 1.3), 1.0, 1.0) | {"layer": f"layer{i}"}
+        for i in range(n_layers)
+    ]
+    summary = summarise(rows)
+    fig = ratio_figure(rows, summary)
+    eager_ax, _ = fig.axes  # no compiled rows: two panels
+    labels = [t.get_text() for t in eager_ax.get_yticklabels()]
+    assert labels == [display_name(s["layer"]) for s in summary] and len(labels) == len(summary)
+    assert fig.get_size_inches()[1] >= 1.6 + 0.32 * len(summary) - 1e-9
+    lo, hi = eager_ax.get_xlim()
+    assert lo < 1.0 < hi and lo <= min(r["paired_ratio"] for r in rows)
+    assert SMOKE_TITLE not in fig.get_suptitle()
+    assert ratio_figure(rows, summary, smoke=True).get_suptitle().startswith(SMOKE_TITLE)
+    png = plot_ratios(rows, summary, tmp_path / "f.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_torch_thread_by_default() -> None:
+    from normzoo.bench.cli import _config_from_args, _parser
+
+    assert _config_from_args(_parser().parse_args([])).threads == 1
+    assert _config_from_args(_parser().parse_args(["--threads", "2"])).threads == 2
+    with pytest.raises(SystemExit, match="threads >= 1"):
+        _config_from_args(_parser().parse_args(["--threads", "0"]))
 
 
 def test_cli_errors(tmp_path, capsys) -> None:
