@@ -20,6 +20,7 @@ centred two-pass fallback when mu^2 / sigma2 is large enough for the one-pass fo
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -413,6 +414,7 @@ class GroupNorm(_NormBase):
         num_groups: int = 32,
         eps: float = 1e-5,
         affine: bool = True,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -423,7 +425,9 @@ class GroupNorm(_NormBase):
                 f"num_groups={num_groups} must divide num_channels={num_features} "
                 f"(GroupNorm splits the channels into groups of equal size)"
             )
-        super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps=eps, affine=affine, bias=bias, device=device, dtype=dtype
+        )
         self.num_groups = num_groups
 
     def forward(self, x: Tensor) -> Tensor:
@@ -450,8 +454,33 @@ class LayerNorm(_NormBase):
     (torch's ``nn.LayerNorm`` on conv input would normalise over the trailing dims instead.)
 
     Train/eval: identical (no batch statistics, no running state). State: ``weight`` (gamma, ones)
-    and ``bias`` (beta, zeros) when ``affine``.
+    and ``bias`` (beta, zeros) when ``affine`` (``bias=False``: gamma only, as torch's).
+
+    Not torch's ``nn.LayerNorm(D)`` over the last dim of a (B, T, D) token tensor: that is
+    ``layernorm_last`` (:class:`~normzoo.norms.last_dim.LayerNormLast`); ConvNeXt's per-pixel LN
+    is ``layernorm2d``. Input whose dim 1 is not C but whose last dim is raises and names them; a
+    3-D input with T == C (where both readings fit) warns once.
     """
+
+    def _check_input(self, x: Tensor) -> None:
+        c = self.num_features
+        if isinstance(x, Tensor) and x.dim() >= 3 and x.shape[-1] == c:
+            if x.shape[1] != c:
+                raise ValueError(
+                    f"LayerNorm({c}) normalises (N, C, *S) input over C and S (the GN paper's "
+                    f"LayerNorm, channels at dim 1), got input of shape {tuple(x.shape)} whose "
+                    f"last dim is {c}: did you mean build_norm('layernorm_last', {c}) (torch's "
+                    f"nn.LayerNorm(normalized_shape={c}) over the last dim)?"
+                )
+            if x.dim() == 3:
+                warnings.warn(
+                    f"LayerNorm({c}) got (N, C, L) input {tuple(x.shape)} with L == C: it "
+                    f"normalises each sample over C and L jointly (channels-first); for torch's "
+                    f"nn.LayerNorm({c}) over the last dim use build_norm('layernorm_last', {c})",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        super()._check_input(x)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
