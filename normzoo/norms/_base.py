@@ -355,6 +355,9 @@ class RunningStatsMixin:
     moving average (factor ``1 / num_batches_tracked``). ``running_var`` holds the *unbiased* variance.
     """
 
+    #: 2 as torch's ``_NormBase``: version-1 checkpoints (before ``num_batches_tracked``) load
+    _version = 2
+
     num_features: int
     momentum: float | None
     track_running_stats: bool
@@ -395,6 +398,17 @@ class RunningStatsMixin:
         # (``_NormBase.__init__`` calls this before ``_init_running_stats`` has run)
         if getattr(self, "track_running_stats", False):
             self.reset_running_stats()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], *args: Any
+    ) -> None:
+        # torch's state-dict versioning: a checkpoint saved before num_batches_tracked existed
+        # (version None or 1) loads with the count at 0, as torch's BatchNorm loads it
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)  # type: ignore[misc]
 
     def reset_running_stats(self) -> None:
         """running_mean <- 0, running_var <- 1, num_batches_tracked <- 0."""

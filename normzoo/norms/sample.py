@@ -516,6 +516,12 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
     training batches and ``momentum=None`` averages them, as in BatchNorm. State: ``weight``,
     ``bias`` when ``affine``; ``running_mean``, ``running_var``, ``num_batches_tracked`` when
     tracking.
+
+    torch compatibility: ``spatial_dims`` (1, 2 or 3, as ``nn.InstanceNorm1d/2d/3d``) makes an
+    input of rank ``spatial_dims + 1`` an unbatched (C, *S) sample, as torch accepts it (without
+    it, the rank says nothing: (C, H, W) would read as (N, C, L)). A checkpoint without gamma and
+    beta (torch's default ``affine=False``) loads into an affine layer as gamma = 1, beta = 0:
+    the same function.
     """
 
     min_rank = 3
@@ -528,11 +534,25 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         affine: bool = True,
         momentum: float | None = 0.1,
         track_running_stats: bool = False,
+        spatial_dims: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if spatial_dims not in (None, 1, 2, 3):
+            raise ValueError(f"spatial_dims must be None, 1, 2 or 3, got {spatial_dims!r}")
         super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
         self._init_running_stats(momentum, track_running_stats, device, dtype)
+        self.spatial_dims = spatial_dims
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:  # fmt: skip
+        w_key, b_key = prefix + "weight", prefix + "bias"
+        if self.affine and w_key not in state_dict and b_key not in state_dict:
+            # an affine-off checkpoint (torch's InstanceNorm default): identity gamma and beta
+            state_dict[w_key] = torch.ones_like(self.weight)
+            state_dict[b_key] = torch.zeros_like(self.bias)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check_input(self, x: Tensor) -> None:
         if isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point():
@@ -544,6 +564,8 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         super()._check_input(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.spatial_dims is not None and x.dim() == self.spatial_dims + 1:
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # unbatched (C, *S), as torch's
         self._check_input(x)
         use_running = self.track_running_stats and not self.training
         if use_running:
@@ -565,7 +587,8 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         return y
 
     def extra_repr(self) -> str:
+        dims = "" if self.spatial_dims is None else f", spatial_dims={self.spatial_dims}"
         return (
             f"{super().extra_repr()}, momentum={self.momentum}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"track_running_stats={self.track_running_stats}{dims}"
         )
