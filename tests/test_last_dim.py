@@ -142,3 +142,34 @@ def test_half_precision_is_computed_in_float32(dtype: torch.dtype) -> None:
     ours = normzoo.build_norm("layernorm_last", 32)(x.to(dtype))
     assert ours.dtype == dtype
     torch.testing.assert_close(ours.float(), nn.LayerNorm(32)(x), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["layernorm_last", "rmsnorm"])
+def test_torch_func_per_sample_gradients_match_torchs_layer(name: str) -> None:
+    """torch.func (issue 15, item 6): vmap(grad(...)) through the layer, per-sample gradients of
+    its parameters and of the input, equal to those through torch's own layer."""
+    from torch.func import functional_call, grad, vmap
+
+    dt = torch.float64
+    ours = normzoo.build_norm(name, 4).to(dt)
+    theirs = (nn.LayerNorm(4) if name == "layernorm_last" else nn.RMSNorm(4)).to(dt)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 4, dtype=dt)
+
+    def per_sample(module: nn.Module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        params = {k: v.detach() for k, v in module.named_parameters()}
+
+        def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            return functional_call(module, p, (xi,)).pow(3).sum()
+
+        return vmap(grad(loss), in_dims=(None, 0))(params, x), vmap(grad(loss, 1), (None, 0))(
+            params, x
+        )
+
+    (p1, x1), (p2, x2) = per_sample(ours), per_sample(theirs)
+    assert p1.keys() == p2.keys() and p1["weight"].shape == (3, 4)
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x1, x2, atol=1e-12, rtol=1e-12)

@@ -54,7 +54,9 @@ def _sum_to(t: Tensor, like: Tensor) -> Tensor:
 
 class RowNormFunction(torch.autograd.Function):
     """LayerNorm (``centre=True``) or RMSNorm over ``dims``: ``apply(x, weight, bias, dims, eps,
-    centre) -> y``; ``weight``, ``bias`` broadcast against x (or None).
+    centre) -> (y, mean, rstd)`` (mean zeros for RMSNorm; both not differentiable); ``weight``,
+    ``bias`` broadcast against x (or None). Written with ``setup_context`` and a generated vmap
+    rule, so ``torch.func`` transforms (vmap, grad, per-sample gradients) apply.
 
     Forward: mean (LayerNorm only) and rstd = 1 / sqrt(mean(xc^2) + eps) per position, two-pass
     (centred, stable for any mean); y = x_hat * gamma + beta. Saved: x, gamma, mean, rstd (torch's
@@ -68,16 +70,17 @@ class RowNormFunction(torch.autograd.Function):
     grads come from autograd on :func:`_row_norm_reference` (differentiable again).
     """
 
+    generate_vmap_rule = True  # (torch.func: vmap, and grad through setup_context)
+
     @staticmethod
     def forward(
-        ctx: Any,
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         dims: tuple[int, ...],
         eps: float,
         centre: bool,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         mean = xf.mean(dims, keepdim=True) if centre else None
         xc = xf - mean if mean is not None else xf
@@ -87,13 +90,20 @@ class RowNormFunction(torch.autograd.Function):
             y = y.mul_(weight)
         if bias is not None:
             y = y.add_(bias)
+        y = y.to(x.dtype) if y.dtype != x.dtype else y
+        return y, torch.zeros_like(rstd) if mean is None else mean, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, weight, bias, dims, eps, centre = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
         ctx.set_materialize_grads(False)
         ctx.dims, ctx.eps, ctx.centre = dims, eps, centre
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        return y.to(x.dtype) if y.dtype != x.dtype else y
 
     @staticmethod
-    def _double_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
+    def _double_backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:
             return (None,) * 6
         x, weight, bias, _, _ = ctx.saved_tensors
@@ -106,15 +116,15 @@ class RowNormFunction(torch.autograd.Function):
         return (*vjp_by_autograd(forward, wanted, dy), None, None, None)
 
     @staticmethod
-    @hand_written_backward(lambda ctx, dy: RowNormFunction._double_backward(ctx, dy))
-    def backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
+    @hand_written_backward(lambda ctx, *grads: RowNormFunction._double_backward(ctx, *grads))
+    def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:
             return (None,) * 6
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dims = ctx.dims
         acc = rstd.dtype
         xf, dyf = x.to(acc), dy.to(acc)
-        x_hat = xf * rstd if mean is None else (xf - mean).mul_(rstd)
+        x_hat = (xf - mean).mul_(rstd) if ctx.centre else xf * rstd
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_w and weight is not None:
@@ -140,7 +150,7 @@ def row_norm(
     centre: bool = True,
 ) -> Tensor:
     """Functional LayerNorm (``centre``) / RMSNorm of ``x`` over ``dims`` (see RowNormFunction)."""
-    return RowNormFunction.apply(x, weight, bias, dims, eps, centre)  # type: ignore[no-any-return]
+    return RowNormFunction.apply(x, weight, bias, dims, eps, centre)[0]  # type: ignore[no-any-return]
 
 
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
