@@ -8,6 +8,8 @@ Two kinds of entry:
 * ``activation`` — a layer placed after a conv/linear: ``build_norm(name, num_features, **kw)``.
 * ``weight`` — reparametrises the conv/linear itself: ``build_norm(name, module, **kw)`` returns the
   module with its weight reparametrised.
+* ``last_dim`` — normalises the trailing dims of its input, torch's ``nn.LayerNorm`` / ``nn.RMSNorm``
+  API: ``build_norm(name, normalized_shape, **kw)`` (an int or a tuple), for (B, T, D) token tensors.
 
 Torch's native layers are registered too (``reference=True``), each named ``native_<name>``, so a study
 can put a from-scratch layer and its fused counterpart side by side. Third-party packages add entries
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "normzoo.norms"
-Kind = Literal["activation", "weight"]
+Kind = Literal["activation", "weight", "last_dim"]
 T = TypeVar("T")
 
 
@@ -59,7 +61,7 @@ class NormSpec:
         name: canonical name, lower case (lookups also ignore ``_`` and ``-``).
         cls: the class (or factory) called as ``cls(num_features, **kw)`` for ``activation`` entries
             and ``cls(module, **kw)`` for ``weight`` entries.
-        kind: ``"activation"`` or ``"weight"``.
+        kind: ``"activation"``, ``"weight"`` or ``"last_dim"``.
         aliases: other accepted names (``bn``, ``gn``, ...).
         paper: the paper that introduced the layer, as "Authors Year, Title, arXiv id".
         uses_batch_stats: whether the output of one sample depends on the other samples of its
@@ -106,9 +108,10 @@ def canonical_name(name: str) -> str:
 def _add(spec: NormSpec, *, replace: bool = False) -> None:
     display = spec.name.strip().lower()
     key = canonical_name(display)
-    if spec.kind not in ("activation", "weight"):
+    if spec.kind not in ("activation", "weight", "last_dim"):
         raise ValueError(
-            f"norm {spec.name!r}: kind must be 'activation' or 'weight', got {spec.kind!r}"
+            f"norm {spec.name!r}: kind must be 'activation', 'weight' or 'last_dim', "
+            f"got {spec.kind!r}"
         )
     keys = [key, *(canonical_name(a) for a in spec.aliases)]
     if not replace:
@@ -222,7 +225,7 @@ def list_norms(
     """Canonical names of the registered norms, sorted.
 
     Args:
-        kind: keep only ``"activation"`` or ``"weight"`` entries.
+        kind: keep only ``"activation"``, ``"weight"`` or ``"last_dim"`` entries.
         references: include torch's native references (``native_*``).
         batch_stats: keep only entries that do (True) or do not (False) use batch statistics.
     """
@@ -295,14 +298,31 @@ def from_scratch_twin(name: str) -> str | None:
     return None
 
 
-def build_norm(name: str, num_features: int | nn.Module, /, **overrides: Any) -> nn.Module:
-    """Build the norm ``name``.
+def build_norm(
+    name: str | int | tuple[int, ...] | nn.Module,
+    num_features: int | tuple[int, ...] | nn.Module | None = None,
+    /,
+    **overrides: Any,
+) -> nn.Module:
+    """Build the norm ``name``: ``build_norm("gn", 64, num_groups=8)``.
 
     For ``activation`` entries ``num_features`` is the channel count C of an (N, C, *S) input; for
-    ``weight`` entries it is the ``nn.Linear``/``nn.ConvNd`` to reparametrise. ``overrides`` update the
-    spec's defaults; an option the layer does not take is a ``TypeError`` naming the accepted ones.
+    ``weight`` entries it is the ``nn.Linear``/``nn.ConvNd`` to reparametrise; for ``last_dim``
+    entries the ``normalized_shape`` (int or tuple). ``overrides`` update the spec's defaults; an
+    option the layer does not take is a ``TypeError`` naming the accepted ones.
+
+    The name may also come as the keyword ``name=`` with the size first,
+    ``build_norm(64, name="gn")``: the call a ``norm_layer`` slot makes of
+    ``functools.partial(build_norm, name="gn")`` (timm keeps a partial's keywords, not its
+    positional arguments; see also :func:`normzoo.norm_layer`).
     """
-    spec = get_norm(name)
+    if "name" in overrides:
+        if num_features is not None:
+            raise TypeError("build_norm: pass the name positionally or as name=, not both")
+        name, num_features = overrides.pop("name"), name
+    if num_features is None:
+        raise TypeError("build_norm needs the layer's size: build_norm(name, num_features, ...)")
+    spec = get_norm(name)  # type: ignore[arg-type]
     options = spec.options()
     takes_any = any(
         p.kind == p.VAR_KEYWORD for p in inspect.signature(spec.cls).parameters.values()
@@ -319,6 +339,11 @@ def build_norm(name: str, num_features: int | nn.Module, /, **overrides: Any) ->
         raise ValueError(
             f"norm {spec.name!r}: num_features must be a positive int, got {num_features!r}"
         )
+    if spec.kind == "last_dim" and not _is_shape(num_features):
+        raise ValueError(
+            f"norm {spec.name!r}: normalized_shape must be a positive int or a tuple of them, "
+            f"got {num_features!r}"
+        )
     if spec.kind == "weight" and not isinstance(num_features, nn.Module):
         raise TypeError(
             f"norm {spec.name!r} reparametrises a layer's weight: pass the nn.Linear/nn.ConvNd "
@@ -326,3 +351,9 @@ def build_norm(name: str, num_features: int | nn.Module, /, **overrides: Any) ->
         )
     kwargs = {**spec.defaults, **overrides}
     return spec.cls(num_features, **kwargs)
+
+
+def _is_shape(value: Any) -> bool:
+    """A positive int or a non-empty tuple/list of them (a ``normalized_shape``)."""
+    items = value if isinstance(value, (tuple, list)) and value else (value,)
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items)

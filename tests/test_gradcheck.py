@@ -219,9 +219,28 @@ if WEIGHT_NORMS:  # collected once a weight reparametrisation is registered
         _gradcheck(module, torch.randn(in_shape, dtype=DT))
 
 
+LAST_DIM_NORMS = normzoo.list_norms(kind="last_dim", references=False)
+
+
+@pytest.mark.parametrize("name", LAST_DIM_NORMS)
+@pytest.mark.parametrize("normalized_shape", [C, (2, C)], ids=["last", "last-two"])
+def test_last_dim_gradcheck_and_gradgradcheck(name: str, normalized_shape: Any) -> None:
+    """The trailing-dims norms (torch's LayerNorm / RMSNorm API) on (B, T, D) and (B, T, H, W)."""
+    layer = normzoo.build_norm(name, normalized_shape).to(DT)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    shape = (2, 3, C) if isinstance(normalized_shape, int) else (2, 3, 2, C)
+    x = torch.randn(shape, dtype=DT) * 1.5 + 0.5
+    _gradcheck(layer, x)
+    f, params = _as_function(layer)
+    x = x.requires_grad_(True)
+    assert torch.autograd.gradgradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
 def test_every_from_scratch_layer_is_covered() -> None:
     """The parametrisation above really is the registry: a layer added later is checked too."""
-    covered = {name for name, _, _ in CASES} | set(WEIGHT_NORMS)
+    covered = {name for name, _, _ in CASES} | set(WEIGHT_NORMS) | set(LAST_DIM_NORMS)
     assert covered == set(normzoo.list_norms(references=False))
     assert {"batchnorm", "batchrenorm"} <= covered
     assert ("batchnorm", "eval", (3, C, 5)) in CASES

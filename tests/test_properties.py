@@ -69,11 +69,13 @@ RTOL = {torch.float32: 1e-5, torch.float64: 1e-13}
 
 #: How each from-scratch activation layer groups the values it takes one (mean, variance) over:
 #: "channel" = over N and the spatial dims, one group per channel; otherwise the number of groups
-#: each sample is split into (consecutive channels and all spatial dims).
+#: each sample is split into (consecutive channels and all spatial dims); "position" = over the
+#: C channels of each (sample, spatial position) (ConvNeXt's LayerNorm2d).
 Axes = str | Callable[[nn.Module], int]
 AXES: dict[str, Axes] = {
     "batchnorm": "channel",
     "batchrenorm": "channel",
+    "layernorm2d": "position",
     "layernorm": lambda layer: 1,
     "groupnorm": lambda layer: layer.num_groups,
     "instancenorm": lambda layer: layer.num_features,
@@ -161,6 +163,8 @@ def _groups(name: str, layer: nn.Module, t: Tensor) -> Tensor:
     axes = _axes_of(name)
     if axes == "channel":
         return t.transpose(0, 1).reshape(t.shape[1], -1)
+    if axes == "position":
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
     assert callable(axes)
     return t.reshape(t.shape[0] * axes(layer), -1)
 
@@ -169,12 +173,16 @@ def _ungroup(name: str, layer: nn.Module, rows: Tensor, shape: torch.Size) -> Te
     """Inverse of :func:`_groups`."""
     if _axes_of(name) == "channel":
         return rows.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    if AXES[_family(name)] == "position":
+        return rows.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
     return rows.reshape(shape)
 
 
 def _group_size(name: str, layer: nn.Module, shape: tuple[int, ...]) -> int:
     """m: how many values each of the layer's statistic groups holds for input of ``shape``."""
     axes = _axes_of(name)
+    if axes == "position":
+        return shape[1]
     groups = shape[1] if axes == "channel" else shape[0] * axes(layer)  # type: ignore[operator]
     return math.prod(shape) // groups
 
@@ -235,7 +243,7 @@ def _draw_case(
     has_axes = _family(name) in AXES or _family(name) in OWN_FORMULA
     if has_axes and _group_size(name, layer, tuple(shape)) < min_group:
         # widen one axis the groups span (by min_group: each group holds at least that many)
-        if rank > 2:
+        if rank > 2 and AXES[_family(name)] != "position":
             shape[2] *= min_group
         elif _axes_of(name) == "channel":
             shape[0] *= min_group

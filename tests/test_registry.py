@@ -209,13 +209,13 @@ def test_unknown_name_lists_known_names_and_the_closest() -> None:
 def test_unknown_keyword_names_the_accepted_ones() -> None:
     with pytest.raises(TypeError, match=r"'layernorm' got unknown option\(s\) num_groups") as info:
         normzoo.build_norm("ln", 8, num_groups=2)
-    assert "accepts: eps, affine, device, dtype" in str(info.value)
+    assert "accepts: eps, affine, bias, device, dtype" in str(info.value)
 
 
 def test_register_rejects_a_taken_name_and_a_bad_kind(restore_registry: None) -> None:
     with pytest.raises(ValueError, match="'gn' is already registered"):
         normzoo.register_norm("mygn", aliases=("gn",))(GroupNorm)
-    with pytest.raises(ValueError, match="kind must be 'activation' or 'weight'"):
+    with pytest.raises(ValueError, match="kind must be 'activation', 'weight' or 'last_dim'"):
         normzoo.register_norm("odd", kind="other")(GroupNorm)  # type: ignore[arg-type]
 
 

@@ -107,13 +107,15 @@ def build_contender(
 ) -> nn.Module:
     """The registry entry ``name`` as a module for input ``shape``, in training mode.
 
-    ``activation`` entries get ``C = shape[1]``; ``weight`` entries wrap a deep copy of ``base``
+    ``activation`` entries get ``C = shape[1]``, ``last_dim`` entries the last dim; ``weight`` entries wrap a deep copy of ``base``
     (default: :func:`wrapped_layer`), so both contenders of a pair start from the same weights.
     """
     spec = get_norm(name)
     if spec.kind == "weight":
         layer = copy.deepcopy(base) if base is not None else wrapped_layer(shape)
         module = build_norm(name, layer.to(device=device, dtype=dtype))
+    elif spec.kind == "last_dim":  # torch's LayerNorm / RMSNorm API: over the last dim
+        module = build_norm(name, int(shape[-1]))
     else:
         module = build_norm(name, int(shape[1]))
     return module.to(device=device, dtype=dtype).train()

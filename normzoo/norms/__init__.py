@@ -2,6 +2,7 @@
 
 * ``batch``  — statistics over the batch: BatchNorm, BatchRenorm.
 * ``sample`` — statistics per sample: LayerNorm, GroupNorm, InstanceNorm.
+* ``last_dim`` — the trailing dims / per position: LayerNormLast, RMSNorm, LayerNorm2d.
 * ``weight`` — weight reparametrisation: WeightNorm.
 * ``response`` — batch-free response norms: FRN + TLU, EvoNorm-S0 / B0.
 * ``standardize`` — Weight Standardization, GN + WS, Batch-Channel Normalization.
@@ -9,9 +10,10 @@
 * ``identity`` — the no-norm baseline.
 """
 
-from normzoo.norms import batch, identity, native, response, sample, standardize, weight
+from normzoo.norms import batch, identity, last_dim, native, response, sample, standardize, weight
 from normzoo.norms.batch import *  # noqa: F403
 from normzoo.norms.identity import *  # noqa: F403
+from normzoo.norms.last_dim import *  # noqa: F403
 from normzoo.norms.native import *  # noqa: F403
 from normzoo.norms.response import *  # noqa: F403
 from normzoo.norms.sample import *  # noqa: F403
@@ -21,6 +23,7 @@ from normzoo.norms.weight import *  # noqa: F403
 __all__ = [
     *batch.__all__,
     *identity.__all__,
+    *last_dim.__all__,
     *native.__all__,
     *response.__all__,
     *sample.__all__,

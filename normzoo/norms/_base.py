@@ -12,9 +12,47 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["RunningStatsMixin", "_NormBase"]
+__all__ = ["FxTraceable", "RunningStatsMixin", "_NormBase"]
+
+
+def _call_layer(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` run eagerly: the one node torch.fx records for a normzoo layer (see
+    :class:`FxTraceable`); at run time x is a Tensor, so the layer's eager forward runs."""
+    return layer.forward(x)  # type: ignore[no-any-return]
+
+
+torch.fx.wrap("_call_layer")  # (symbolic tracing records calls of it as one call_function node)
+
+
+class FxTraceable:
+    """Makes a layer's ``forward`` traceable by ``torch.fx.symbolic_trace`` (and so by torchvision's
+    ``create_feature_extractor``, FX fusion and quantisation passes).
+
+    The layers branch on shapes, dtypes and sizes (input checks, small-input paths), which a
+    ``Proxy`` cannot answer. So every ``forward`` a subclass defines is wrapped: called with a
+    ``torch.fx.Proxy`` it records one call of :func:`_call_layer` (the layer is a ``get_attr``
+    node), which runs the layer's own eager forward, checks included, when the traced graph runs.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_fx_traceable", False):
+            cls.forward = _traceable(forward)  # type: ignore[attr-defined]
+
+
+def _traceable(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _call_layer(self, x)
+        return forward(self, x, *args, **kwargs)
+
+    wrapper._fx_traceable = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 #: float32/64 CPU eager inputs of at most this many elements (64 KiB in float32) take the layers'
@@ -211,7 +249,7 @@ def _scale_and_offset(
     return g, offset, r, d, (clip_r, clip_d, r, d)
 
 
-class _NormBase(nn.Module):
+class _NormBase(FxTraceable, nn.Module):
     """Base of every activation norm: ``Layer(num_features, *, eps=1e-5, affine=True)``.
 
     Owns the per-channel affine parameters ``weight`` (gamma, ones) and ``bias`` (beta, zeros) and the
@@ -227,6 +265,7 @@ class _NormBase(nn.Module):
         *,
         eps: float = 1e-5,
         affine: bool = True,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -241,7 +280,10 @@ class _NormBase(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:  # (torch's LayerNorm/GroupNorm ``bias=False``: gamma without beta)
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -251,7 +293,8 @@ class _NormBase(nn.Module):
         """gamma <- 1, beta <- 0 (and running statistics reset, where the layer has them)."""
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _check_input(self, x: Tensor) -> None:
         """Raise a clear error for input the layer cannot normalise."""
@@ -274,7 +317,8 @@ class _NormBase(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+        no_bias = ", bias=False" if self.affine and self.bias is None else ""
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}{no_bias}"
 
 
 def _normalise_with_running_stats(
@@ -310,6 +354,9 @@ class RunningStatsMixin:
     ``running = (1 - momentum) * running + momentum * batch``; ``momentum=None`` gives the cumulative
     moving average (factor ``1 / num_batches_tracked``). ``running_var`` holds the *unbiased* variance.
     """
+
+    #: 2 as torch's ``_NormBase``: version-1 checkpoints (before ``num_batches_tracked``) load
+    _version = 2
 
     num_features: int
     momentum: float | None
@@ -351,6 +398,17 @@ class RunningStatsMixin:
         # (``_NormBase.__init__`` calls this before ``_init_running_stats`` has run)
         if getattr(self, "track_running_stats", False):
             self.reset_running_stats()
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], *args: Any
+    ) -> None:
+        # torch's state-dict versioning: a checkpoint saved before num_batches_tracked existed
+        # (version None or 1) loads with the count at 0, as torch's BatchNorm loads it
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)  # type: ignore[misc]
 
     def reset_running_stats(self) -> None:
         """running_mean <- 0, running_var <- 1, num_batches_tracked <- 0."""

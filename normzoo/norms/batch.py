@@ -254,6 +254,10 @@ class BatchNorm(RunningStatsMixin, _NormBase):
     ``torch.nn.BatchNorm2d``, so state dicts move between the two. A channels_last input gives a
     channels_last output.
 
+    Multi-device: torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` does not convert this class
+    (it looks for torch's own) and leaves it per-device silently; use
+    :func:`normzoo.convert_sync_batchnorm` (:class:`~normzoo.norms.sync_batch.SyncBatchNorm`).
+
     Example::
 
         >>> bn = BatchNorm(64)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normzoo.norms._base import RunningStatsMixin, _NormBase
+from normzoo.norms.last_dim import LayerNormLast, RMSNorm
 from normzoo.registry import register_norm
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "NativeGroupNorm",
     "NativeInstanceNorm",
     "NativeLayerNorm",
+    "NativeLayerNorm2d",
+    "NativeLayerNormLast",
+    "NativeRMSNorm",
     "native_weight_norm",
 ]
 
@@ -99,10 +103,13 @@ class NativeGroupNorm(_NormBase):
         num_groups: int = 32,
         eps: float = 1e-5,
         affine: bool = True,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps=eps, affine=affine, bias=bias, device=device, dtype=dtype
+        )
         if num_groups < 1 or num_features % num_groups != 0:
             raise ValueError(f"num_groups={num_groups} must divide num_channels={num_features}")
         self.num_groups = num_groups
@@ -170,3 +177,52 @@ class NativeInstanceNorm(RunningStatsMixin, _NormBase):
 def native_weight_norm(module: nn.Module, *, dim: int = 0) -> nn.Module:
     """``torch.nn.utils.parametrizations.weight_norm(module, dim=dim)``; g = original0, v = original1."""
     return nn.utils.parametrizations.weight_norm(module, name="weight", dim=dim)
+
+
+@register_norm(
+    "native_layernorm_last",
+    kind="last_dim",
+    aliases=("native_ln_last",),
+    paper="Ba, Kiros & Hinton 2016, arXiv:1607.06450",
+    reference=True,
+    description="torch F.layer_norm over the trailing dims (reference for layernorm_last)",
+)
+class NativeLayerNormLast(LayerNormLast):
+    """``F.layer_norm(x, normalized_shape, ...)``: ``torch.nn.LayerNorm`` (same API and state)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+@register_norm(
+    "native_rmsnorm",
+    kind="last_dim",
+    aliases=("native_rms",),
+    paper="Zhang & Sennrich 2019, arXiv:1910.07467",
+    reference=True,
+    description="torch F.rms_norm over the trailing dims (reference for rmsnorm)",
+)
+class NativeRMSNorm(RMSNorm):
+    """``F.rms_norm(x, normalized_shape, ...)``: ``torch.nn.RMSNorm`` (same API and state)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+@register_norm(
+    "native_layernorm2d",
+    aliases=("native_ln2d",),
+    paper="Liu et al. 2022, arXiv:2201.03545",
+    reference=True,
+    description="F.layer_norm over C of the channels-last input (reference for layernorm2d)",
+)
+class NativeLayerNorm2d(_NormBase):
+    """timm's ``LayerNorm2d``: ``F.layer_norm`` of the input permuted to channels-last, back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        last = x.movedim(1, -1)
+        y = F.layer_norm(last, (self.num_features,), self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)

@@ -20,6 +20,7 @@ centred two-pass fallback when mu^2 / sigma2 is large enough for the one-pass fo
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -413,6 +414,7 @@ class GroupNorm(_NormBase):
         num_groups: int = 32,
         eps: float = 1e-5,
         affine: bool = True,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -423,7 +425,9 @@ class GroupNorm(_NormBase):
                 f"num_groups={num_groups} must divide num_channels={num_features} "
                 f"(GroupNorm splits the channels into groups of equal size)"
             )
-        super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps=eps, affine=affine, bias=bias, device=device, dtype=dtype
+        )
         self.num_groups = num_groups
 
     def forward(self, x: Tensor) -> Tensor:
@@ -450,8 +454,33 @@ class LayerNorm(_NormBase):
     (torch's ``nn.LayerNorm`` on conv input would normalise over the trailing dims instead.)
 
     Train/eval: identical (no batch statistics, no running state). State: ``weight`` (gamma, ones)
-    and ``bias`` (beta, zeros) when ``affine``.
+    and ``bias`` (beta, zeros) when ``affine`` (``bias=False``: gamma only, as torch's).
+
+    Not torch's ``nn.LayerNorm(D)`` over the last dim of a (B, T, D) token tensor: that is
+    ``layernorm_last`` (:class:`~normzoo.norms.last_dim.LayerNormLast`); ConvNeXt's per-pixel LN
+    is ``layernorm2d``. Input whose dim 1 is not C but whose last dim is raises and names them; a
+    3-D input with T == C (where both readings fit) warns once.
     """
+
+    def _check_input(self, x: Tensor) -> None:
+        c = self.num_features
+        if isinstance(x, Tensor) and x.dim() >= 3 and x.shape[-1] == c:
+            if x.shape[1] != c:
+                raise ValueError(
+                    f"LayerNorm({c}) normalises (N, C, *S) input over C and S (the GN paper's "
+                    f"LayerNorm, channels at dim 1), got input of shape {tuple(x.shape)} whose "
+                    f"last dim is {c}: did you mean build_norm('layernorm_last', {c}) (torch's "
+                    f"nn.LayerNorm(normalized_shape={c}) over the last dim)?"
+                )
+            if x.dim() == 3:
+                warnings.warn(
+                    f"LayerNorm({c}) got (N, C, L) input {tuple(x.shape)} with L == C: it "
+                    f"normalises each sample over C and L jointly (channels-first); for torch's "
+                    f"nn.LayerNorm({c}) over the last dim use build_norm('layernorm_last', {c})",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        super()._check_input(x)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -487,6 +516,12 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
     training batches and ``momentum=None`` averages them, as in BatchNorm. State: ``weight``,
     ``bias`` when ``affine``; ``running_mean``, ``running_var``, ``num_batches_tracked`` when
     tracking.
+
+    torch compatibility: ``spatial_dims`` (1, 2 or 3, as ``nn.InstanceNorm1d/2d/3d``) makes an
+    input of rank ``spatial_dims + 1`` an unbatched (C, *S) sample, as torch accepts it (without
+    it, the rank says nothing: (C, H, W) would read as (N, C, L)). A checkpoint without gamma and
+    beta (torch's default ``affine=False``) loads into an affine layer as gamma = 1, beta = 0:
+    the same function.
     """
 
     min_rank = 3
@@ -499,11 +534,25 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         affine: bool = True,
         momentum: float | None = 0.1,
         track_running_stats: bool = False,
+        spatial_dims: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if spatial_dims not in (None, 1, 2, 3):
+            raise ValueError(f"spatial_dims must be None, 1, 2 or 3, got {spatial_dims!r}")
         super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
         self._init_running_stats(momentum, track_running_stats, device, dtype)
+        self.spatial_dims = spatial_dims
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:  # fmt: skip
+        w_key, b_key = prefix + "weight", prefix + "bias"
+        if self.affine and w_key not in state_dict and b_key not in state_dict:
+            # an affine-off checkpoint (torch's InstanceNorm default): identity gamma and beta
+            state_dict[w_key] = torch.ones_like(self.weight)
+            state_dict[b_key] = torch.zeros_like(self.bias)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check_input(self, x: Tensor) -> None:
         if isinstance(x, Tensor) and x.dim() == 2 and x.is_floating_point():
@@ -515,6 +564,8 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         super()._check_input(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.spatial_dims is not None and x.dim() == self.spatial_dims + 1:
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # unbatched (C, *S), as torch's
         self._check_input(x)
         use_running = self.track_running_stats and not self.training
         if use_running:
@@ -536,7 +587,8 @@ class InstanceNorm(RunningStatsMixin, _NormBase):
         return y
 
     def extra_repr(self) -> str:
+        dims = "" if self.spatial_dims is None else f", spatial_dims={self.spatial_dims}"
         return (
             f"{super().extra_repr()}, momentum={self.momentum}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"track_running_stats={self.track_running_stats}{dims}"
         )

@@ -159,7 +159,8 @@ def weight_norm(module: nn.Module, *, dim: int | None = 0) -> nn.Module:
     indexes the output units (0, the default, gives one g per output unit; ``None`` one g for the
     whole weight). The layer computes the same function right after wrapping (g = ||w||, v = w).
     Returns ``module``, whose state dict now holds ``parametrizations.weight.original0`` (g) and
-    ``parametrizations.weight.original1`` (v) as torch's ``parametrizations.weight_norm`` does.
+    ``parametrizations.weight.original1`` (v) as torch's ``parametrizations.weight_norm`` does; a
+    checkpoint of torch's old ``nn.utils.weight_norm`` (``weight_g``, ``weight_v``) loads too.
 
     Raises:
         TypeError: for a module that is not one of the supported layer types.
@@ -174,7 +175,19 @@ def weight_norm(module: nn.Module, *, dim: int | None = 0) -> nn.Module:
     if is_weight_normed(module):
         raise ValueError(f"the weight of {type(module).__name__} is already weight-normalised")
     parametrize.register_parametrization(module, "weight", WeightNorm(dim), unsafe=True)
+    module._register_load_state_dict_pre_hook(_legacy_weight_norm_keys)
     return module
+
+
+def _legacy_weight_norm_keys(
+    state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:  # fmt: skip
+    """Load a checkpoint of torch's old ``nn.utils.weight_norm`` (keys ``weight_g``, ``weight_v``):
+    the same g and v under this layout's names, as torch's own parametrization does."""
+    g_key, v_key = f"{prefix}weight_g", f"{prefix}weight_v"
+    if g_key in state_dict and v_key in state_dict:
+        state_dict[f"{prefix}parametrizations.weight.original0"] = state_dict.pop(g_key)
+        state_dict[f"{prefix}parametrizations.weight.original1"] = state_dict.pop(v_key)
 
 
 def _weight_norm_of(module: nn.Module) -> nn.Module | None:
