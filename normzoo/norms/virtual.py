@@ -70,6 +70,14 @@ class VirtualBatchNorm(_NormBase):
         self.register_buffer("reference_var", torch.ones(num_features, **factory))
         self.register_buffer("reference_size", torch.tensor(0, dtype=torch.long, device=device))
 
+    def reset_parameters(self) -> None:
+        """gamma <- 1, beta <- 0, and the reference forgotten (the next batch sets it again)."""
+        super().reset_parameters()
+        if "reference_size" in self._buffers:  # (not during _NormBase.__init__)
+            self.reference_mean.zero_()
+            self.reference_var.fill_(1.0)
+            self.reference_size.zero_()
+
     @property
     def has_reference(self) -> bool:
         return bool(self.reference_size.item() > 0)
