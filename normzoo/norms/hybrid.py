@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from normzoo.norms._base import RunningStatsMixin, _NormBase
 from normzoo.norms._ghost import batch_moments, check_ghost_batch_size
+from normzoo.norms.batch import _check_batch
 from normzoo.registry import register_norm
 
 __all__ = ["BatchInstanceNorm", "SwitchableNorm"]
@@ -45,6 +46,9 @@ class _HybridNorm(RunningStatsMixin, _NormBase):
         """Create the layer's mixing parameters (after the affine ones and the buffers)."""
 
     def _check_instances(self, x: Tensor) -> None:
+        """torch's errors for one value per channel (batch part), then per instance."""
+        if self.training or not self.track_running_stats:
+            _check_batch(x)
         if self.training and x.numel() // max(x.shape[0] * x.shape[1], 1) == 1:
             raise ValueError(
                 f"Expected more than 1 spatial element when training, got input size {x.size()}"
