@@ -117,6 +117,12 @@ VARIANTS = {
     "filterresponsenorm",
     "gn_ws",
     "weightstandardization",
+    # (issue 16's batch-statistics variants)
+    "batchinstancenorm",
+    "ghostbatchnorm",
+    "meanonlybatchnorm",
+    "switchablenorm",
+    "virtualbatchnorm",
 }
 
 

@@ -34,6 +34,14 @@ def _activation_options(name: str) -> dict[str, Any]:
     return {"num_groups": 2} if "num_groups" in normzoo.get_norm(name).options() else {}
 
 
+def _prepared(name: str, layer: nn.Module) -> nn.Module:
+    """Virtual BatchNorm takes its first batch as its (detached) reference: give it one first, so
+    gradcheck differentiates the layer, not the choice of reference from the perturbed input."""
+    if name == "virtualbatchnorm":
+        layer.set_reference(torch.randn(7, C, 5, dtype=layer.weight.dtype) * 1.3 - 0.4)
+    return layer
+
+
 def _has_running_stats_option(name: str) -> bool:
     return "track_running_stats" in normzoo.get_norm(name).options()
 
@@ -90,6 +98,7 @@ def test_activation_gradcheck(
     if mode == "eval":
         options["track_running_stats"] = True
     layer = normzoo.build_norm(name, C, **options).to(DT).train(mode == "train")
+    _prepared(name, layer)
     with torch.no_grad():
         for pname, p in layer.named_parameters():
             p.copy_(torch.rand_like(p) + 0.5 if pname.endswith("weight") else torch.randn_like(p))
@@ -132,7 +141,7 @@ def test_double_backward_passes_gradgradcheck(
     """Under ``create_graph`` the grads are differentiable again (the hand-written backward hands
     over to the layer's formula differentiated by autograd): second derivatives w.r.t. the input
     and the parameters against finite differences."""
-    layer = normzoo.build_norm(name, C, **_activation_options(name)).to(DT)
+    layer = _prepared(name, normzoo.build_norm(name, C, **_activation_options(name)).to(DT))
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.rand_like(p) + 0.5)
@@ -144,7 +153,16 @@ def test_double_backward_passes_gradgradcheck(
 #: layers whose backward is autograd's own (no hand-written backward, no torch twin): there is
 #: no second-order term a ``once_differentiable`` backward could lose, and gradgradcheck above
 #: already checks their second derivatives against finite differences
-AUTOGRAD_BACKWARD = {"filterresponsenorm", "evonorms0", "evonormb0", "batchchannelnorm"}
+AUTOGRAD_BACKWARD = {
+    "filterresponsenorm",
+    "evonorms0",
+    "evonormb0",
+    "batchchannelnorm",
+    # no torch layer computes these either
+    "meanonlybatchnorm",
+    "switchablenorm",
+    "virtualbatchnorm",
+}
 #: a layer's plain-autograd twin for the penalty test (Batch Renorm at its start is BatchNorm)
 TWINS = {n: normzoo.get_norm(n).native or "native_batchnorm" for n, _ in SECOND_ORDER}
 PENALTY = [

@@ -79,9 +79,27 @@ AXES: dict[str, Axes] = {
     "layernorm": lambda layer: 1,
     "groupnorm": lambda layer: layer.num_groups,
     "instancenorm": lambda layer: layer.num_features,
+    # (the drawn batches hold N <= 8 samples, below the default ghost size 16: one ghost batch)
+    "ghostbatchnorm": "channel",
+    "meanonlybatchnorm": "channel",
+    "batchinstancenorm": "channel",  # (and per (sample, channel): widening S serves both)
+    "switchablenorm": "channel",  # (and per sample, per (sample, channel))
+    "virtualbatchnorm": lambda layer: layer.num_features,  # (sample, channel) plus a reference
 }
 #: Activation entries that normalise nothing (no statistics, no axes).
 NO_STATISTICS = {"none"}
+#: Layers whose output is not standardised over one statistic group, so the two standardisation
+#: properties (zero mean / unit variance per group, invariance to a per-group scale and shift) do
+#: not hold for them; their formulas are checked against float64 references in
+#: tests/test_variants.py. Their AXES entry above only sizes their drawn inputs.
+NOT_STANDARDISED: dict[str, str] = {
+    "meanonlybatchnorm": "centres per channel, no variance division",
+    "batchinstancenorm": "a rho-weighted mix of BN- and IN-normalised values",
+    "switchablenorm": "mean and variance are softmax mixes of IN, LN and BN statistics",
+    "virtualbatchnorm": "statistics of a fixed reference batch combined with the sample",
+}
+
+
 #: Activation layers that are not a standardisation (their output has no zero mean / unit variance
 #: per statistic group, and no plain scale-and-shift invariance), with the axes whose values count
 #: towards ``min_group`` and the reason; their own formula is checked against a float64 reference
@@ -128,6 +146,7 @@ REFERENCES = [n for n in normzoo.list_norms("activation") if normzoo.get_norm(n)
 NORMALISING = [n for n in ACTIVATION if n not in NO_STATISTICS | set(OWN_FORMULA)] + REFERENCES
 BATCH_STATS = [n for n in NORMALISING if normzoo.get_norm(n).uses_batch_stats]
 PER_SAMPLE = [n for n in ACTIVATION + REFERENCES if not normzoo.get_norm(n).uses_batch_stats]
+STANDARDISED = [n for n in NORMALISING if n not in NOT_STANDARDISED]
 RUNNING_STATS = [n for n in NORMALISING if "track_running_stats" in normzoo.get_norm(n).options()]
 #: weight entries that are not w = g v / ||v|| (tests/test_standardize.py has their properties)
 NOT_G_AND_V = {
@@ -250,6 +269,8 @@ def _draw_case(
         else:  # (N, C): C / G values per group; a multiple of C keeps every G a divisor
             shape[1] = c = c * min_group
             layer = normzoo.build_norm(name, c, **kw).to(dtype)
+    if spec.needs_spatial and math.prod(shape[2:]) < min_group:  # an instance part's values
+        shape[2] *= min_group
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -314,6 +335,7 @@ def test_every_activation_layer_declares_its_axes() -> None:
     and ``uses_batch_stats`` must agree with the axes (per channel over the batch)."""
     assert set(ACTIVATION) == set(AXES) | NO_STATISTICS | set(OWN_FORMULA)
     assert not set(AXES) & set(OWN_FORMULA)
+    assert set(NOT_STANDARDISED) <= set(AXES)
     for name in NORMALISING:
         assert (AXES[_family(name)] == "channel") == normzoo.get_norm(name).uses_batch_stats, name
     assert {_family(n) for n in REFERENCES} <= set(AXES)
@@ -351,7 +373,7 @@ def test_outputs_and_gradients_are_finite(name: str, data: st.DataObject) -> Non
         _finite("eval output", layer.eval()(case.x))
 
 
-@pytest.mark.parametrize("name", NORMALISING)
+@pytest.mark.parametrize("name", STANDARDISED)
 @PROPERTY
 @given(data=st.data())
 def test_zero_mean_and_unit_variance_before_the_affine_step(name: str, data: st.DataObject) -> None:
@@ -369,7 +391,7 @@ def test_zero_mean_and_unit_variance_before_the_affine_step(name: str, data: st.
     _check("variance of z per group", var_z, var_x / (var_x + case.eps), tol)
 
 
-@pytest.mark.parametrize("name", NORMALISING)
+@pytest.mark.parametrize("name", STANDARDISED)
 @PROPERTY
 @given(data=st.data())
 def test_invariant_to_scaling_and_shifting_each_statistic_group(
@@ -451,6 +473,15 @@ def test_a_samples_output_does_not_depend_on_the_rest_of_its_batch(
             _check("eval vs train output", layer.eval()(x), y, RTOL[case.dtype] * (1 + y.abs()))
 
 
+#: layers whose batch dependence is scaled by a learned mix (Batch-Instance Norm at rho = 0 is
+#: InstanceNorm, Switchable Norm with the BN share 0 is batch-free): the dependence test puts
+#: these parameters back at their init (rho = 1; equal IN / LN / BN shares)
+MIXING_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "batchinstancenorm": ("rho",),
+    "switchablenorm": ("mean_weight", "var_weight"),
+}
+
+
 @pytest.mark.parametrize("name", BATCH_STATS)
 @PROPERTY
 @given(data=st.data())
@@ -461,7 +492,12 @@ def test_batch_statistics_layers_depend_on_the_batch_in_training(
     a different output in a different batch. The rest of the batch is the sample shifted by +D or
     by -D (D >> its values): with p = 1/N of each channel's values its own, BatchNorm maps it to
     about -sqrt((1 - p) / p) resp. +sqrt((1 - p) / p), outputs 2 |gamma| sqrt(N - 1) >= 1 apart."""
-    case = _draw_case(data, name, max_offset=5.0)
+    # (an instance part, as Batch-Instance and Switchable Norm's, needs 2 values per instance)
+    min_group = 2 if normzoo.get_norm(name).needs_spatial else 1
+    case = _draw_case(data, name, min_group=min_group, max_offset=5.0)
+    with torch.no_grad():
+        for pname in MIXING_PARAMETERS.get(name, ()):
+            getattr(case.layer, pname).fill_(1.0)
     x = case.x
     n = max(x.shape[0], 2)
     first = x[:1]

@@ -25,6 +25,7 @@ from normzoo.norms._base import (
     _scale_and_offset,
     hand_written_backward,
 )
+from normzoo.norms._ghost import check_ghost_batch_size, ghost_batch_norm
 from normzoo.norms._small import SmallBatchNorm
 from normzoo.registry import register_norm
 
@@ -248,6 +249,11 @@ class BatchNorm(RunningStatsMixin, _NormBase):
       *unbiased* variance (m / (m - 1) * sigma2); ``momentum=None`` uses the factor
       ``1 / num_batches_tracked`` (cumulative average). m == 1 raises torch's ``ValueError``.
     * **Eval:** ``running_mean``/``running_var`` when tracked, else the batch statistics.
+    * **Ghost batches** (Hoffer et al. 2017, arXiv:1705.08741): with ``ghost_batch_size`` G (None:
+      the whole batch) the batch statistics are those of consecutive chunks of G samples (the last
+      chunk smaller when G does not divide N; one holding a single value per channel raises), as if
+      the layer ran on each chunk; the running statistics get one update per forward, towards the
+      chunks' mean and mean unbiased variance weighted by their sizes (``normzoo.norms._ghost``).
 
     State: ``weight`` (gamma, ones), ``bias`` (beta, zeros) when ``affine``; ``running_mean`` (zeros),
     ``running_var`` (ones), ``num_batches_tracked`` (long 0) when ``track_running_stats``. Names match
@@ -272,11 +278,17 @@ class BatchNorm(RunningStatsMixin, _NormBase):
         affine: bool = True,
         momentum: float | None = 0.1,
         track_running_stats: bool = True,
+        ghost_batch_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
         self._init_running_stats(momentum, track_running_stats, device, dtype)
+        self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
+
+    def _in_ghost_batches(self, x: Tensor) -> bool:
+        """Whether batch statistics are taken over ghost batches (a ghost size >= N is plain BN)."""
+        return self.ghost_batch_size is not None and x.shape[0] > self.ghost_batch_size
 
     def _empty_batch(self, x: Tensor) -> Tensor:
         """torch's answer to an empty batch: an empty output, the statistics left alone (the step
@@ -291,6 +303,14 @@ class BatchNorm(RunningStatsMixin, _NormBase):
             return self._empty_batch(x)
         if self.training or not self.track_running_stats:
             m = _check_batch(x)
+            if self._in_ghost_batches(x):  # (normzoo.norms._ghost: one running update per step)
+                assert self.ghost_batch_size is not None
+                y, mean, var_unbiased, _ = ghost_batch_norm(
+                    x, self.weight, self.bias, self.eps, self.ghost_batch_size
+                )
+                if self.training and self.track_running_stats:
+                    self._update_running_stats(mean, var_unbiased)
+                return y
             if _is_small(x):  # (updates the running statistics itself)
                 layer = self if self.training and self.track_running_stats else None
                 return SmallBatchNorm.apply(x, self.weight, self.bias, self.eps, layer, None)
@@ -304,9 +324,12 @@ class BatchNorm(RunningStatsMixin, _NormBase):
         )
 
     def extra_repr(self) -> str:
+        ghost = (
+            "" if self.ghost_batch_size is None else f", ghost_batch_size={self.ghost_batch_size}"
+        )
         return (
             f"{super().extra_repr()}, momentum={self.momentum}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"track_running_stats={self.track_running_stats}{ghost}"
         )
 
 
@@ -354,6 +377,10 @@ class BatchRenorm(BatchNorm):
       ``momentum=None`` a cumulative average). Without ``track_running_stats`` there are no moving
       statistics to correct towards and the layer is plain BatchNorm.
     * **Eval:** y = gamma * (x - mu) / sigma + beta with the moving statistics (as BatchNorm).
+    * **Ghost batches** (``ghost_batch_size``, as :class:`BatchNorm`): mu_B, sigma_B, r and d per
+      ghost batch (r, d against the same moving statistics); one moving-stats update per forward;
+      the diagnostics are over all (ghost batch, channel) pairs, ``last_r``/``last_d`` the ghost
+      batches' mean.
 
     **Limits schedule** (``schedule``). The paper trains with plain BN first and relaxes the limits
     later; here the limits move linearly from (1, 0) to (``rmax``, ``dmax``):
@@ -395,6 +422,7 @@ class BatchRenorm(BatchNorm):
         rmax_relaxed_step: int = 40000,
         dmax_relaxed_step: int = 25000,
         track_running_stats: bool = True,
+        ghost_batch_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -404,6 +432,7 @@ class BatchRenorm(BatchNorm):
             affine=affine,
             momentum=momentum,
             track_running_stats=track_running_stats,
+            ghost_batch_size=ghost_batch_size,
             device=device,
             dtype=dtype,
         )
@@ -535,6 +564,16 @@ class BatchRenorm(BatchNorm):
         if x.numel() == 0:
             return self._empty_batch(x)
         m = _check_batch(x)
+        if self._in_ghost_batches(x):  # r, d per ghost batch; one moving-stats update per step
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.ghost_batch_size is not None
+            moving = (self.running_mean, self.running_var, self._limits_now())
+            y, mean, var_unbiased, extra = ghost_batch_norm(
+                x, self.weight, self.bias, self.eps, self.ghost_batch_size, moving
+            )
+            self._buffers.update(zip(_RENORM_DIAGNOSTICS, extra, strict=True))
+            self._update_moving_stats(mean, var_unbiased)
+            return y
         if _is_small(x):  # (sets the diagnostics and updates the moving statistics itself)
             limits = self._limits_now()
             return SmallBatchNorm.apply(x, self.weight, self.bias, self.eps, self, limits)
