@@ -74,3 +74,21 @@ def test_holm_matches_hand_computation() -> None:
 def test_shapes_are_checked() -> None:
     with pytest.raises(ValueError, match="same shape"):
         sig.paired_difference(_correct(0.1, seeds=3), _correct(0.1, seeds=5))
+
+
+def test_predictions_round_trip(tmp_path) -> None:
+    import torch
+
+    from normzoo.run.predictions import load_predictions, save_predictions
+
+    y = torch.tensor([0, 3, 9, 2])
+    pred = np.array([0, 3, 1, 2])
+    save_predictions(tmp_path, {"test_y": y, "test_pred": pred, "test_pred_batch": None})
+    back = load_predictions(tmp_path)
+    assert set(back) == {"test_y", "test_pred"}
+    np.testing.assert_array_equal(back["test_y"], y.numpy())
+    np.testing.assert_array_equal(back["test_pred"], pred)
+    assert back["test_pred"].dtype == np.int16
+    assert load_predictions(tmp_path / "elsewhere") is None
+    with pytest.raises(ValueError, match="unknown prediction keys"):
+        save_predictions(tmp_path, {"test_logits": pred})
