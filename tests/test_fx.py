@@ -67,7 +67,8 @@ def test_symbolic_trace_of_a_transformer_block_norm(name: str) -> None:
 
 @pytest.mark.parametrize("name", WEIGHT)
 def test_symbolic_trace_of_a_weight_normed_conv(name: str) -> None:
-    model = nn.Sequential(normzoo.build_norm(name, nn.Conv2d(3, 4, 3)), nn.ReLU())
+    groups = {"num_groups": 2} if "num_groups" in normzoo.get_norm(name).options() else {}
+    model = nn.Sequential(normzoo.build_norm(name, nn.Conv2d(3, 4, 3), **groups), nn.ReLU())
     traced = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from normzoo.norms._base import _NormBase
 from normzoo.registry import register_norm
+from normzoo.testing.conformance import CHECKS, Conformance
 
 __all__ = ["VirtualBatchNorm", "set_reference"]
 
@@ -131,3 +132,15 @@ def set_reference(model: nn.Module, x: Tensor) -> None:
     finally:
         for h in hooks:
             h.remove()
+
+
+def _set_a_reference(layer: nn.Module) -> None:
+    """The conformance suite's setup: a fixed reference batch before any check (as a GAN sets one)."""
+    gen = torch.Generator().manual_seed(4)
+    channels = layer.num_features
+    layer.set_reference(torch.randn(6, channels, generator=gen, dtype=layer.weight.dtype))
+
+
+VirtualBatchNorm.conformance = Conformance(
+    prepare=_set_a_reference, checks=tuple(c for c in CHECKS if c != "parity")
+)  # no torch layer to compare with: its formula is tested against a float64 reference

@@ -60,6 +60,8 @@ class Conformance:
         checks: the checks that apply (a subset of :data:`CHECKS`).
         modes: ``"train"``, ``"eval"`` or both.
         tolerance: absolute and relative, float64.
+        prepare: called on each built layer before any check (a layer that needs state first,
+            such as Virtual BatchNorm's reference batch).
     """
 
     size: Any = 4
@@ -69,6 +71,7 @@ class Conformance:
     checks: tuple[str, ...] = CHECKS
     modes: tuple[str, ...] = ("train", "eval")
     tolerance: float = 1e-10
+    prepare: Callable[[nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,10 @@ def _build(spec: NormSpec, decl: Conformance, which: str | Callable[..., nn.Modu
         layer = which(size, **decl.options)
     else:
         layer = build_norm(which, size, **decl.options)
-    return layer.to(DT)
+    layer = layer.to(DT)
+    if decl.prepare is not None:
+        decl.prepare(layer)
+    return layer
 
 
 def _randomise(layer: nn.Module) -> None:
