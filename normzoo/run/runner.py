@@ -2,8 +2,9 @@
 
 Validate the config, load the data onto the device, build the model (a combination that cannot
 apply is recorded as ``invalid`` here, before any training), train (:func:`normzoo.run.loop.fit`),
-then the mismatch diagnostics (``normzoo.diagnostics``), and write the record
-(:mod:`normzoo.run.record`). The run never raises for a failure of its own: it is recorded. A
+then the mismatch diagnostics (``normzoo.diagnostics``; with ``diagnostics.panel`` also the
+inference panel), keep ``predictions.npz`` (``train.keep_predictions``) and ``model.pt``
+(``train.keep_model``, for ``normzoo-eval``), and write the record (:mod:`normzoo.run.record`). The run never raises for a failure of its own: it is recorded. A
 config error (out of range, unknown norm, ``device=cuda`` without a GPU, a missing data set) is
 raised before anything is loaded outside a multirun, and recorded as ``failed`` in one.
 
