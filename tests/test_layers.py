@@ -13,7 +13,7 @@ from normzoo.layers import (
     set_norm_mode,
     uses_batch_stats_in_eval,
 )
-from normzoo.train import batch_stats_in_eval
+from normzoo.run.loop import batch_stats_in_eval
 
 
 def _models() -> dict[str, nn.Module]:
@@ -41,7 +41,7 @@ def test_uses_batch_stats_in_eval_agrees_with_train(name: str) -> None:
     model = _models()[name]
     expected = name.endswith("no_running")
     assert uses_batch_stats_in_eval(model) is expected
-    assert batch_stats_in_eval(model) is expected  # the copy in train.py (H1 switches to this one)
+    assert batch_stats_in_eval(model) is expected  # the copy in run/loop.py
 
 
 def test_find_norm_layers_names_the_registry_entries() -> None:
