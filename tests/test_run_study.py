@@ -167,3 +167,32 @@ def test_ghost_batch_size_needs_no_plus(hydra_conf) -> None:
         cfg = compose("config", overrides=[f"norm={norm}", "norm.ghost_batch_size=4"])
         validate(cfg, explicit={"ghost_batch_size"})
         assert cfg.norm.ghost_batch_size == 4
+
+
+def test_a_step_budget_resumes_from_its_checkpoint_to_the_same_result(
+    hydra_conf, tmp_path, monkeypatch
+) -> None:
+    from normzoo.run import loop
+
+    args = ("norm=brn", "train.steps=10", "train.checkpoint=true")  # epochs of 7 + 3 steps
+    whole = run(tmp_path / "whole", *args)
+    real, calls = loop.evaluate, []
+
+    def killed_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed after epoch 1")
+        return real(*a, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "evaluate", killed_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "resumed", *args)
+    resumed = run(tmp_path / "resumed", *args)
+    assert resumed["steps"] == 10 and resumed["epochs_run"] == 2
+    timing = ("wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "started_at",
+              "finished_at", "command")  # fmt: skip
+    assert resumed["curves"] == whole["curves"]
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in whole.items() if k not in timing
+    }
