@@ -236,10 +236,10 @@ def _ema_and_batch_stats(
     order: Tensor,
     sizes: tuple[int, int],
     volatile: VolatileState,
-) -> tuple[dict[str, Any], Tensor]:
+) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Eval mode (EMA statistics) against batch statistics on the same shuffled test batches:
     their errors, losses and the mean KL between the two predictive distributions. ``sizes``:
-    (eval batch size, training batch size). Also returns the EMA logits."""
+    (eval batch size, training batch size). Also returns the EMA and the batch-stats logits."""
     x, y = data.test_x, data.test_y
     result: dict[str, Any] = {}
     set_norm_mode(model, layers, norm_training=False)
@@ -252,7 +252,7 @@ def _ema_and_batch_stats(
     lp_b = F.log_softmax(batch_logits.double(), dim=1)
     lp_e = F.log_softmax(ema_logits.double(), dim=1)
     result["kl_batch_vs_ema"] = (lp_b.exp() * (lp_b - lp_e)).sum(dim=1).mean().item()
-    return result, ema_logits
+    return result, ema_logits, batch_logits
 
 
 def _precise(
@@ -263,10 +263,10 @@ def _precise(
     sizes: tuple[int, int],
     precise_samples: int,
     seed: int,
-) -> tuple[dict[str, Any], dict[str, tuple[float, float]]]:
+) -> tuple[dict[str, Any], dict[str, tuple[float, float]], Tensor]:
     """Test error and loss with PreciseBN statistics (eval mode), the number of training samples
-    they came from, and each running-statistics layer's (mean gap, log-std gap) EMA vs population.
-    Only called with at least one layer with running statistics."""
+    they came from, each running-statistics layer's (mean gap, log-std gap) EMA vs population,
+    and the logits. Only called with at least one layer with running statistics."""
     eval_batch, batch_size = sizes
     running = [layer for layer in layers if layer.has_running_stats]
     pop = population_stats(
@@ -285,7 +285,7 @@ def _precise(
     batch = min(batch_size, data.train_x.shape[0])
     result["precise_samples"] = math.ceil(precise_samples / batch) * batch
     result["test_error_precise"], result["test_loss_precise"] = error_and_loss(logits, data.test_y)
-    return result, gaps
+    return result, gaps, logits
 
 
 def _dependence_and_floor(
@@ -350,6 +350,7 @@ def run_diagnostics(
     seed: int = 0,
     probe_samples: int = 64,
     eval_batch_size: int | None = None,
+    predictions: dict[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Measure the train/inference mismatch of a trained classifier (see the module docstring).
 
@@ -368,6 +369,9 @@ def run_diagnostics(
             whose outputs do not depend on the batch (default: ``batch_size``). Ignored, i.e.
             ``batch_size`` is used, when a layer normalises with batch statistics even in eval
             mode (one without running statistics).
+        predictions: a dict to receive the per-sample test predictions (class indices, test
+            order) with batch statistics (``test_pred_batch``) and PreciseBN statistics
+            (``test_pred_precise``; eval mode where no layer has running statistics).
 
     Returns:
         A JSON-serialisable dict (floats, ints, None, a list of per-layer dicts).
@@ -383,13 +387,21 @@ def run_diagnostics(
     order = torch.randperm(data.test_x.shape[0], generator=gen).to(data.test_x.device)
 
     with preserved_state(model, layers) as volatile:
-        result, ema_logits = _ema_and_batch_stats(model, layers, data, order, sizes, volatile)
+        result, ema_logits, batch_logits = _ema_and_batch_stats(
+            model, layers, data, order, sizes, volatile
+        )
         gaps: dict[str, tuple[float, float]] = {}
+        precise_logits = ema_logits  # nothing to recompute: eval mode is already "precise"
         if any(layer.has_running_stats for layer in layers):
-            precise, gaps = _precise(model, layers, data, order, sizes, precise_samples, seed)
-        else:  # nothing to recompute: eval mode is already "precise"
+            precise, gaps, precise_logits = _precise(
+                model, layers, data, order, sizes, precise_samples, seed
+            )
+        else:
             err, loss = error_and_loss(ema_logits, data.test_y)
             precise = {"precise_samples": 0, "test_error_precise": err, "test_loss_precise": loss}
+        if predictions is not None:
+            predictions["test_pred_batch"] = batch_logits.argmax(dim=1)
+            predictions["test_pred_precise"] = precise_logits.argmax(dim=1)
         result.update(precise)
         dependence, dep_layers = _dependence_and_floor(
             model, layers, data, batch_size, probe_samples, gen, volatile

@@ -41,7 +41,7 @@ def test_uses_batch_stats_in_eval_agrees_with_train(name: str) -> None:
     model = _models()[name]
     expected = name.endswith("no_running")
     assert uses_batch_stats_in_eval(model) is expected
-    assert batch_stats_in_eval(model) is expected  # the loop's copy (to fold into layers.py)
+    assert batch_stats_in_eval(model) is expected  # the copy in run/loop.py
 
 
 def test_find_norm_layers_names_the_registry_entries() -> None:

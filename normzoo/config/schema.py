@@ -31,6 +31,7 @@ __all__ = [
     "CONF_DIR",
     "DATASETS",
     "HEADS",
+    "LR_RULES",
     "MODEL_SCHEMAS",
     "NORM_RESERVED_KEYS",
     "OPTIMIZERS",
@@ -129,11 +130,15 @@ class DataConf:
     classes_per_batch: int = 0
     train_subset: int = 0
     test_subset: int = 0
+    #: stratified share of the training part held out for validation (0 = none: old results)
+    val_fraction: float = 0.0
 
 
 @dataclass
 class OptimConf:
-    """Optimizer and the linear scaling rule lr = base_lr * batch_size / reference_batch_size."""
+    """Optimizer and its peak learning rate: ``lr_scale * rule``, the rule ``linear``
+    (``base_lr * batch_size / reference_batch_size``, Goyal et al. 2017; ``scale_lr=false`` turns
+    it off as before) or ``constant`` (``base_lr``); ``lr_scale``: a study's validation grid."""
 
     name: str = "sgd"
     base_lr: float = 0.1
@@ -144,6 +149,8 @@ class OptimConf:
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    lr_rule: str = "linear"
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -156,8 +163,11 @@ class TrainConf:
     torch's native kernels are faster for small models).
     ``checkpoint``: ``true`` saves ``checkpoint.pt`` (model, optimizer, step, RNG states, curves)
     into the run dir at the end of every epoch and continues from it when the run is started again;
-    ``auto`` does so for long runs only (not on digits, or more than
+    ``auto`` does so for long runs only (not on digits / digits_hard, or more than
     ``normzoo.train.AUTO_CHECKPOINT_STEPS`` optimizer steps); ``false`` never.
+    ``steps`` > 0: exactly that many optimizer steps (as many epochs as needed, the last one
+    partial; ``epochs`` is then ignored); 0: ``epochs`` whole epochs.
+    ``keep_predictions`` / ``keep_model``: an ok run writes ``predictions.npz`` / ``model.pt``.
     """
 
     epochs: int = 10
@@ -171,14 +181,19 @@ class TrainConf:
     mkldnn: str = "auto"
     progress: Progress = Progress.auto
     checkpoint: Any = "auto"  # auto | true | false (a bool or the string: checked by validate)
+    steps: int = 0
+    keep_predictions: bool = True
+    keep_model: bool = True
 
 
 @dataclass
 class DiagnosticsConf:
-    """The train/inference mismatch diagnostics run at the end of every ok run."""
+    """The train/inference mismatch diagnostics run at the end of every ok run; ``panel``: also
+    :func:`normzoo.inference.inference_panel` (its rows under ``inference_panel``)."""
 
     enabled: bool = True
     precise_samples: int = 4096
+    panel: bool = False
 
 
 @dataclass
@@ -215,7 +230,8 @@ class Config:
 
 MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConf, "cnn": CNNConf, "resnet": ResNetConf}
 OPTIMIZERS = ("sgd", "adamw")
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "digits_hard", "mnist", "fashion_mnist", "cifar10")
+LR_RULES = ("linear", "constant")
 HEADS = ("avg", "flatten")
 ARCHS = ("resnet18", "resnet34")
 

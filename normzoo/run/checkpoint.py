@@ -1,5 +1,5 @@
 """A run's ``checkpoint.pt`` (``train.checkpoint=auto|true|false``; ``auto``: on for every data set
-but digits, and for any run longer than :data:`AUTO_CHECKPOINT_STEPS` steps).
+but the small embedded ones (:data:`SMALL_DATASETS`), and for any run longer than :data:`AUTO_CHECKPOINT_STEPS` steps).
 
 At the end of every epoch the run writes ``checkpoint.pt`` atomically into its dir: model,
 optimizer, the global step (the lr schedule and Batch Renorm's progress follow from it), the
@@ -29,8 +29,12 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTO_CHECKPOINT_STEPS",
     "CHECKPOINT_FILE",
+    "MODEL_FILE",
+    "SMALL_DATASETS",
     "load_checkpoint",
+    "load_model_file",
     "save_checkpoint",
+    "save_model",
     "use_checkpoint",
 ]
 
@@ -39,13 +43,15 @@ log = logging.getLogger("normzoo.train")
 CHECKPOINT_FILE = "checkpoint.pt"
 #: train.checkpoint=auto saves checkpoints for runs longer than this many optimizer steps
 AUTO_CHECKPOINT_STEPS = 20_000
+#: data sets whose runs take seconds: ``auto`` keeps no checkpoint for them (unless long)
+SMALL_DATASETS = ("digits", "digits_hard")
 
 
 def use_checkpoint(cfg: DictConfig, total_steps: int) -> bool:
     """Whether a run of ``total_steps`` steps keeps a checkpoint (``train.checkpoint``)."""
     setting = cfg.train.get("checkpoint", "auto")
     if setting == "auto":
-        return str(cfg.data.name) != "digits" or total_steps > AUTO_CHECKPOINT_STEPS
+        return str(cfg.data.name) not in SMALL_DATASETS or total_steps > AUTO_CHECKPOINT_STEPS
     return bool(setting)
 
 
@@ -92,4 +98,29 @@ def load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any] | No
     if not same:
         log.warning("ignoring checkpoint %s: written for another config", path)
         return None
+    return saved
+
+
+#: the kept final model of an ok run (``train.keep_model``)
+MODEL_FILE = "model.pt"
+
+
+def save_model(path: Path, model: nn.Module, config: dict[str, Any], build: dict[str, Any]) -> None:
+    """Write the trained ``model``'s state dict with what rebuilds it, atomically: ``config`` (the
+    run's resolved config, plain) and ``build`` (norm name, layer options, input shape, classes)."""
+    payload = {
+        "format": 1,
+        "config": json.dumps(config, sort_keys=True, default=str),
+        "build": json.dumps(build, sort_keys=True),
+        "state_dict": model.state_dict(),
+    }
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def load_model_file(path: Path) -> dict[str, Any]:
+    """A ``model.pt``: ``{"config", "build", "state_dict"}`` (config and build as dicts)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved["config"] = json.loads(saved["config"])
+    saved["build"] = json.loads(saved["build"])
     return saved

@@ -2,8 +2,10 @@
 steps with a NaN/inf check, the per-epoch evaluation, gradient clipping and Batch Renorm's
 progress.
 
-SGD (momentum 0.9) or AdamW, the linear scaling rule ``lr = base_lr * B / 32`` (Goyal et al. 2017,
-as in the GN paper), a linear warm-up then a cosine decay, set per step. Batch Renorm's (r, d)
+SGD (momentum 0.9) or AdamW, the peak lr by ``optim.lr_rule`` (``linear``: ``base_lr * B / 32``,
+Goyal et al. 2017, as in the GN paper; ``constant``) times ``optim.lr_scale``, a linear warm-up
+then a cosine decay, set per step, over ``train.steps`` steps (the last epoch partial) or
+``train.epochs`` whole epochs. Batch Renorm's (r, d)
 schedule is driven by the run's progress (every module's ``set_progress(p)``, as
 ``normzoo.norms.batch.set_progress(model, p)`` calls it, every step).
 """
@@ -14,6 +16,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,16 @@ from normzoo.norms import weight as weight_norms
 from normzoo.registry import NormSpec, get_norm, list_norms
 from normzoo.run.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["FitState", "batch_stats_in_eval", "evaluate", "fit", "lr_schedule", "peak_lr"]
+__all__ = [
+    "FitState",
+    "batch_stats_in_eval",
+    "evaluate",
+    "fit",
+    "lr_schedule",
+    "peak_lr",
+    "predict",
+    "total_steps",
+]
 
 log = logging.getLogger("normzoo.train")  # the name the run's log lines always had
 
@@ -53,11 +65,19 @@ def lr_schedule(
 
 
 def peak_lr(cfg: DictConfig) -> float:
-    """``base_lr``, times ``batch_size / reference_batch_size`` with ``optim.scale_lr``."""
-    base = float(cfg.optim.base_lr)
-    if not cfg.optim.scale_lr:
-        return base
-    return base * int(cfg.data.batch_size) / int(cfg.optim.reference_batch_size)
+    """The peak learning rate: ``optim.lr_scale`` times the rule's rate. ``optim.lr_rule``:
+    ``linear`` (default) is ``base_lr * batch_size / reference_batch_size`` (``base_lr`` with
+    ``optim.scale_lr=false``), ``constant`` is ``base_lr`` at every batch size."""
+    lr = float(cfg.optim.base_lr)
+    if str(cfg.optim.get("lr_rule", "linear")) == "linear" and cfg.optim.scale_lr:
+        lr = lr * int(cfg.data.batch_size) / int(cfg.optim.reference_batch_size)
+    return lr * float(cfg.optim.get("lr_scale", 1.0))
+
+
+def total_steps(cfg: DictConfig, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: ``train.steps`` when > 0, else ``train.epochs`` whole epochs."""
+    budget = int(cfg.train.get("steps", 0))
+    return budget if budget > 0 else steps_per_epoch * int(cfg.train.epochs)
 
 
 def make_optimizer(cfg_optim: DictConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -135,6 +155,41 @@ def evaluate(
     transductively, and a last batch of one sample has no batch statistics at all).
     """
     n = len(y)
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    wrong = torch.zeros((), device=x.device, dtype=torch.long)
+    for out, yb in _eval_outputs(model, x, y, batch_size, train_batch_size, batch_stats):
+        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
+        wrong += (out.argmax(1) != yb).sum()
+    n = max(n, 1)
+    return float(loss_sum) / n, float(wrong) / n
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    batch_size: int = 1000,
+    train_batch_size: int | None = None,
+    *,
+    batch_stats: bool | None = None,
+) -> Tensor:
+    """The class :func:`evaluate` counts for each sample of ``x`` (eval mode, in ``x``'s order)."""
+    dummy = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    outs = _eval_outputs(model, x, dummy, batch_size, train_batch_size, batch_stats)
+    preds = [out.argmax(1) for out, _ in outs]
+    return torch.cat(preds) if preds else dummy
+
+
+def _eval_outputs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    train_batch_size: int | None,
+    batch_stats: bool | None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(logits, labels) of each eval-mode batch of :func:`evaluate`, in order."""
+    n = len(y)
     fill = False
     if batch_stats is None:
         batch_stats = batch_stats_in_eval(model)
@@ -147,21 +202,15 @@ def evaluate(
         batch_size, fill = min(int(train_batch_size), max(n, 1)), True
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    wrong = torch.zeros((), device=x.device, dtype=torch.long)
     try:
         for i in range(0, n, batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             k = len(yb)
             if fill and k < batch_size:
                 xb = torch.cat([xb, x[: batch_size - k]])
-            out = model(xb)[:k]
-            loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
-            wrong += (out.argmax(1) != yb).sum()
+            yield model(xb)[:k], yb
     finally:
         model.train(was_training)
-    n = max(n, 1)
-    return float(loss_sum) / n, float(wrong) / n
 
 
 def clip_fractions(model: nn.Module) -> dict[str, float]:
@@ -271,9 +320,10 @@ def fit(
     """
     batch_size = int(cfg.data.batch_size)
     grouped = int(cfg.data.classes_per_batch)
-    epochs = int(cfg.train.epochs)
     steps_per_epoch = batches_per_epoch(data, batch_size, grouped)
-    total = steps_per_epoch * epochs
+    total = total_steps(cfg, steps_per_epoch)
+    epochs = math.ceil(total / steps_per_epoch)  # a step budget's last epoch is partial
+    has_val = data.val_y.numel() > 0
     warmup = round(float(cfg.train.warmup_fraction) * total)
     lrs = lr_schedule(total, peak_lr(cfg), warmup, float(cfg.train.final_lr_fraction))
     opt = make_optimizer(cfg.optim, model, lrs[0])
@@ -314,14 +364,15 @@ def fit(
             xs, ys = data.train_x[order], data.train_y[order]  # one gather per epoch, then views
             # On CPU loss.item() costs no sync (0.3 us, less than any tensor op): every step is
             # checked. On a GPU the losses stay on the device, checked every `check_every` steps.
-            losses = torch.zeros(steps_per_epoch, device=device)
+            n_steps = min(steps_per_epoch, total - step)  # this epoch's steps
+            losses = torch.zeros(n_steps, device=device)
             loss_sum = 0.0
-            correct = torch.zeros(steps_per_epoch, device=device, dtype=torch.long)
+            correct = torch.zeros(n_steps, device=device, dtype=torch.long)
             checked = 0
             if epoch == 1 and cfg.norm.get("data_init", False):
                 count = max(int(cfg.norm.get("data_init_samples", batch_size)), batch_size)
                 weight_norms.data_dependent_init(model, xs[:count])
-            for i in range(steps_per_epoch):
+            for i in range(n_steps):
                 lr = lrs[step]
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -345,7 +396,7 @@ def fit(
                 step += 1
                 if not on_cpu:
                     losses[i] = loss.detach()
-                    if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
+                    if (i + 1) % check_every == 0 or i + 1 == n_steps:
                         _check_finite(losses, checked, i + 1, step - (i + 1))
                         checked = i + 1
                 if bar is not None:
@@ -360,16 +411,20 @@ def fit(
                 model, data.test_x, data.test_y, int(cfg.data.eval_batch_size), batch_size,
                 batch_stats=eval_batch_stats,
             )  # fmt: skip
-            state.eval_time_s += time.perf_counter() - evaluating_since
             row = {
                 "epoch": epoch,
-                "train_loss": loss_sum / steps_per_epoch if on_cpu else float(losses.mean()),
-                "train_error": 1.0 - float(correct.sum()) / (steps_per_epoch * batch_size),
+                "train_loss": loss_sum / n_steps if on_cpu else float(losses.mean()),
+                "train_error": 1.0 - float(correct.sum()) / (n_steps * batch_size),
                 "test_loss": test_loss,
                 "test_error": test_error,
-                "lr": lrs[step - 1],
-                **clip_fractions(model),
             }
+            if has_val:  # eval mode, as the test numbers
+                row["val_loss"], row["val_error"] = evaluate(
+                    model, data.val_x, data.val_y, int(cfg.data.eval_batch_size), batch_size,
+                    batch_stats=eval_batch_stats,
+                )  # fmt: skip
+            state.eval_time_s += time.perf_counter() - evaluating_since
+            row.update(lr=lrs[step - 1], **clip_fractions(model))
             state.curves.append(row)
             _report_epoch(row, epochs, step, total, mode, bar)
             if checkpoint is not None:

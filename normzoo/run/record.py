@@ -5,7 +5,10 @@ Every run writes ``metrics.json`` in its output dir, atomically (temp file in th
 ``os.replace``), once, at the end, with ``status`` one of ``ok``, ``failed`` (an exception: its
 text and traceback tail), ``diverged`` (a NaN/inf loss: the step), ``invalid`` (the combination
 cannot run). Besides the keys of :data:`RECORD_KEYS` a record holds what the run adds: the layer
-options, ``traceback`` of a failed run, ``brn_clip_*`` in the curves, the diagnostics' keys.
+options, ``traceback`` of a failed run, ``brn_clip_*`` (and ``val_*`` with a validation split) in
+the curves, the diagnostics' keys, ``inference_panel`` (``diagnostics.panel``). ``lr`` is the peak
+of the schedule (``lr_rule``, ``lr_scale``); ``steps``/``epochs_run``/``samples_seen`` what the run
+did; ``predictions`` / ``model_file``: the files an ok run kept beside it (else None).
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ KEEP_ON_RESUME = ("ok", "invalid", "diverged")
 RECORD_KEYS = (
     "schema_version", "status", "error", "error_step", "norm", "norm_kind", "uses_batch_stats",
     "reference", "norm_layer_options", "model", "data", "batch_size", "seed", "base_lr", "lr",
-    "epochs", "optimizer", "device", "threads", "study", "config", "train_loss", "train_error",
-    "test_loss", "test_error", "curves", "steps", "num_params", "wall_time_s", "train_time_s",
-    "eval_time_s", "steps_per_s", "versions", "git_rev", "git_dirty", "hostname", "command",
+    "lr_rule", "lr_scale", "epochs", "optimizer", "device", "threads", "study", "config", "train_loss", "train_error",
+    "test_loss", "test_error", "val_loss", "val_error", "curves", "steps", "epochs_run",
+    "samples_seen", "num_params", "wall_time_s", "train_time_s",
+    "eval_time_s", "steps_per_s", "predictions", "model_file", "versions", "git_rev", "git_dirty", "hostname", "command",
     "task_overrides", "rerun_command", "started_at", "finished_at",
 )  # fmt: skip
 
@@ -89,7 +93,9 @@ def base_record(
         "batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
         "base_lr": cfg.optim.base_lr,
-        "lr": lr,
+        "lr": lr,  # the peak of the schedule
+        "lr_rule": str(cfg.optim.get("lr_rule", "linear")),
+        "lr_scale": float(cfg.optim.get("lr_scale", 1.0)),
         "epochs": cfg.train.epochs,
         "optimizer": str(cfg.optim.name),
         "device": getattr(cfg.device, "name", str(cfg.device)),
@@ -100,13 +106,19 @@ def base_record(
         "train_error": None,
         "test_loss": None,
         "test_error": None,
+        "val_loss": None,
+        "val_error": None,
         "curves": [],
         "steps": 0,
+        "epochs_run": 0,
+        "samples_seen": 0,
         "num_params": None,
         "wall_time_s": None,
         "train_time_s": None,
         "eval_time_s": None,
         "steps_per_s": None,
+        "predictions": None,
+        "model_file": None,
         "versions": versions(),
         "git_rev": git_revision(),
         "git_dirty": git_dirty(),

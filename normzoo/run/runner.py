@@ -2,8 +2,9 @@
 
 Validate the config, load the data onto the device, build the model (a combination that cannot
 apply is recorded as ``invalid`` here, before any training), train (:func:`normzoo.run.loop.fit`),
-then the mismatch diagnostics (``normzoo.diagnostics``), and write the record
-(:mod:`normzoo.run.record`). The run never raises for a failure of its own: it is recorded. A
+then the mismatch diagnostics (``normzoo.diagnostics``; with ``diagnostics.panel`` also the
+inference panel), keep ``predictions.npz`` (``train.keep_predictions``) and ``model.pt``
+(``train.keep_model``, for ``normzoo-eval``), and write the record (:mod:`normzoo.run.record`). The run never raises for a failure of its own: it is recorded. A
 config error (out of range, unknown norm, ``device=cuda`` without a GPU, a missing data set) is
 raised before anything is loaded outside a multirun, and recorded as ``failed`` in one.
 
@@ -29,18 +30,21 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from normzoo.config.flat import plain
 from normzoo.config.identity import comparable_config
 from normzoo.config.options import explicit_norm_keys, norm_layer_options
 from normzoo.config.validate import validate
 from normzoo.data import DataNotFoundError, batches_per_epoch, load_data
 from normzoo.diagnostics import run_diagnostics
 from normzoo.errors import ConfigError, Diverged, InvalidCombination
+from normzoo.inference import inference_panel
 from normzoo.models import build_model, check_batch_size, count_parameters
 from normzoo.provenance import now_utc
 from normzoo.registry import NormSpec, get_norm
-from normzoo.run.checkpoint import CHECKPOINT_FILE, use_checkpoint
+from normzoo.run.checkpoint import CHECKPOINT_FILE, MODEL_FILE, save_model, use_checkpoint
 from normzoo.run.device import configure_torch, resolve_device, resolved_device_type
-from normzoo.run.loop import FitState, fit, peak_lr
+from normzoo.run.loop import FitState, batch_stats_in_eval, fit, peak_lr, predict, total_steps
+from normzoo.run.predictions import PREDICTIONS_FILE, save_predictions
 from normzoo.run.record import KEEP_ON_RESUME, METRICS_FILE, base_record, read_record, write_record
 
 __all__ = ["kept_result", "run"]
@@ -155,11 +159,11 @@ def _train(
     ).to(device)
     check_batch_size(model, spec.name, data.input_shape, batch_size)
     record["num_params"] = count_parameters(model)
-    total = steps_per_epoch * int(cfg.train.epochs)
+    total = total_steps(cfg, steps_per_epoch)
     log.info(
-        "run %s on %s: %s/%s B=%d seed=%d lr=%.4g epochs=%d (%d steps) -> %s",
+        "run %s on %s: %s/%s B=%d seed=%d lr=%.4g %d steps (%d per epoch) -> %s",
         spec.name, device, cfg.model.name, data.name, cfg.data.batch_size, cfg.seed,
-        record["lr"], cfg.train.epochs, total, out,
+        record["lr"], total, steps_per_epoch, out,
     )  # fmt: skip
 
     checkpoint = out / CHECKPOINT_FILE if use_checkpoint(cfg, total) else None
@@ -167,8 +171,9 @@ def _train(
     fit(model, data, cfg, device, fit_state, checkpoint, spec=spec, identity=identity,
         multirun=multirun)  # fmt: skip
     last = fit_state.curves[-1]
-    for key in ("train_loss", "train_error", "test_loss", "test_error"):
-        record[key] = last[key]
+    for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error"):
+        record[key] = last.get(key)
+    predictions: dict[str, Any] = {}
     if cfg.diagnostics.enabled:  # its own keys: the run's test_error/test_loss stay the curves'
         record.update(
             run_diagnostics(
@@ -178,14 +183,42 @@ def _train(
                 precise_samples=int(cfg.diagnostics.precise_samples),
                 seed=int(cfg.seed),
                 eval_batch_size=int(cfg.data.eval_batch_size),
+                predictions=predictions if spec.uses_batch_stats else None,
             )
         )
+    if cfg.diagnostics.get("panel", False):
+        record["inference_panel"] = inference_panel(model, data, batch_size=batch_size,
+                                                    seed=int(cfg.seed))  # fmt: skip
+    if cfg.train.get("keep_predictions", True):
+        _keep_predictions(model, data, cfg, spec, predictions, out)
+        record["predictions"] = PREDICTIONS_FILE
+    if cfg.train.get("keep_model", True):
+        build = {"norm": spec.name, "layer_options": layer_options,
+                 "input_shape": list(data.input_shape), "num_classes": data.num_classes}  # fmt: skip
+        save_model(out / MODEL_FILE, model, plain(cfg), build)
+        record["model_file"] = MODEL_FILE
+
+
+def _keep_predictions(model, data, cfg, spec, predictions: dict[str, Any], out: Path) -> None:
+    """``predictions.npz``: eval-mode test (and validation) classes as the run's own
+    ``test_error`` counts them, plus the diagnostics' batch / PreciseBN ones (``predictions``)."""
+    batch_stats = batch_stats_in_eval(model, spec)
+    sizes = (int(cfg.data.eval_batch_size), int(cfg.data.batch_size))
+    predictions["test_y"] = data.test_y
+    predictions["test_pred"] = predict(model, data.test_x, *sizes, batch_stats=batch_stats)
+    if data.val_y.numel() > 0:
+        predictions["val_y"] = data.val_y
+        predictions["val_pred"] = predict(model, data.val_x, *sizes, batch_stats=batch_stats)
+    save_predictions(out, predictions)
 
 
 def _finish(record: dict[str, Any], fit_state: FitState, out: Path, t_start: float) -> None:
     """Timings and curves into the record; write it; a finished result needs no checkpoint."""
     record["curves"] = fit_state.curves
     record["steps"] = fit_state.steps
+    record["epochs_run"] = len(fit_state.curves)
+    batch = record["batch_size"]
+    record["samples_seen"] = fit_state.steps * batch if isinstance(batch, int) else None
     record["train_time_s"] = fit_state.train_time_s
     record["eval_time_s"] = fit_state.eval_time_s
     record["steps_per_s"] = (
