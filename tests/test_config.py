@@ -29,6 +29,7 @@ from normzoo.models import build_model
 
 SHAPES = {
     "digits": (1, 8, 8),
+    "digits_hard": (1, 16, 16),
     "mnist": (1, 28, 28),
     "fashion_mnist": (1, 28, 28),
     "cifar10": (3, 32, 32),
@@ -62,8 +63,8 @@ def test_norm_file_names_its_entry_and_only_its_options(name: str) -> None:
 
 
 def test_groups_exist() -> None:
-    assert options("model") == ["cnn", "mlp", "resnet"]
-    assert options("data") == ["cifar10", "digits", "fashion_mnist", "mnist"]
+    assert options("model") == ["cnn", "cnn16", "mlp", "resnet"]
+    assert options("data") == ["cifar10", "digits", "digits_hard", "fashion_mnist", "mnist"]
     assert options("optim") == ["adamw", "sgd"]
     assert {"digits", "cifar10_resnet"} <= set(options("experiment"))
     assert options("hydra/launcher") == ["local_joblib", "local_submitit", "slurm"]
@@ -126,8 +127,8 @@ VARIANTS = {
 }
 
 
-def test_digits_study_sweeps_every_from_scratch_layer(hydra_conf) -> None:
-    cfg = compose("config", overrides=["experiment=digits"], return_hydra_config=True)
+def test_the_first_digits_study_sweeps_every_classic_layer(hydra_conf) -> None:
+    cfg = compose("config", overrides=["experiment=digits_v1"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     # the variants (issue 16) and the layers for people's own models (issue 15) have own studies
     interop_only = {"layernorm_last", "rmsnorm", "layernorm2d"}
@@ -135,14 +136,14 @@ def test_digits_study_sweeps_every_from_scratch_layer(hydra_conf) -> None:
     assert sorted(params.norm.split(",")) == classic
     assert params["data.batch_size"] == "2,4,8,16,32,64,128"
     assert params.seed == "0,1,2"
-    assert cfg.hydra.sweep.dir == "multirun/digits"
+    assert cfg.hydra.sweep.dir == "multirun/digits_v1"
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
-    assert cfg.report.out == "reports/digits"
+    assert cfg.report.out == "reports/digits_v1"
     assert cfg.hydra.callbacks.report._target_ == "normzoo.report.ReportCallback"
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     assert cfg.device.name == "cpu" and cfg.threads == 1
     # GroupNorm's groups divide every width of the study's model
-    model = build_model(cfg.model, "gn", norm_layer_options(make("experiment=digits", "norm=gn")),
+    model = build_model(cfg.model, "gn", norm_layer_options(make("experiment=digits_v1", "norm=gn")),
                         (1, 8, 8), 10)  # fmt: skip
     assert model is not None
 
@@ -308,7 +309,7 @@ def test_two_norm_options_keys_for_one_layer_are_refused(hydra_conf) -> None:
 def test_layer_options_from_a_flat_record_match_the_config(hydra_conf) -> None:
     for overrides in (
         ["norm=gn"],
-        ["experiment=digits", "norm=gn"],
+        ["experiment=digits_v1", "norm=gn"],
         ["norm=bn", "+norm_options.bn.momentum=0.3"],
     ):
         cfg = make(*overrides)

@@ -68,7 +68,7 @@ def test_neutral_keys_leave_the_identity_unchanged_and_others_change_it(cfg) -> 
 
 def test_the_results_table_expands_the_same_grid(tmp_path: Path) -> None:
     params = {"norm": "bn,gn", "data.batch_size": "2,4,8", "model": "mlp,cnn"}
-    task = ["experiment=digits", "model=mlp", "seed=0,1"]
+    task = ["experiment=digits_v1", "model=mlp", "seed=0,1"]
     (tmp_path / "multirun.yaml").write_text(
         yaml.safe_dump(
             {
@@ -87,7 +87,7 @@ def test_the_results_table_expands_the_same_grid(tmp_path: Path) -> None:
         "norm=bn",
         "data.batch_size=2",
         "model=mlp",
-        "experiment=digits",
+        "experiment=digits_v1",
         "seed=0",
     ]
 

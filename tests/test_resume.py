@@ -201,7 +201,7 @@ def test_checkpoint_auto_is_on_for_long_runs_only(hydra_conf, args, steps, expec
 
 STUDY = [
     "-m",
-    "experiment=digits",
+    "experiment=digits_v1",
     # shrink the study to 2 x 2 x 2 tiny runs; the command line replaces the study's swept values
     "data.batch_size=4,8",
     "model=mlp",
@@ -270,7 +270,7 @@ def test_a_killed_study_sweep_resumes_and_counts_every_run_once(tmp_path: Path) 
 
     # provenance: a row's rerun_command, run as a single run, gives the same record
     row = json.loads(next(iter(sweep.glob("*/metrics.json"))).read_text())
-    assert "experiment=digits" in row["task_overrides"] and "norm=" in row["rerun_command"]
+    assert "experiment=digits_v1" in row["task_overrides"] and "norm=" in row["rerun_command"]
     command = shlex.split(row["rerun_command"])
     assert command[0] == "normzoo-train"
     single = cli(tmp_path, *command[1:], f"hydra.run.dir={tmp_path / 'rerun'}")

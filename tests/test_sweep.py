@@ -193,15 +193,15 @@ def test_single_run_exit_status_says_invalid(tmp_path: Path) -> None:
 
 
 def test_an_explicit_norm_option_wins_over_a_studys_norm_options(tmp_path, monkeypatch) -> None:
-    """`experiment=digits norm=gn norm.num_groups=4`: the study's norm_options (8 groups) yield to
+    """`experiment=digits_v1 norm=gn norm.num_groups=4`: the study's norm_options (8 groups) yield to
     the option given on the command line; `norm=gn` alone builds the default cnn (16, 32, 32)."""
     import normzoo.train as train
 
     monkeypatch.chdir(tmp_path)
     tiny = [t for t in TINY if not t.startswith("model.")]
     for name, extra, groups in [
-        ("explicit", ["experiment=digits", "norm=gn", "norm.num_groups=4"], 4),
-        ("study", ["experiment=digits", "norm=gn"], 8),
+        ("explicit", ["experiment=digits_v1", "norm=gn", "norm.num_groups=4"], 4),
+        ("study", ["experiment=digits_v1", "norm=gn"], 8),
         ("default", ["norm=gn", "data.batch_size=8"], 8),
     ]:
         run_dir = tmp_path / name

@@ -237,7 +237,7 @@ def test_sweep_guard_passes_good_sweeps_and_studies(hydra_conf) -> None:
     train.check_sweep(sweep_config(params={"norm": "in,ln", "data.batch_size": "2,4"}))
     # norm-specific options ride along with a sweep over norms
     train.check_sweep(sweep_config("norm=gn,bn", "+norm_options.groupnorm.num_groups=4"))
-    for study in ("digits", "cifar10_resnet"):
+    for study in ("digits", "digits_reference", "digits_noniid", "digits_v1", "cifar10_resnet"):
         cfg = compose("config", overrides=[f"experiment={study}"], return_hydra_config=True)
         if study == "cifar10_resnet":  # its data is not here: that is exactly what is refused
             with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
@@ -354,7 +354,7 @@ def test_batch_statistics_at_batch_size_one_on_the_mlp_are_invalid_before_traini
 
 
 def test_count_jobs_is_the_product_of_the_sweeps(hydra_conf) -> None:
-    study = compose("config", overrides=["experiment=digits"], return_hydra_config=True)
+    study = compose("config", overrides=["experiment=digits_v1"], return_hydra_config=True)
     assert train.count_jobs(study) == 7 * 7 * 2 * 3  # the 294-job default study
     assert train.count_jobs(sweep_config("norm=bn,gn", "seed=range(0,3)", "data.batch_size=8")) == 6
     assert train.count_jobs(sweep_config(params={"norm": "bn,gn"})) == 2
@@ -389,10 +389,10 @@ def test_sweep_guard_logs_one_progress_line_per_finished_job(hydra_conf, tmp_pat
 
 
 def test_the_command_line_replaces_a_studys_swept_values(hydra_conf) -> None:
-    """`-m experiment=digits model=mlp model.widths=[8]`: model=mlp replaces the study's
+    """`-m experiment=digits_v1 model=mlp model.widths=[8]`: model=mlp replaces the study's
     `model: mlp,cnn` (as Hydra's sweeper does), so cnn's schema does not apply."""
-    study = ["experiment=digits", "model=mlp", "model.widths=[8]", "seed=0,1", "norm=bn,ln"]
-    cfg = compose("config", overrides=[*TINY, "experiment=digits", "model=mlp", "model.widths=[8]"],
+    study = ["experiment=digits_v1", "model=mlp", "model.widths=[8]", "seed=0,1", "norm=bn,ln"]
+    cfg = compose("config", overrides=[*TINY, "experiment=digits_v1", "model=mlp", "model.widths=[8]"],
                   return_hydra_config=True)  # fmt: skip
     with open_dict(cfg):
         cfg.hydra.overrides.task = study
