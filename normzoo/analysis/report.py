@@ -43,6 +43,8 @@ from normzoo.analysis.figures import (
 from normzoo.analysis.provenance import provenance_lines
 from normzoo.analysis.results import load_sweep, ok_runs, write_csv
 from normzoo.analysis.stats import RULES
+from normzoo.analysis.study import has_predictions, load_study, sub_sweeps
+from normzoo.analysis.study_report import write_study_report
 from normzoo.analysis.summary import SeedTable, prepare, summarise
 from normzoo.analysis.tables import (
     degradation_tables,
@@ -248,6 +250,13 @@ def build_report(
 ) -> Path:
     """Load the sweep at ``sweep_dir`` and write its report into ``out_dir`` (default
     ``reports/<study>``); returns the path of ``report.md``."""
+    if sub_sweeps(sweep_dir) or has_predictions(load_sweep(sweep_dir)):
+        study = load_study(sweep_dir)  # v2: sibling sweeps or per-sample predictions
+        out = Path(out_dir) if out_dir is not None else default_out_dir(sweep_dir, study)
+        name = title or f"normzoo study report: {Path(sweep_dir).resolve().name}"
+        return write_study_report(
+            study, out, title=name, study_dir=Path(sweep_dir), command=command
+        )
     df = load_sweep(sweep_dir)
     out = Path(out_dir) if out_dir is not None else default_out_dir(sweep_dir, df)
     return write_report(df, out, title=title, sweep_dir=sweep_dir, command=command)
