@@ -160,7 +160,7 @@ def test_report_answers_first_and_cites_its_figure(known) -> None:
 def test_bn_small_batch_loss_is_found_higher_with_the_right_sign(known) -> None:
     out, text = known
     line = _finding(text, "BatchNorm at small normalisation batches, cnn")
-    assert "The error of BatchNorm(2) is higher than that of BatchNorm(32) (+" in line
+    assert "error of BatchNorm(2) is higher than that of BatchNorm(32) (+" in line
     assert "rises as it grows" not in line and "falls as it grows" in line  # error falls with batch
     tests = pd.read_csv(out / "findings_tests.csv")
     bn = tests[(tests["a"] == "BatchNorm(2)") & (tests["b"] == "BatchNorm(32)")]

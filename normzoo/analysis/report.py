@@ -250,14 +250,14 @@ def build_report(
 ) -> Path:
     """Load the sweep at ``sweep_dir`` and write its report into ``out_dir`` (default
     ``reports/<study>``); returns the path of ``report.md``."""
-    if sub_sweeps(sweep_dir) or has_predictions(load_sweep(sweep_dir)):
+    df = None if sub_sweeps(sweep_dir) else load_sweep(sweep_dir)
+    if df is None or has_predictions(df):
         study = load_study(sweep_dir)  # v2: sibling sweeps or per-sample predictions
         out = Path(out_dir) if out_dir is not None else default_out_dir(sweep_dir, study)
         name = title or f"normzoo study report: {Path(sweep_dir).resolve().name}"
         return write_study_report(
             study, out, title=name, study_dir=Path(sweep_dir), command=command
         )
-    df = load_sweep(sweep_dir)
     out = Path(out_dir) if out_dir is not None else default_out_dir(sweep_dir, df)
     return write_report(df, out, title=title, sweep_dir=sweep_dir, command=command)
 

@@ -63,7 +63,7 @@ class Test:
             f"within ±{margin:g} points)",
         }[v]
         how = f"paired bootstrap over {self.n}"
-        return f"The error of {self.a} {words} ({ci}; {how}; Holm p = {self.p_holm:.2g})"
+        return f"the error of {self.a} {words} ({ci}; {how}; Holm p = {self.p_holm:.2g})"
 
 
 def _name(norm: str, batch: float | None = None, note: str = "") -> str:
@@ -228,5 +228,6 @@ def study_findings(df: pd.DataFrame, margin: float = MARGIN) -> tuple[list[str],
     lines = []
     for model, title, tests in groups[:12]:
         body = "; ".join(t.sentence(margin) for t in tests)
+        body = body[:1].upper() + body[1:]
         lines.append(f"**{title}, {model}.** {body}.")
     return lines, family
