@@ -153,6 +153,14 @@ def test_report_answers_first_and_cites_its_figure(known) -> None:
                                      "<details>")]  # fmt: skip
     assert order == sorted(order)
     assert str(out.parent) not in (out / "runs.csv").read_text()  # relative paths only
+    headline = pd.read_csv(out / "headline.csv")
+    bn = headline[(headline["model"] == "cnn") & (headline["layer"] == "BatchNorm")].iloc[0]
+    cells = pd.read_csv(out / "cells.csv")
+    c2 = cells[(cells["sweep"] == "ghost") & (cells["model"] == "cnn") & (cells["norm"] == "batchnorm")
+               & (cells["norm_batch"] == 2)].iloc[0]  # fmt: skip
+    assert bn["norm. batch 2"] == f"{c2['error']:.1f} [{c2['lo95']:.1f}, {c2['hi95']:.1f}]"
+    assert 28 < c2["error"] < 32 and c2["lo95"] < c2["error"] < c2["hi95"]  # 30% by construction
+    assert headline.loc[headline["layer"] == "GroupNorm", "norm. batch any"].notna().all()
     findings = [line for line in text.splitlines() if re.match(r"\d+\. ", line)]
     assert 0 < len(findings) <= 12
 

@@ -21,7 +21,7 @@ from normzoo.analysis.study_claims import study_findings
 from normzoo.markdown import frame_table
 from normzoo.published import GN_PAPER_RESNET50
 
-__all__ = ["write_study_report"]
+__all__ = ["headline_table", "write_study_report"]
 
 
 def _relative(df: pd.DataFrame, root: Path | None) -> pd.DataFrame:
@@ -40,8 +40,27 @@ def _details(summary: str, body: list[str]) -> list[str]:
     return [f"<details><summary>{summary}</summary>", "", *body, "", "</details>", ""]
 
 
+def headline_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Error (%) [95% interval] per (model, layer) and normalisation batch; "any" for layers
+    without batch statistics."""
+    shown = cells.assign(
+        batch=cells["norm_batch"].map(lambda b: "any" if pd.isna(b) else int(b)),
+        cell=[f"{e:.1f} [{lo:.1f}, {hi:.1f}]" for e, lo, hi in
+              zip(cells["error"], cells["lo95"], cells["hi95"], strict=True)],
+    )  # fmt: skip
+    table = shown.pivot_table(
+        index=["model", "layer"], columns="batch", values="cell", aggfunc="first"
+    )
+    ints = sorted(c for c in table.columns if c != "any")
+    table = table[[*ints, *(["any"] if "any" in table.columns else [])]].fillna("")
+    table.columns = [f"norm. batch {c}" for c in table.columns]
+    return table.reset_index()
+
+
 def _headline(cells: pd.DataFrame, out: Path) -> list[str]:
     fig_headline(iid(cells), out / "fig_headline.png")
+    table = headline_table(iid(cells))
+    write_csv(table, out / "headline.csv")
     return [
         "![Test error against normalisation batch](fig_headline.png)",
         "",
@@ -50,6 +69,10 @@ def _headline(cells: pd.DataFrame, out: Path) -> list[str]:
         "over seeds with a 95% interval (bootstrap over seeds x test samples). Dashed bands: "
         "layers without batch statistics (no normalisation batch). Inset: "
         f"{GN_PAPER_RESNET50.source} (ResNet-50, ImageNet), for the shape only.",
+        "",
+        "The same numbers, test error (%) [95% interval] (CSV: `headline.csv`):",
+        "",
+        frame_table(table, index=False),
         "",
     ]
 
