@@ -1,5 +1,9 @@
 """A sweep's results -> ``report.md`` with PNG figures and CSV tables.
 
+A study dir of sibling sweeps (``multirun/digits/{ghost,reference,noniid}``), or a sweep whose runs
+kept per-sample predictions, gets the v2 report instead (answer first:
+:mod:`normzoo.analysis.study_report`); what follows is the fixed-epoch report of older sweeps.
+
 ``normzoo-report <sweep dir> [--out DIR]`` (or :func:`build_report`, or
 :class:`~normzoo.analysis.callback.ReportCallback` at the end of a multirun) reads the sweep with
 :func:`normzoo.analysis.results.load_sweep` and writes, into the output dir (default
