@@ -1,5 +1,9 @@
 """A sweep's results -> ``report.md`` with PNG figures and CSV tables.
 
+A study dir of sibling sweeps (``multirun/digits/{ghost,reference,noniid}``), or a sweep whose runs
+kept per-sample predictions, gets the v2 report instead (answer first:
+:mod:`normzoo.analysis.study_report`); what follows is the fixed-epoch report of older sweeps.
+
 ``normzoo-report <sweep dir> [--out DIR]`` (or :func:`build_report`, or
 :class:`~normzoo.analysis.callback.ReportCallback` at the end of a multirun) reads the sweep with
 :func:`normzoo.analysis.results.load_sweep` and writes, into the output dir (default
@@ -43,6 +47,8 @@ from normzoo.analysis.figures import (
 from normzoo.analysis.provenance import provenance_lines
 from normzoo.analysis.results import load_sweep, ok_runs, write_csv
 from normzoo.analysis.stats import RULES
+from normzoo.analysis.study import has_predictions, load_study, sub_sweeps
+from normzoo.analysis.study_report import write_study_report
 from normzoo.analysis.summary import SeedTable, prepare, summarise
 from normzoo.analysis.tables import (
     degradation_tables,
@@ -248,7 +254,14 @@ def build_report(
 ) -> Path:
     """Load the sweep at ``sweep_dir`` and write its report into ``out_dir`` (default
     ``reports/<study>``); returns the path of ``report.md``."""
-    df = load_sweep(sweep_dir)
+    df = None if sub_sweeps(sweep_dir) else load_sweep(sweep_dir)
+    if df is None or has_predictions(df):
+        study = load_study(sweep_dir)  # v2: sibling sweeps or per-sample predictions
+        out = Path(out_dir) if out_dir is not None else default_out_dir(sweep_dir, study)
+        name = title or f"normzoo study report: {Path(sweep_dir).resolve().name}"
+        return write_study_report(
+            study, out, title=name, study_dir=Path(sweep_dir), command=command
+        )
     out = Path(out_dir) if out_dir is not None else default_out_dir(sweep_dir, df)
     return write_report(df, out, title=title, sweep_dir=sweep_dir, command=command)
 
