@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from normzoo.config.flat import plain as _plain
+from normzoo.config.option_types import check_option_types
 from normzoo.config.options import _layer_options, _merge_layer_options
 from normzoo.config.schema import (
     ARCHS,
@@ -315,6 +316,9 @@ def validate_norm(norm: Any, norm_options: Any, explicit: Iterable[str] = ()) ->
     extra = norm_options
     if isinstance(extra, DictConfig):
         extra = OmegaConf.to_container(extra, resolve=True)
+    check_option_types(spec, dict(node))
+    for name, opts in dict(extra).items():
+        check_option_types(get_norm(str(name)), dict(opts), f"norm_options.{name}")
     _build_once(spec, _merge_layer_options(spec.name, dict(node), dict(extra), explicit))
 
 
