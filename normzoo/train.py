@@ -11,7 +11,8 @@ callback and progress lines are :mod:`normzoo.sweep`. Hydra re-raises a job's ex
 the whole batch of jobs has run, and then ends the multirun, so every failure is recorded in the
 run's ``metrics.json`` and the sweep goes on. The exit status says what happened: a single run
 exits 1 if ``failed`` or refused by a config error, 2 if ``invalid``, 3 if ``diverged``; a multirun
-exits 1 if any of its runs ``failed`` (``diverged``/``invalid`` are results of a study, not errors).
+exits 1 if it was refused or any of its runs ``failed``, 2 if no run ended ``ok`` (every one
+``diverged`` or ``invalid``), else 0 (some ``diverged``/``invalid`` runs are results of a study).
 A job killed from outside (SIGKILL, out of memory) leaves no ``metrics.json``; a rerun into the same
 sweep dir redoes it (run dirs are named by the job's overrides).
 """
@@ -107,7 +108,7 @@ def main() -> None:
         sys.exit(1)
     _hydra_main()
     if sweep.OUTCOME.seen:
-        sys.exit(1 if sweep.OUTCOME.failed else 0)
+        sys.exit(sweep.OUTCOME.exit_status())
     if _SingleRun.status is not None:
         sys.exit(EXIT_CODES.get(_SingleRun.status, 1))
 

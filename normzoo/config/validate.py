@@ -33,6 +33,7 @@ from normzoo.errors import ConfigError
 from normzoo.registry import UnknownNormError, get_norm
 
 __all__ = [
+    "KEEP_ANY_REVISION",
     "RULES",
     "check_override",
     "check_value",
@@ -51,9 +52,16 @@ def suggest_norm(value: str) -> str:
     return f"unknown norm {value!r} (norm={value}).{hint} Choices: {', '.join(choices)}."
 
 
+#: the ``resume`` value that keeps finished results of any code revision (normzoo.run.resume)
+KEEP_ANY_REVISION = "keep_any_revision"
+
 #: range rules for single keys: key -> (test, the allowed values in words)
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: v >= 0, ">= 0"),
+    "resume": (
+        lambda v: isinstance(v, bool) or v == KEEP_ANY_REVISION,
+        f"true, false or {KEEP_ANY_REVISION}",
+    ),
     "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
     "data.name": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -199,6 +207,8 @@ def check_override(text: str, model: str | None = None) -> None:
     for value in values:
         if not (isinstance(value, str) and "${" in value):  # interpolations resolve later
             _check_type(key, types[field_name], value)
+            if types[field_name] == "Any" and key in RULES:  # no type to check: its rule says
+                check_value(key, value)
 
 
 def _check_type(key: str, type_name: str, value: Any) -> None:

@@ -12,7 +12,8 @@ status ``ok``, ``invalid`` or ``diverged`` *for the same config* (the recorded `
 this one up to :data:`normzoo.config.identity.RESULT_NEUTRAL_KEYS`) is skipped before anything is
 loaded and its ``metrics.json`` is left untouched: those statuses are deterministic results of the
 config. ``failed`` runs, dirs without a ``metrics.json`` (killed) and runs whose config changed are
-run again; ``resume=false`` reruns everything. The code revision is not compared. The temp files a
+run again; ``resume=false`` reruns everything. A result of another code revision is run again
+(:mod:`normzoo.run.resume`) unless ``resume=keep_any_revision``. The temp files a
 kill can leave (``.metrics.json.*.tmp``, ``.checkpoint.pt.*.tmp``) are removed when the run starts.
 """
 
@@ -42,6 +43,7 @@ from normzoo.run.checkpoint import CHECKPOINT_FILE, use_checkpoint
 from normzoo.run.device import configure_torch, resolve_device, resolved_device_type
 from normzoo.run.loop import FitState, fit, peak_lr
 from normzoo.run.record import KEEP_ON_RESUME, METRICS_FILE, base_record, read_record, write_record
+from normzoo.run.resume import KEEP_ANY_REVISION, revision_change
 
 __all__ = ["kept_result", "run"]
 
@@ -217,6 +219,11 @@ def kept_result(
         return None  # a damaged record: run again
     if theirs != mine:
         log.info("resume: %s holds a result of another config; running again", out)
+        return None
+    changed = revision_change(old) if cfg.get("resume") != KEEP_ANY_REVISION else None
+    if changed:
+        log.warning("resume: %s was %s; running again (resume=%s keeps it)", out, changed,
+                    KEEP_ANY_REVISION)  # fmt: skip
         return None
     return old
 
