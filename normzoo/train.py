@@ -19,6 +19,7 @@ sweep dir redoes it (run dirs are named by the job's overrides).
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from normzoo.run.device import resolve_device
 from normzoo.run.loop import evaluate, lr_schedule
 from normzoo.run.record import EXIT_CODES, KEEP_ON_RESUME, METRICS_FILE, SCHEMA_VERSION
 from normzoo.sweep import PROGRESS_FILE, SweepGuard, check_sweep, count_jobs
+
+log = logging.getLogger("normzoo.train")
 
 __all__ = [
     "AUTO_CHECKPOINT_STEPS",
@@ -88,6 +91,9 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
         _SingleRun.status = "config_error"
         return None
     _SingleRun.status = result["status"]
+    if not sweep.is_multirun():
+        for line in sweep.run_summary(result["dir"]):
+            log.info(line)
     if result["status"] == "invalid" and not sweep.is_multirun():  # say it where errors are said
         print(
             f"normzoo-train: error: invalid combination, nothing trained: {result['error']} "

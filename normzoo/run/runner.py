@@ -172,6 +172,9 @@ def _train(
     for key in ("train_loss", "train_error", "test_loss", "test_error"):
         record[key] = last[key]
     if cfg.diagnostics.enabled:  # its own keys: the run's test_error/test_loss stay the curves'
+        log.info("diagnostics: mismatch, PreciseBN (%d samples), inference panel ...",
+                 int(cfg.diagnostics.precise_samples))  # fmt: skip
+        t_diag = time.perf_counter()
         record.update(
             run_diagnostics(
                 model,
@@ -182,6 +185,7 @@ def _train(
                 eval_batch_size=int(cfg.data.eval_batch_size),
             )
         )
+        log.info("diagnostics done in %.1fs", time.perf_counter() - t_diag)
 
 
 def _finish(record: dict[str, Any], fit_state: FitState, out: Path, t_start: float) -> None:
