@@ -222,3 +222,14 @@ def test_a_result_of_another_revision_is_redone(hydra_conf, tmp_path: Path) -> N
     again = train.run(cfg, out_dir=tmp_path)
     assert again["status"] == "ok" and "skipped" not in again
     assert json.loads(path.read_text())["git_rev"] != "0" * 40
+
+
+def test_the_report_states_mixed_revisions_on_top() -> None:
+    import pandas as pd
+
+    from normzoo.analysis.report import _mixed_revisions
+
+    assert _mixed_revisions(pd.DataFrame({"git_rev": ["a" * 40, "a" * 40]})) == []
+    lines = _mixed_revisions(pd.DataFrame({"git_rev": ["a" * 40, "b" * 40, "b" * 40]}))
+    assert lines[0].startswith("**Mixed code revisions:** these runs come from 2 git revisions")
+    assert "`bbbbbbbbbb` (2 runs)" in lines[0]
