@@ -36,7 +36,7 @@ from normzoo.files import write_json_atomic
 from normzoo.run import run as run_plain
 from normzoo.run.checkpoint import AUTO_CHECKPOINT_STEPS
 from normzoo.run.device import resolve_device
-from normzoo.run.loop import evaluate, lr_schedule
+from normzoo.run.loop import batch_stats_in_eval, evaluate, lr_schedule
 from normzoo.run.record import EXIT_CODES, KEEP_ON_RESUME, METRICS_FILE, SCHEMA_VERSION
 from normzoo.sweep import PROGRESS_FILE, SweepGuard, check_sweep, count_jobs
 
@@ -52,6 +52,7 @@ __all__ = [
     "Diverged",
     "SweepGuard",
     "SweepRejected",
+    "batch_stats_in_eval",
     "check_sweep",
     "count_jobs",
     "evaluate",
