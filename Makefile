@@ -26,5 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# as the README: one torch thread (the default thread count made the ratios swing between runs)
 bench: $(STAMP)
-	$(BIN)/normzoo-bench
+	$(BIN)/normzoo-bench --threads 1
+
+# the sweeps' and single runs' result dirs (multirun/, outputs/); the shipped reports/ stay
+clean-sweeps:
+	rm -rf multirun outputs

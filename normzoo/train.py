@@ -11,13 +11,15 @@ callback and progress lines are :mod:`normzoo.sweep`. Hydra re-raises a job's ex
 the whole batch of jobs has run, and then ends the multirun, so every failure is recorded in the
 run's ``metrics.json`` and the sweep goes on. The exit status says what happened: a single run
 exits 1 if ``failed`` or refused by a config error, 2 if ``invalid``, 3 if ``diverged``; a multirun
-exits 1 if any of its runs ``failed`` (``diverged``/``invalid`` are results of a study, not errors).
+exits 1 if it was refused or any of its runs ``failed``, 2 if no run ended ``ok`` (every one
+``diverged`` or ``invalid``), else 0 (some ``diverged``/``invalid`` runs are results of a study).
 A job killed from outside (SIGKILL, out of memory) leaves no ``metrics.json``; a rerun into the same
 sweep dir redoes it (run dirs are named by the job's overrides).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,11 @@ from normzoo.files import write_json_atomic
 from normzoo.run import run as run_plain
 from normzoo.run.checkpoint import AUTO_CHECKPOINT_STEPS
 from normzoo.run.device import resolve_device
-from normzoo.run.loop import evaluate, lr_schedule
+from normzoo.run.loop import batch_stats_in_eval, evaluate, lr_schedule
 from normzoo.run.record import EXIT_CODES, KEEP_ON_RESUME, METRICS_FILE, SCHEMA_VERSION
 from normzoo.sweep import PROGRESS_FILE, SweepGuard, check_sweep, count_jobs
+
+log = logging.getLogger("normzoo.train")
 
 __all__ = [
     "AUTO_CHECKPOINT_STEPS",
@@ -48,6 +52,7 @@ __all__ = [
     "Diverged",
     "SweepGuard",
     "SweepRejected",
+    "batch_stats_in_eval",
     "check_sweep",
     "count_jobs",
     "evaluate",
@@ -87,6 +92,9 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
         _SingleRun.status = "config_error"
         return None
     _SingleRun.status = result["status"]
+    if not sweep.is_multirun():
+        for line in sweep.run_summary(result["dir"]):
+            log.info(line)
     if result["status"] == "invalid" and not sweep.is_multirun():  # say it where errors are said
         print(
             f"normzoo-train: error: invalid combination, nothing trained: {result['error']} "
@@ -107,7 +115,7 @@ def main() -> None:
         sys.exit(1)
     _hydra_main()
     if sweep.OUTCOME.seen:
-        sys.exit(1 if sweep.OUTCOME.failed else 0)
+        sys.exit(sweep.OUTCOME.exit_status())
     if _SingleRun.status is not None:
         sys.exit(EXIT_CODES.get(_SingleRun.status, 1))
 

@@ -236,7 +236,7 @@ def test_invalid_combination_is_a_value_error() -> None:
         ("optim.base_lr=fast", None, "optim.base_lr='fast' is not a number: allowed > 0"),
         ("device=gpu", None, "device='gpu': allowed one of auto, cpu, cuda"),
         ("train.progress=fast", None, "train.progress='fast': allowed one of auto, bar, log, none"),
-        ("resume=maybe", None, "resume='maybe' is not true or false"),
+        ("resume=maybe", None, "resume='maybe' is out of range: allowed true, false or keep_any_revision"),
         ("sed=1", None, "sed: no such key. Did you mean seed? Top-level keys:"),
         ("model.channels=[4]", "mlp",
          "model.channels: no such key for model=mlp. Allowed: model.name, model.widths"),
@@ -323,11 +323,17 @@ def test_layer_options_from_a_flat_record_match_the_config(hydra_conf) -> None:
     ("overrides", "needle"),
     [
         (["norm=bn", "norm.momentum=2"], "momentum must be in [0, 1]"),
-        (["norm=bn", "norm.momentum=foo"], "norm=batchnorm cannot be built with momentum='foo'"),
+        (
+            ["norm=bn", "norm.momentum=foo"],
+            "norm.momentum='foo' is not allowed for norm=batchnorm: allowed a number or null",
+        ),
         (["norm=bn", "norm.eps=-1"], "eps must be > 0"),
         (["norm=ln", "norm.eps=0"], "eps must be > 0"),
         (["norm=gn", "norm.num_groups=0"], "num_groups must be a positive int"),
-        (["norm=native_gn", "norm.num_groups=foo"], "native_groupnorm cannot be built"),
+        (
+            ["norm=native_gn", "norm.num_groups=foo"],
+            "norm.num_groups='foo' is not allowed for norm=native_groupnorm: allowed an integer",
+        ),
         (["norm=bn", "+norm_options.bn.momentum=5"], "momentum must be in [0, 1]"),
         (["norm=brn", "norm.rmax=0.5"], "rmax"),
     ],

@@ -84,7 +84,7 @@ def test_the_results_table_expands_the_same_grid(tmp_path: Path) -> None:
     assert results.expected_jobs(tmp_path) == expanded
     assert len(expanded) == count_jobs(params, task) == 2 * 3 * 2  # model=mlp replaced the sweep
     assert expanded[0] == [
-        "norm=bn",
+        "norm=batchnorm",  # aliases resolved: the run dir names the canonical layer
         "data.batch_size=2",
         "model=mlp",
         "experiment=digits_v1",

@@ -315,7 +315,10 @@ def test_command_line_check_knows_every_model_of_a_sweep() -> None:
     [
         (["norm=bn", "norm.momentum=0.1,2"], "momentum must be in [0, 1] or None, got 2"),
         (["norm=bn", "norm.eps=-1"], "eps must be > 0"),
-        (["norm=bn,brn", "norm.momentum=0.1,foo"], "(in the jobs with norm=bn norm.momentum=foo)"),
+        (
+            ["norm=bn,brn", "norm.momentum=0.1,foo"],
+            "(in the jobs with norm=batchnorm norm.momentum=foo)",
+        ),
         (["norm=bn,gn", "norm.momentum=0.2"], "'groupnorm' has no option 'momentum'"),
         (["norm=bn,gn", "+norm_options.gn.num_groups=-2"], "num_groups must be a positive int"),
         (["norm=gn,ln", "data.batch_size=2,4", "device=cuda"], "device=cuda but no CUDA GPU"),
@@ -337,8 +340,11 @@ def test_sweep_guard_refuses_norm_values_and_device_before_the_first_job(
 
 
 def test_a_norm_value_the_layer_refuses_is_a_config_error(hydra_conf, tmp_path: Path) -> None:
-    for bad in ("norm.momentum=foo", "norm.momentum=2"):
-        with pytest.raises(ConfigError, match="norm=batchnorm cannot be built"):
+    for bad, needle in (
+        ("norm.momentum=foo", "is not allowed for norm=batchnorm"),  # its type
+        ("norm.momentum=2", "norm=batchnorm cannot be built"),
+    ):  # its range
+        with pytest.raises(ConfigError, match=needle):
             train.run(compose("config", overrides=[*TINY, "norm=bn", bad]), out_dir=tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
@@ -382,7 +388,7 @@ def test_sweep_guard_logs_one_progress_line_per_finished_job(hydra_conf, tmp_pat
             guard.on_job_end(cfg, job_return=job)  # in a worker: appends to the progress file
     guard.on_multirun_end(cfg)  # the launching process's printer prints what is left
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
-    assert lines[0].startswith("[1/4] norm=bn seed=0: ok (") and lines[0].endswith("s)")
+    assert lines[0].startswith("[1/4] norm=bn seed=0: ok (") and lines[0].endswith("s) ETA 0m00s")
     assert lines[1].startswith("[2/4] norm=bn seed=1: invalid, kept from before (")
     assert lines[2].startswith("[3/4] norm=bn seed=2: error (RuntimeError) (")
     assert lines[3].startswith("[4/4] norm=bn seed=3: config error (")

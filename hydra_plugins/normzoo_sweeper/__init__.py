@@ -12,6 +12,7 @@ part-way), and leaves the rest to the launcher, which composes each job anyway w
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -36,6 +37,17 @@ class NormzooSweeper(BasicSweeper):
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.validate_all = validate_all
+
+    @staticmethod
+    def split_arguments(overrides: list[Any], max_batch_size: int | None) -> list[list[list[str]]]:
+        """Hydra's grid with norm aliases resolved and repeated jobs dropped (``norm=glob(*)``
+        lists each layer under every alias: it is trained once, in a dir named canonically)."""
+        from normzoo.config.grid import canonical_jobs
+
+        batches = BasicSweeper.split_arguments(overrides, None)
+        job_list = canonical_jobs(job for batch in batches for job in batch)
+        size = max_batch_size or len(job_list) or 1
+        return [job_list[i : i + size] for i in range(0, len(job_list), size)]
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         super().validate_batch_is_legal(batch if self.validate_all else _one_per_model(batch))

@@ -97,7 +97,7 @@ def write_report(
     write_csv(df, out / "runs.csv")
     prob = problems_table(df, runs)
     write_csv(prob, out / "problems.csv")
-    md = [f"# {title}", "", _INTRO, "", *_findings_section(df)]
+    md = [f"# {title}", "", *_mixed_revisions(df), _INTRO, "", *_findings_section(df)]
     if ok.empty:
         md += ["_No run finished ok: no figures or tables._", ""]
     else:
@@ -109,6 +109,19 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return path
+
+
+def _mixed_revisions(df: pd.DataFrame) -> list[str]:
+    """A warning on top when the runs come from more than one git revision of the code."""
+    revs = sorted(map(str, df["git_rev"].dropna().unique())) if "git_rev" in df else []
+    if len(revs) < 2:
+        return []
+    counts = df["git_rev"].astype(str).value_counts()
+    shown = ", ".join(f"`{r[:10]}` ({counts[r]} runs)" for r in revs)
+    return [
+        f"**Mixed code revisions:** these runs come from {len(revs)} git revisions: {shown}.",
+        "",
+    ]
 
 
 def _findings_section(df: pd.DataFrame) -> list[str]:

@@ -18,8 +18,18 @@ from hydra.core.override_parser.types import Override, Transformer
 from omegaconf import DictConfig, OmegaConf
 
 from normzoo.errors import ConfigError
+from normzoo.registry import UnknownNormError, get_norm
 
-__all__ = ["count_jobs", "job_nodes", "jobs", "sweep_overrides", "sweep_values", "update_node"]
+__all__ = [
+    "canonical_jobs",
+    "canonical_norms",
+    "count_jobs",
+    "job_nodes",
+    "jobs",
+    "sweep_overrides",
+    "sweep_values",
+    "update_node",
+]
 
 
 def sweep_overrides(params: Mapping[str, Any] | None, task: Iterable[str] | None) -> list[Override]:
@@ -28,20 +38,60 @@ def sweep_overrides(params: Mapping[str, Any] | None, task: Iterable[str] | None
     args = [f"{k}={v}" for k, v in (params or {}).items()]
     args += [str(t) for t in task or []]
     final: dict[str, Override] = {}
-    for override in OverridesParser.create().parse_overrides(args):
+    for override in OverridesParser.create(config_loader=_hydra_loader()).parse_overrides(args):
         final[override.get_key_element()] = override
     return list(final.values())
 
 
+def _hydra_loader() -> Any:
+    """Hydra's config loader in a process Hydra runs (``glob(...)`` needs the group's options)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    return hydra.config_loader() if hydra.is_initialized() else None
+
+
+def canonical_norms(values: Iterable[Any]) -> list[Any]:
+    """Norm names with aliases resolved and repeats dropped, in order (``bn,batchnorm,gn`` ->
+    ``batchnorm,groupnorm``): the alias nodes (``norm/bn``) are group options of their own, so a
+    ``glob`` over norms lists each layer under every name. Unknown names are kept (refused later)."""
+    out: list[Any] = []
+    for value in values:
+        try:
+            name = get_norm(str(value)).name
+        except UnknownNormError:
+            name = value
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def sweep_values(override: Override) -> list[Any]:
-    """The values a sweep override takes, in order (``1,2`` -> ``[1, 2]``)."""
-    return list(override.sweep_iterator(transformer=Transformer.identity))
+    """The values a sweep override takes, in order (``1,2`` -> ``[1, 2]``; norms canonical)."""
+    values = list(override.sweep_iterator(transformer=Transformer.identity))
+    return canonical_norms(values) if override.key_or_group == "norm" else values
 
 
 def jobs(params: Mapping[str, Any] | None, task: Iterable[str] | None) -> list[list[str]]:
     """Every job's overrides, in launch order (Hydra's own ``BasicSweeper.split_arguments``)."""
     batches = BasicSweeper.split_arguments(sweep_overrides(params, task), None)
-    return [list(job) for batch in batches for job in batch]
+    return canonical_jobs([list(job) for batch in batches for job in batch])
+
+
+def canonical_jobs(job_list: Iterable[Iterable[str]]) -> list[list[str]]:
+    """Jobs with ``norm=<alias>`` written as the canonical name (the run dir names it) and
+    repeated jobs dropped, in order: ``norm=glob(*)`` trains each layer once."""
+    out: list[list[str]] = []
+    for job in job_list:
+        canonical = []
+        for text in job:
+            key, sep, value = str(text).partition("=")
+            if sep and key.lstrip("+") == "norm":
+                value = str(canonical_norms([value])[0])
+            canonical.append(f"{key}{sep}{value}")
+        if canonical not in out:
+            out.append(canonical)
+    return out
 
 
 def count_jobs(params: Mapping[str, Any] | None, task: Iterable[str] | None) -> int:

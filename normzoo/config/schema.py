@@ -211,7 +211,8 @@ class Config:
     ``norm_options.groupnorm.num_groups`` for its widths); a ``norm.<option>`` set on the command
     line wins over them (:func:`norm_layer_options`). ``resume``: a run whose dir already
     holds a finished result of the same config (``ok``, ``invalid`` or ``diverged``) is skipped;
-    ``resume=false`` reruns it."""
+    ``resume=false`` reruns it; a result of another code revision is rerun unless
+    ``resume=keep_any_revision``."""
 
     norm: dict[str, Any] = field(default_factory=dict)
     norm_options: dict[str, Any] = field(default_factory=dict)
@@ -225,7 +226,7 @@ class Config:
     device: Device = Device.auto
     threads: int = 1
     study: str | None = None
-    resume: bool = True
+    resume: Any = True  # true | false | keep_any_revision (checked in validate.RULES)
 
 
 MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConf, "cnn": CNNConf, "resnet": ResNetConf}

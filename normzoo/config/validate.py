@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from normzoo.config.flat import plain as _plain
+from normzoo.config.option_types import check_option_types
 from normzoo.config.options import _layer_options, _merge_layer_options
 from normzoo.config.schema import (
     ARCHS,
@@ -33,6 +34,7 @@ from normzoo.errors import ConfigError
 from normzoo.registry import UnknownNormError, get_norm
 
 __all__ = [
+    "KEEP_ANY_REVISION",
     "RULES",
     "check_override",
     "check_value",
@@ -51,9 +53,16 @@ def suggest_norm(value: str) -> str:
     return f"unknown norm {value!r} (norm={value}).{hint} Choices: {', '.join(choices)}."
 
 
+#: the ``resume`` value that keeps finished results of any code revision (normzoo.run.resume)
+KEEP_ANY_REVISION = "keep_any_revision"
+
 #: range rules for single keys: key -> (test, the allowed values in words)
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: v >= 0, ">= 0"),
+    "resume": (
+        lambda v: isinstance(v, bool) or v == KEEP_ANY_REVISION,
+        f"true, false or {KEEP_ANY_REVISION}",
+    ),
     "threads": (lambda v: v >= 0, ">= 0 (0 = torch's default)"),
     "data.name": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -203,6 +212,8 @@ def check_override(text: str, model: str | None = None) -> None:
     for value in values:
         if not (isinstance(value, str) and "${" in value):  # interpolations resolve later
             _check_type(key, types[field_name], value)
+            if types[field_name] == "Any" and key in RULES:  # no type to check: its rule says
+                check_value(key, value)
 
 
 def _check_type(key: str, type_name: str, value: Any) -> None:
@@ -320,6 +331,9 @@ def validate_norm(norm: Any, norm_options: Any, explicit: Iterable[str] = ()) ->
     extra = norm_options
     if isinstance(extra, DictConfig):
         extra = OmegaConf.to_container(extra, resolve=True)
+    check_option_types(spec, dict(node))
+    for name, opts in dict(extra).items():
+        check_option_types(get_norm(str(name)), dict(opts), f"norm_options.{name}")
     _build_once(spec, _merge_layer_options(spec.name, dict(node), dict(extra), explicit))
 
 

@@ -13,7 +13,8 @@ status ``ok``, ``invalid`` or ``diverged`` *for the same config* (the recorded `
 this one up to :data:`normzoo.config.identity.RESULT_NEUTRAL_KEYS`) is skipped before anything is
 loaded and its ``metrics.json`` is left untouched: those statuses are deterministic results of the
 config. ``failed`` runs, dirs without a ``metrics.json`` (killed) and runs whose config changed are
-run again; ``resume=false`` reruns everything. The code revision is not compared. The temp files a
+run again; ``resume=false`` reruns everything. A result of another code revision is run again
+(:mod:`normzoo.run.resume`) unless ``resume=keep_any_revision``. The temp files a
 kill can leave (``.metrics.json.*.tmp``, ``.checkpoint.pt.*.tmp``) are removed when the run starts.
 """
 
@@ -46,6 +47,7 @@ from normzoo.run.device import configure_torch, resolve_device, resolved_device_
 from normzoo.run.loop import FitState, batch_stats_in_eval, fit, peak_lr, predict, total_steps
 from normzoo.run.predictions import PREDICTIONS_FILE, save_predictions
 from normzoo.run.record import KEEP_ON_RESUME, METRICS_FILE, base_record, read_record, write_record
+from normzoo.run.resume import KEEP_ANY_REVISION, revision_change
 
 __all__ = ["kept_result", "run"]
 
@@ -175,6 +177,9 @@ def _train(
         record[key] = last.get(key)
     predictions: dict[str, Any] = {}
     if cfg.diagnostics.enabled:  # its own keys: the run's test_error/test_loss stay the curves'
+        log.info("diagnostics: mismatch, PreciseBN (%d samples), inference panel ...",
+                 int(cfg.diagnostics.precise_samples))  # fmt: skip
+        t_diag = time.perf_counter()
         record.update(
             run_diagnostics(
                 model,
@@ -186,6 +191,7 @@ def _train(
                 predictions=predictions if spec.uses_batch_stats else None,
             )
         )
+        log.info("diagnostics done in %.1fs", time.perf_counter() - t_diag)
     if cfg.diagnostics.get("panel", False):
         record["inference_panel"] = inference_panel(model, data, batch_size=batch_size,
                                                     seed=int(cfg.seed))  # fmt: skip
@@ -250,6 +256,11 @@ def kept_result(
         return None  # a damaged record: run again
     if theirs != mine:
         log.info("resume: %s holds a result of another config; running again", out)
+        return None
+    changed = revision_change(old) if cfg.get("resume") != KEEP_ANY_REVISION else None
+    if changed:
+        log.warning("resume: %s was %s; running again (resume=%s keeps it)", out, changed,
+                    KEEP_ANY_REVISION)  # fmt: skip
         return None
     return old
 

@@ -1,6 +1,6 @@
 """Hydra at the edge of a run: the one reader of ``HydraConfig`` (:mod:`.context`), the multirun
 callback (:mod:`.callbacks`), the up-front checks of every job (:mod:`.checks`), the command-line
-guard (:mod:`.argv`) and the progress lines (:mod:`.progress`)."""
+guard (:mod:`.argv`) the progress lines (:mod:`.progress`) and a single run's summary (:mod:`.summary`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from normzoo.sweep.callbacks import OUTCOME, SweepGuard, SweepOutcome
 from normzoo.sweep.checks import check_sweep, count_jobs, multirun_overrides
 from normzoo.sweep.context import is_multirun, output_dir, task_overrides
 from normzoo.sweep.progress import PROGRESS_FILE, ProgressPrinter
+from normzoo.sweep.summary import run_summary
 
 __all__ = [
     "OUTCOME",
@@ -22,5 +23,6 @@ __all__ = [
     "is_multirun",
     "multirun_overrides",
     "output_dir",
+    "run_summary",
     "task_overrides",
 ]

@@ -4,15 +4,23 @@ what is allowed); Hydra's own messages name only the key."""
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
-from normzoo.config.schema import CONF_DIR, norm_choices
+from normzoo.config.schema import CONF_DIR, NORM_RESERVED_KEYS, norm_choices
 from normzoo.config.validate import check_override, suggest_norm
 from normzoo.errors import ConfigError
+from normzoo.registry import UnknownNormError, get_norm
 
-__all__ = ["check_argv"]
+__all__ = ["check_argv", "experiment_choices"]
 
-_SWEEP_SYNTAX = "()[]{}$"  # choice(...), glob(...), interpolations: checked by SweepGuard
+_SWEEP_SYNTAX = "()[]{}$"
+_COMPLETION = {
+    "-sc",
+    "--shell-completion",
+}  # choice(...), glob(...), interpolations: checked by SweepGuard
 
 
 def _candidate_models(overrides: list[str]) -> tuple[str, list[str | None]]:
@@ -33,8 +41,11 @@ def check_argv(argv: list[str]) -> None:
     Raises:
         ConfigError: naming the key or the norm, and what is allowed.
     """
+    if _COMPLETION & set(argv):
+        return  # `-sc install=bash`: Hydra's completion, whose argument is not an override
     choices = set(norm_choices())
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    _check_experiment(argv, overrides)
     chosen, candidates = _candidate_models(overrides)
     for arg in overrides:  # model=cnn,mlp: every model.* key must fit every model of the sweep
         for model in candidates:
@@ -46,6 +57,7 @@ def check_argv(argv: list[str]) -> None:
                 raise ConfigError(
                     f"{exc} (the sweep over model={chosen} applies it to every model)"
                 ) from None
+    _check_norm_keys(overrides)
     for arg in argv:
         if not arg.startswith("norm="):
             continue
@@ -55,6 +67,95 @@ def check_argv(argv: list[str]) -> None:
         for name in value.split(","):
             if name.strip() and name.strip() not in choices:
                 raise ConfigError(suggest_norm(name.strip()))
+
+
+def _config_dirs(argv: list[str], overrides: list[str]) -> list[Path]:
+    """The user config dirs of the command line (``--config-dir``/``-cd``, ``hydra.searchpath``)."""
+    dirs = [CONF_DIR]
+    for i, arg in enumerate(argv):
+        if arg in ("-cd", "--config-dir") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    for arg in overrides:
+        if arg.lstrip("+").startswith("hydra.searchpath="):
+            text = arg.split("=", 1)[1].strip("[]")
+            for item in text.split(","):
+                item = item.strip().strip("'\"")
+                if item.startswith("file://"):
+                    dirs.append(Path(item[len("file://") :]))
+                elif item.startswith("pkg://") or not item:
+                    return []  # a package's dirs: not listed here, Hydra decides
+                else:
+                    dirs.append(Path(item))
+    return dirs
+
+
+def experiment_choices(dirs: list[Path]) -> list[str]:
+    """The ``experiment`` options in ``dirs`` (``<dir>/experiment/*.yaml``)."""
+    return sorted({p.stem for d in dirs for p in (d / "experiment").glob("*.yaml")})
+
+
+def _check_experiment(argv: list[str], overrides: list[str]) -> None:
+    """``experiment=<unknown>`` is refused: Hydra's ``optional experiment`` would run the default."""
+    dirs = _config_dirs(argv, overrides)
+    if not dirs:
+        return
+    choices = experiment_choices(dirs)
+    for arg in overrides:
+        if not arg.lstrip("+").startswith("experiment="):
+            continue
+        value = arg.split("=", 1)[1]
+        if any(ch in value for ch in _SWEEP_SYNTAX):
+            continue
+        for name in (v.strip() for v in value.split(",")):
+            if name and name not in choices:
+                close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+                hint = f" Did you mean experiment={close[0]}?" if close else ""
+                raise ConfigError(
+                    f"unknown experiment {name!r} (experiment={name}).{hint} Choices: "
+                    f"{', '.join(choices)} (your own: --config-dir DIR with DIR/experiment/"
+                    f"<name>.yaml)"
+                )
+
+
+def _chosen_norms(overrides: list[str]) -> list[str] | None:
+    """The norms of the command line (``norm=a,b``; the default's without one); None: a glob."""
+    values = [a.split("=", 1)[1] for a in overrides if a.startswith("norm=")]
+    if not values:
+        if any(a.startswith("experiment=") for a in overrides):
+            return None  # a study may sweep norms: SweepGuard checks each job
+        defaults = OmegaConf.load(CONF_DIR / "config.yaml").get("defaults") or []
+        return [str(d["norm"]) for d in defaults if isinstance(d, DictConfig) and "norm" in d]
+    if any(ch in values[-1] for ch in _SWEEP_SYNTAX):
+        return None
+    return [v.strip() for v in values[-1].split(",") if v.strip()]
+
+
+def _check_norm_keys(overrides: list[str]) -> None:
+    """``norm.<key>=`` (not ``+norm.``) must name an option of the chosen norm(s): normzoo's
+    "did you mean" instead of Hydra's "use +norm.<key>" hint."""
+    names = _chosen_norms(overrides)
+    if names is None:
+        return  # a glob: every job is checked by SweepGuard
+    try:
+        specs = [get_norm(n) for n in names]
+    except UnknownNormError:
+        return  # the unknown norm= is refused below, with its own hint
+    accepted = sorted(set(NORM_RESERVED_KEYS).union(*(s.options() for s in specs)))
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        if not key.startswith("norm.") or "." in key[5:]:
+            continue
+        option = key[5:]
+        if option not in accepted:
+            which = ", ".join(s.name for s in specs)
+            close = difflib.get_close_matches(option, accepted, n=1, cutoff=0.6)
+            hint = f" Did you mean norm.{close[0]}?" if close else ""
+            raise ConfigError(
+                f"{key}: norm={which} has no option {option!r}.{hint} It accepts: "
+                f"{', '.join(accepted)}"
+            )
 
 
 def _default_model(study: str | None) -> str | None:

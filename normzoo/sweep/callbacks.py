@@ -32,9 +32,14 @@ class SweepOutcome:
 
     seen: bool = False  # SweepGuard ran: the exit status is the sweep's
     failed: int = 0  # failed runs of this sweep
+    ok: int = 0  # ok runs in the sweep dir (this sweep's and those kept by resume)
 
     def reset(self) -> None:
-        self.seen, self.failed = False, 0
+        self.seen, self.failed, self.ok = False, 0, 0
+
+    def exit_status(self) -> int:
+        """0: no run failed and at least one is ok; 1: a run failed; 2: no run ended ok."""
+        return 1 if self.failed else 0 if self.ok else 2
 
 
 OUTCOME = SweepOutcome()
@@ -67,7 +72,7 @@ class SweepGuard(Callback):
     line as ``[k/N] ...`` (it reads the small file once a second).
     ``on_multirun_end``: count this sweep's ``metrics.json`` by status (and those older than the
     sweep, kept by ``resume``), log failed ones, and make the process exit non-zero if any run of
-    this sweep ``failed``.
+    this sweep ``failed`` (1) or no run in the sweep dir ended ``ok`` (2).
     """
 
     def __init__(self) -> None:
@@ -117,12 +122,14 @@ class SweepGuard(Callback):
         counts: dict[str, int] = {}
         failed = []
         kept = 0
+        kept_ok = 0
         for path in sorted(sweep_dir.glob(f"**/{METRICS_FILE}")):
-            if path.stat().st_mtime < self.started - 1:
-                kept += 1  # written before this sweep started: kept by resume, or another sweep's
-                continue
             record = read_record(path)
             status = record.get("status", "unreadable") if record is not None else "unreadable"
+            if path.stat().st_mtime < self.started - 1:
+                kept += 1  # written before this sweep started: kept by resume, or another sweep's
+                kept_ok += status == "ok"
+                continue
             counts[status] = counts.get(status, 0) + 1
             if status in ("failed", "unreadable"):
                 failed.append(str(path.parent))
@@ -133,3 +140,6 @@ class SweepGuard(Callback):
         for path in failed:
             log.error("failed run: %s", path)
         OUTCOME.failed = len(failed)
+        OUTCOME.ok = counts.get("ok", 0) + kept_ok
+        if not OUTCOME.ok:
+            log.error("sweep %s: no run ended ok (exit status 2)", sweep_dir)

@@ -47,11 +47,25 @@ def count_jobs(config: DictConfig) -> int:
 
 
 def _groups() -> dict[str, list[str]]:
-    out = {"norm": norm_choices()}
+    """The options of each config group as Hydra's config loader sees them in this process (the
+    user's ``--config-dir`` / ``hydra.searchpath`` included); normzoo's conf dir outside Hydra.
+    The norms: the registry's names."""
+    out = {}
+    loader = _hydra_loader()
     for path in CONF_DIR.iterdir():
         if path.is_dir() and path.name not in ("norm", "hydra"):
-            out[path.name] = sorted(p.stem for p in path.glob("*.yaml"))
-    return out
+            options = {p.stem for p in path.glob("*.yaml")}
+            if loader is not None:
+                options.update(loader.get_group_options(path.name))
+            out[path.name] = sorted(options)
+    return {"norm": norm_choices(), **out}
+
+
+def _hydra_loader() -> Any:
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    return hydra.config_loader() if hydra.is_initialized() else None
 
 
 def _check_unnamed(override: Override, key: str, unnamed: set[str]) -> None:

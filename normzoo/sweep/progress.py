@@ -1,15 +1,19 @@
 """Progress lines of a sweep: each finished job appends ``<overrides>: <status> (<seconds>)`` to
 :data:`PROGRESS_FILE` in the sweep dir (from whichever process ran it), and a thread of the
-launching process prints each new line as ``[k/N] ...``."""
+launching process prints each new line as ``[k/N] ... ETA <time>`` and, on a terminal, keeps one
+tqdm bar of the whole sweep (runs done, rate, ETA) below the lines."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PROGRESS_FILE", "ProgressPrinter", "append_line"]
+__all__ = ["PROGRESS_FILE", "ProgressPrinter", "append_line", "eta_text"]
 
 log = logging.getLogger("normzoo.train")
 
@@ -38,6 +42,8 @@ class ProgressPrinter(threading.Thread):
         self.path, self.interval = path, interval
         self.printed = 0
         self.halt = threading.Event()
+        self.started = time.monotonic()
+        self.bar: Any = None
 
     def run(self) -> None:
         while not self.halt.wait(self.interval):
@@ -48,6 +54,19 @@ class ProgressPrinter(threading.Thread):
         if self.is_alive():
             self.join(timeout=5)
         self.drain()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _bar(self, total: int | None) -> Any:
+        """The sweep's tqdm bar, on a terminal only (a log file gets the ETA in each line)."""
+        if self.bar is None and total and sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="sweep", unit="run", file=sys.stderr,
+                                dynamic_ncols=True)  # fmt: skip
+        return self.bar
 
     def drain(self) -> None:
         try:
@@ -55,7 +74,25 @@ class ProgressPrinter(threading.Thread):
         except OSError:
             return
         total = lines[0].strip() or "?"
+        count = int(total) if total.isdigit() else None
+        bar = self._bar(count)
         done = lines[1:-1]  # the last item: after the final newline (or a line being written)
         for line in done[self.printed :]:
             self.printed += 1
-            log.info("[%d/%s] %s", self.printed, total, line)
+            eta = eta_text(time.monotonic() - self.started, self.printed, count)
+            if bar is not None:
+                bar.write(f"[{self.printed}/{total}] {line}{eta}", file=sys.stderr)
+                bar.update(1)
+            else:
+                log.info("[%d/%s] %s%s", self.printed, total, line, eta)
+
+
+def eta_text(elapsed: float, done: int, total: int | None) -> str:
+    """`` ETA 2m05s`` from the mean time per finished run so far ("" when all are done)."""
+    if not total or done <= 0 or done >= total:
+        return ""
+    left = round(elapsed / done * (total - done))
+    minutes, seconds = divmod(left, 60)
+    hours, minutes = divmod(minutes, 60)
+    text = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+    return f" ETA {text}"
