@@ -28,3 +28,6 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/normzoo-bench
+
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh

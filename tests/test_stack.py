@@ -172,3 +172,20 @@ def test_unstackable_runs_train_alone_and_groups_must_match(tmp_path, hydra_conf
     assert group_key(bn) != group_key(other)
     with pytest.raises(ValueError, match="differ outside norm, seed"):
         train_stacked([bn, other], [tmp_path / "x", tmp_path / "y"])
+
+
+def test_gpu_check_exits_0_with_a_message_without_cuda(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: scripts/gpu_check.sh would run the real check")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "gpu")}
+    done = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout
+    assert not (tmp_path / "gpu").exists()  # nothing measured, nothing written
