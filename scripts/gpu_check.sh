@@ -18,6 +18,6 @@ tail -1 "$OUT/parity.md"
 echo "gpu-check: 2/3 the bench's CUDA rows -> $OUT/bench"
 timeout 150 "$PY" -m normzoo.bench --device cuda --quick --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=1
 echo "gpu-check: 3/3 a short GPU sweep, stacked and unstacked -> $OUT/stacked.md"
-timeout 150 "$PY" scripts/stack_speed.py --device cuda --out "$OUT/stacked.md" || status=1
+timeout 200 "$PY" scripts/stack_speed.py --device cuda --repeats 2 --out "$OUT/stacked.md" || status=1
 echo "gpu-check: done (status $status); results in $OUT"
 exit "$status"
