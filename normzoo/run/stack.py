@@ -16,7 +16,10 @@ equals its single run up to float rounding (``tests/test_stack.py`` states the t
 stacked (:func:`normzoo.run.stack_model.stack_refusal` says why; such a run goes through ``run``):
 resnet, AdamW, norms without a known stacked form (WeightNorm and the other variants). A stack
 writes no checkpoint: a killed stack reruns its unfinished members; finished members (a
-``metrics.json`` that ``resume`` keeps) drop out of the stack before it is built.
+``metrics.json`` that ``resume`` keeps) drop out of the stack before it is built. A member's
+record holds ``trained: "stacked"`` and ``stack`` (members, the stack's training and wall
+seconds); its ``train_time_s``/``wall_time_s`` are its 1/K share. Not yet per member: Batch
+Renorm's ``brn_clip_*`` curve entries (the stacked layer's fraction mixes its members).
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def train_stacked(
 
     Runs that cannot stack train alone through :func:`normzoo.run.runner.run`; runs whose
     finished result ``resume`` keeps are skipped (``skipped=True``). Raises ``ValueError`` when
-    the stackable runs do not share their config outside norm, seed and ``optim.base_lr``.
+    the stackable runs do not share their config outside norm, seed and ``optim.base_lr``, and
+    a stackable run's config error (``validate``), as ``run`` outside a multirun.
     """
     overrides = list(task_overrides) if task_overrides is not None else [None] * len(cfgs)
     results: list[dict[str, Any] | None] = [None] * len(cfgs)
