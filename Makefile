@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.normzoo-installed
-STUDY ?= digits
 
-.PHONY: install study test lint bench clean-sweeps
+.PHONY: install study study-v1 test lint bench clean-sweeps gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +15,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the default study: three sibling sweeps of one design (multirun/digits/{ghost,reference,noniid}),
+# then one report from all three (reports/digits/report.md)
 study: $(STAMP)
-	$(BIN)/normzoo-train -m experiment=$(STUDY)
+	$(BIN)/normzoo-train -m experiment=digits
+	$(BIN)/normzoo-train -m experiment=digits_reference
+	$(BIN)/normzoo-train -m experiment=digits_noniid
+	$(BIN)/normzoo-report multirun/digits --out reports/digits
+
+# the first, fixed-epoch study (reports/digits_v1)
+study-v1: $(STAMP)
+	$(BIN)/normzoo-train -m experiment=digits_v1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -33,3 +41,6 @@ bench: $(STAMP)
 # the sweeps' and single runs' result dirs (multirun/, outputs/); the shipped reports/ stay
 clean-sweeps:
 	rm -rf multirun outputs
+
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
