@@ -297,7 +297,7 @@ def test_an_alias_run_is_the_same_run_not_another_seed(tmp_path: Path) -> None:
     assert df["config_id"].nunique() == 1 and df["superseded"].sum() == 1
     assert ok_runs(df)["run_dir"].tolist() == [str(full)]
     kept = df.set_index("run_dir").loc[str(bn), "superseded_by"]
-    assert kept == f"{full} (same config and seed)"
+    assert kept == f"{full} (same job)"  # norm=bn is norm=batchnorm: the same job
     agg = aggregate_seeds(df, ["test_error"])
     assert agg["n_runs"].tolist() == [1] and agg["test_error_n"].tolist() == [1]
 

@@ -45,6 +45,8 @@ def parse_override(text: str) -> tuple[str, Any, str]:
         value_str = override.get_value_element_as_str()
         value = None if override.is_sweep_override() else override.value()
         name = override.key_or_group
+        if name == "norm" and isinstance(value, str):  # norm=bn and norm=batchnorm: one job
+            value_str = value = canonical(value)
         return name, value, f"{key}={value_str}"
     except Exception:  # not Hydra syntax: keep it verbatim
         key, _, value_str = text.partition("=")
