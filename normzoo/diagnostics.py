@@ -350,6 +350,7 @@ def run_diagnostics(
     seed: int = 0,
     probe_samples: int = 64,
     eval_batch_size: int | None = None,
+    with_variance_shift: bool = False,
 ) -> dict[str, Any]:
     """Measure the train/inference mismatch of a trained classifier (see the module docstring).
 
@@ -368,6 +369,10 @@ def run_diagnostics(
             whose outputs do not depend on the batch (default: ``batch_size``). Ignored, i.e.
             ``batch_size`` is used, when a layer normalises with batch statistics even in eval
             mode (one without running statistics).
+        with_variance_shift: also measure dropout's variance shift
+            (:func:`normzoo.inference.variance_shift` on the test set in batches of
+            ``batch_size``): ``variance_shift`` in each batch-statistics layer's row, their mean
+            as ``variance_shift_mean`` (None without batch-statistics layers).
 
     Returns:
         A JSON-serialisable dict (floats, ints, None, a list of per-layer dicts).
@@ -404,6 +409,13 @@ def run_diagnostics(
     result["ema_mean_gap"] = _mean([g[0] for g in gaps.values()])
     result["ema_log_std_gap"] = _mean([g[1] for g in gaps.values()])
     result["layers"] = _layer_rows(layers, gaps, dep_layers)
+    if with_variance_shift:
+        from normzoo.inference import variance_shift  # inference imports this module
+
+        shifts = variance_shift(model, data.test_x, batch_size=batch_size, seed=seed)
+        for row in result["layers"]:
+            row["variance_shift"] = shifts.get(row["name"])
+        result["variance_shift_mean"] = _mean(list(shifts.values()))
     result["num_norm_layers"] = len(layers)
     result["diagnostics_batch_size"] = batch_size
     result["diagnostics_eval_batch_size"] = eval_batch

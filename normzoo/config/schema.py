@@ -46,6 +46,7 @@ __all__ = [
     "ReportConf",
     "ResNetConf",
     "TrainConf",
+    "TransformerConf",
     "model_node",
     "norm_choices",
     "norm_node",
@@ -82,6 +83,8 @@ class MLPConf:
 
     name: str = "mlp"
     widths: list[int] = field(default_factory=lambda: [256, 256, 256])
+    dropout: float = 0.0  # p of Dropout in each block; 0: no Dropout module
+    dropout_position: str = "before_norm"  # before_norm | after_norm (see normzoo.models)
 
 
 @dataclass
@@ -98,6 +101,8 @@ class CNNConf:
     kernel_size: int = 3
     head: str = "flatten"
     hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.0  # p of Dropout in each block; 0: no Dropout module
+    dropout_position: str = "before_norm"  # before_norm | after_norm (see normzoo.models)
 
 
 @dataclass
@@ -107,6 +112,17 @@ class ResNetConf:
     name: str = "resnet"
     arch: str = "resnet18"
     zero_init_residual: bool = False
+
+
+@dataclass
+class TransformerConf:
+    """Pre-norm transformer encoder on image rows as tokens (:mod:`normzoo.sequence_model`)."""
+
+    name: str = "transformer"
+    d_model: int = 32
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: int = 2
 
 
 @dataclass
@@ -179,6 +195,7 @@ class DiagnosticsConf:
 
     enabled: bool = True
     precise_samples: int = 4096
+    variance_shift: bool = False  # dropout's train/eval variance shift per batch-statistics layer
 
 
 @dataclass
@@ -213,7 +230,12 @@ class Config:
     resume: bool = True
 
 
-MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConf, "cnn": CNNConf, "resnet": ResNetConf}
+MODEL_SCHEMAS: dict[str, type] = {
+    "mlp": MLPConf,
+    "cnn": CNNConf,
+    "resnet": ResNetConf,
+    "transformer": TransformerConf,
+}
 OPTIMIZERS = ("sgd", "adamw")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 HEADS = ("avg", "flatten")

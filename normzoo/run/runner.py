@@ -178,6 +178,7 @@ def _train(
                 precise_samples=int(cfg.diagnostics.precise_samples),
                 seed=int(cfg.seed),
                 eval_batch_size=int(cfg.data.eval_batch_size),
+                with_variance_shift=bool(cfg.diagnostics.get("variance_shift", False)),
             )
         )
 
