@@ -26,7 +26,8 @@ def paired(a: pd.Series, b: pd.Series) -> tuple[float, float, float, int]:
     joined = pd.concat([a.rename("a"), b.rename("b")], axis=1).dropna()
     d = 100.0 * (joined["a"] - joined["b"])
     if len(d) < 2 or d.abs().max() < 1e-6 or d.std(ddof=1) == 0:  # equal up to float rounding
-        return float(d.mean()), 0.0, 1.0 if d.abs().max() < 1e-6 else 0.0, len(d)
+        # zero spread: no error estimate, so no p-value (nan, left out of Holm's family)
+        return float(d.mean()), 0.0, 1.0 if d.abs().max() < 1e-6 else float("nan"), len(d)
     return (
         float(d.mean()),
         float(d.std(ddof=1)),
@@ -43,7 +44,10 @@ def table(df: pd.DataFrame, by: list[str], col: str = "test_error") -> pd.DataFr
 
 
 def report_comparisons(rows: list[tuple[str, tuple[float, float, float, int]]]) -> None:
-    adjusted = holm([r[1][2] for r in rows]) if rows else []
+    ps = np.array([r[1][2] for r in rows], dtype=float)
+    adjusted = np.full(len(ps), np.nan)
+    if np.isfinite(ps).any():
+        adjusted[np.isfinite(ps)] = holm(ps[np.isfinite(ps)])
     for (label, (mean, sd, p, n)), p_adj in zip(rows, adjusted, strict=True):
         print(f"{label}: {mean:+.2f} +- {sd:.2f} points (n={n}), p={p:.3g}, Holm p={p_adj:.3g}")
 
