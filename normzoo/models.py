@@ -113,10 +113,10 @@ def _block(
     """``layer -> norm -> ReLU`` as named modules (no norm module for weight-kind norms), with
     ``Dropout`` before the norm or after the ReLU when ``cfg.dropout`` > 0."""
     norm_part = [] if norm is None else [(f"{where}_norm", norm)]
-    p = float(cfg.get("dropout", 0.0)) if cfg is not None else 0.0
+    p = float(getattr(cfg, "dropout", 0.0) or 0.0)  # plain objects too (not only DictConfig)
     if p == 0:  # no module at all: the model (and its state dict) as without the option
         return [(where, layer), *norm_part, (f"{where}_act", nn.ReLU())]
-    position = str(cfg.get("dropout_position", "before_norm"))
+    position = str(getattr(cfg, "dropout_position", "before_norm"))
     if position not in DROPOUT_POSITIONS:
         raise ValueError(
             f"model.dropout_position={position!r}: expected one of {', '.join(DROPOUT_POSITIONS)}"
