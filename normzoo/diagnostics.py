@@ -351,6 +351,7 @@ def run_diagnostics(
     probe_samples: int = 64,
     eval_batch_size: int | None = None,
     predictions: dict[str, Tensor] | None = None,
+    with_variance_shift: bool = False,
 ) -> dict[str, Any]:
     """Measure the train/inference mismatch of a trained classifier (see the module docstring).
 
@@ -372,6 +373,10 @@ def run_diagnostics(
         predictions: a dict to receive the per-sample test predictions (class indices, test
             order) with batch statistics (``test_pred_batch``) and PreciseBN statistics
             (``test_pred_precise``; eval mode where no layer has running statistics).
+        with_variance_shift: also measure dropout's variance shift
+            (:func:`normzoo.inference.variance_shift` on the test set in batches of
+            ``batch_size``): ``variance_shift`` in each batch-statistics layer's row, their mean
+            as ``variance_shift_mean`` (None without batch-statistics layers).
 
     Returns:
         A JSON-serialisable dict (floats, ints, None, a list of per-layer dicts).
@@ -416,6 +421,13 @@ def run_diagnostics(
     result["ema_mean_gap"] = _mean([g[0] for g in gaps.values()])
     result["ema_log_std_gap"] = _mean([g[1] for g in gaps.values()])
     result["layers"] = _layer_rows(layers, gaps, dep_layers)
+    if with_variance_shift:
+        from normzoo.inference import variance_shift  # inference imports this module
+
+        shifts = variance_shift(model, data.test_x, batch_size=batch_size, seed=seed)
+        for row in result["layers"]:
+            row["variance_shift"] = shifts.get(row["name"])
+        result["variance_shift_mean"] = _mean(list(shifts.values()))
     result["num_norm_layers"] = len(layers)
     result["diagnostics_batch_size"] = batch_size
     result["diagnostics_eval_batch_size"] = eval_batch

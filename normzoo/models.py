@@ -5,6 +5,13 @@
   ReLU]`` per entry of ``channels``/``strides``, a head (``avg``: global average pool; ``flatten``),
   optional dense ``[Linear -> norm -> ReLU]`` layers (``hidden``), a Linear classifier. Strides let
   the last conv layers be small spatially (8x8 -> 4x4 -> 2x2), where batch statistics are noisiest.
+* ``transformer`` — a small pre-norm transformer encoder on images read row by row (one token per
+  row; :mod:`normzoo.sequence_model`, whose docstring says which axes each kind of norm normalises).
+* ``dropout`` (mlp, cnn; p, default 0: none) and ``dropout_position``: ``before_norm`` puts
+  ``Dropout(p)`` between each hidden conv/linear and its norm (``layer -> Dropout -> norm -> ReLU``,
+  the placement whose train/eval variance shift Li et al. 2019, arXiv:1801.05134, measure);
+  ``after_norm`` after each block's activation (``layer -> norm -> ReLU -> Dropout``), so a norm
+  sees dropout only through the next conv/linear.
 * ``resnet`` — torchvision's ResNet-18/34 through its ``norm_layer=`` hook, adapted to small images
   as is usual for CIFAR (3x3 stride-1 stem, no max-pool). torchvision builds its convs without a
   bias (the norm after each supplies beta); with a norm that supplies none (a weight-kind norm, or
@@ -35,8 +42,15 @@ from torch import nn
 
 from normzoo.config import InvalidCombination
 from normzoo.registry import NormSpec, build_norm, get_norm
+from normzoo.sequence_model import SequenceNorm, Transformer
 
-__all__ = ["InvalidCombination", "build_model", "check_batch_size", "count_parameters"]
+__all__ = [
+    "DROPOUT_POSITIONS",
+    "InvalidCombination",
+    "build_model",
+    "check_batch_size",
+    "count_parameters",
+]
 
 
 class _Norms:
@@ -90,10 +104,27 @@ class _Norms:
         return model
 
 
-def _block(layer: nn.Module, norm: nn.Module | None, where: str) -> list[tuple[str, nn.Module]]:
-    """``layer -> norm -> ReLU`` as named modules (no norm module for weight-kind norms)."""
+DROPOUT_POSITIONS = ("before_norm", "after_norm")
+
+
+def _block(
+    layer: nn.Module, norm: nn.Module | None, where: str, cfg: Any = None
+) -> list[tuple[str, nn.Module]]:
+    """``layer -> norm -> ReLU`` as named modules (no norm module for weight-kind norms), with
+    ``Dropout`` before the norm or after the ReLU when ``cfg.dropout`` > 0."""
     norm_part = [] if norm is None else [(f"{where}_norm", norm)]
-    return [(where, layer), *norm_part, (f"{where}_act", nn.ReLU())]
+    p = float(getattr(cfg, "dropout", 0.0) or 0.0)  # plain objects too (not only DictConfig)
+    if p == 0:  # no module at all: the model (and its state dict) as without the option
+        return [(where, layer), *norm_part, (f"{where}_act", nn.ReLU())]
+    position = str(getattr(cfg, "dropout_position", "before_norm"))
+    if position not in DROPOUT_POSITIONS:
+        raise ValueError(
+            f"model.dropout_position={position!r}: expected one of {', '.join(DROPOUT_POSITIONS)}"
+        )
+    drop = [(f"{where}_dropout", nn.Dropout(p))]
+    if position == "before_norm":
+        return [(where, layer), *drop, *norm_part, (f"{where}_act", nn.ReLU())]
+    return [(where, layer), *norm_part, (f"{where}_act", nn.ReLU()), *drop]
 
 
 def _mlp(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -103,7 +134,7 @@ def _mlp(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int) 
         width *= int(d)
     for i, w in enumerate(cfg.widths, start=1):
         norm = norms.activation(int(w), f"fc{i}", spatial=False)
-        layers += _block(nn.Linear(width, int(w)), norm, f"fc{i}")
+        layers += _block(nn.Linear(width, int(w)), norm, f"fc{i}", cfg)
         width = int(w)
     layers.append(("classifier", nn.Linear(width, num_classes)))
     return nn.Sequential(OrderedDict(layers))
@@ -123,7 +154,7 @@ def _cnn(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int) 
     for i, (c, s) in enumerate(zip(chans, strides, strict=True), start=1):
         h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
         norm = norms.activation(c, f"conv{i} ({c}x{h}x{w})", spatial=True)
-        layers += _block(nn.Conv2d(c_in, c, k, stride=s, padding=k // 2), norm, f"conv{i}")
+        layers += _block(nn.Conv2d(c_in, c, k, stride=s, padding=k // 2), norm, f"conv{i}", cfg)
         c_in = c
     if cfg.head == "avg":
         layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
@@ -135,7 +166,7 @@ def _cnn(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int) 
         raise ValueError(f"model.head={cfg.head!r}: expected 'avg' or 'flatten'")
     for i, hw in enumerate(cfg.hidden, start=1):
         norm = norms.activation(int(hw), f"fc{i}", spatial=False)
-        layers += _block(nn.Linear(width, int(hw)), norm, f"fc{i}")
+        layers += _block(nn.Linear(width, int(hw)), norm, f"fc{i}", cfg)
         width = int(hw)
     layers.append(("classifier", nn.Linear(width, num_classes)))
     return nn.Sequential(OrderedDict(layers))
@@ -180,6 +211,27 @@ def _resnet(cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: in
     return model
 
 
+def _transformer(
+    cfg: Any, norms: _Norms, input_shape: Sequence[int], num_classes: int
+) -> nn.Module:
+    if len(input_shape) != 3:
+        raise InvalidCombination(
+            f"model=transformer needs (C, H, W) inputs (rows become tokens), got {tuple(input_shape)}"
+        )
+    d_model, tokens = int(cfg.d_model), int(input_shape[1])
+
+    def make_norm(where: str) -> nn.Module:
+        norm = norms.activation(d_model, f"{where} ({tokens} tokens x {d_model})", spatial=True)
+        if norm is None:
+            return nn.Identity()
+        return SequenceNorm(norm, channels_first=norms.spec.kind != "last_dim")
+
+    return Transformer(
+        input_shape, num_classes, make_norm, d_model=d_model, depth=int(cfg.depth),
+        heads=int(cfg.heads), mlp_ratio=int(cfg.mlp_ratio),
+    )  # fmt: skip
+
+
 def _add_conv_biases(model: nn.Module) -> None:
     """Give every conv of ``model`` built without a bias a zero-initialised per-channel one (in the
     place ``bias=True`` would have put it, so the state dict reads as a biased conv's)."""
@@ -188,7 +240,7 @@ def _add_conv_biases(model: nn.Module) -> None:
             m.bias = nn.Parameter(torch.zeros(m.out_channels, dtype=m.weight.dtype))
 
 
-_BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
+_BUILDERS = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet, "transformer": _transformer}
 
 
 def build_model(
@@ -198,7 +250,7 @@ def build_model(
     input_shape: Sequence[int],
     num_classes: int,
 ) -> nn.Module:
-    """Build ``cfg_model.name`` (``mlp``, ``cnn`` or ``resnet``) with the registry's norm ``norm``.
+    """Build ``cfg_model.name`` (``mlp``, ``cnn``, ``resnet`` or ``transformer``) with the registry's norm ``norm``.
 
     Args:
         cfg_model: the ``model`` config node (see ``normzoo.config.MLPConf`` etc.).

@@ -63,7 +63,7 @@ def test_norm_file_names_its_entry_and_only_its_options(name: str) -> None:
 
 
 def test_groups_exist() -> None:
-    assert options("model") == ["cnn", "cnn16", "mlp", "resnet"]
+    assert options("model") == ["cnn", "cnn16", "mlp", "resnet", "transformer"]
     assert options("data") == ["cifar10", "digits", "digits_hard", "fashion_mnist", "mnist"]
     assert options("optim") == ["adamw", "sgd"]
     assert {"digits", "cifar10_resnet"} <= set(options("experiment"))
@@ -239,7 +239,7 @@ def test_invalid_combination_is_a_value_error() -> None:
         ("resume=maybe", None, "resume='maybe' is out of range: allowed true, false or keep_any_revision"),
         ("sed=1", None, "sed: no such key. Did you mean seed? Top-level keys:"),
         ("model.channels=[4]", "mlp",
-         "model.channels: no such key for model=mlp. Allowed: model.name, model.widths"),
+         "model.channels: no such key for model=mlp. Allowed: model.dropout, model.dropout_position, model.name, model.widths"),
         ("model.widht=[4]", None, "Did you mean model.width"),
     ],
 )  # fmt: skip

@@ -47,6 +47,7 @@ __all__ = [
     "ReportConf",
     "ResNetConf",
     "TrainConf",
+    "TransformerConf",
     "model_node",
     "norm_choices",
     "norm_node",
@@ -83,6 +84,8 @@ class MLPConf:
 
     name: str = "mlp"
     widths: list[int] = field(default_factory=lambda: [256, 256, 256])
+    dropout: float = 0.0  # p of Dropout in each block; 0: no Dropout module
+    dropout_position: str = "before_norm"  # before_norm | after_norm (see normzoo.models)
 
 
 @dataclass
@@ -99,6 +102,8 @@ class CNNConf:
     kernel_size: int = 3
     head: str = "flatten"
     hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.0  # p of Dropout in each block; 0: no Dropout module
+    dropout_position: str = "before_norm"  # before_norm | after_norm (see normzoo.models)
 
 
 @dataclass
@@ -108,6 +113,17 @@ class ResNetConf:
     name: str = "resnet"
     arch: str = "resnet18"
     zero_init_residual: bool = False
+
+
+@dataclass
+class TransformerConf:
+    """Pre-norm transformer encoder on image rows as tokens (:mod:`normzoo.sequence_model`)."""
+
+    name: str = "transformer"
+    d_model: int = 32
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: int = 2
 
 
 @dataclass
@@ -194,6 +210,7 @@ class DiagnosticsConf:
     enabled: bool = True
     precise_samples: int = 4096
     panel: bool = False
+    variance_shift: bool = False  # dropout's train/eval variance shift per batch-statistics layer
 
 
 @dataclass
@@ -229,7 +246,12 @@ class Config:
     resume: Any = True  # true | false | keep_any_revision (checked in validate.RULES)
 
 
-MODEL_SCHEMAS: dict[str, type] = {"mlp": MLPConf, "cnn": CNNConf, "resnet": ResNetConf}
+MODEL_SCHEMAS: dict[str, type] = {
+    "mlp": MLPConf,
+    "cnn": CNNConf,
+    "resnet": ResNetConf,
+    "transformer": TransformerConf,
+}
 OPTIMIZERS = ("sgd", "adamw")
 DATASETS = ("digits", "digits_hard", "mnist", "fashion_mnist", "cifar10")
 LR_RULES = ("linear", "constant")

@@ -99,6 +99,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.kernel_size": (lambda v: v >= 1, ">= 1"),
     "model.head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
     "model.arch": (lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.dropout_position": (
+        lambda v: v in ("before_norm", "after_norm"),
+        "one of before_norm, after_norm",
+    ),
+    "model.d_model": (lambda v: v >= 1, ">= 1"),
+    "model.depth": (lambda v: v >= 1, ">= 1"),
+    "model.heads": (lambda v: v >= 1, ">= 1"),
+    "model.mlp_ratio": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -277,6 +286,10 @@ def validate_model(model: Any) -> None:
         raise ConfigError(
             f"model.strides={list(model.strides)} must give one stride per conv layer "
             f"(model.channels={list(model.channels)})"
+        )
+    if model.name == "transformer" and model.d_model % model.heads:
+        raise ConfigError(
+            f"model.d_model={model.d_model} must be a multiple of model.heads={model.heads}"
         )
 
 

@@ -189,6 +189,7 @@ def _train(
                 seed=int(cfg.seed),
                 eval_batch_size=int(cfg.data.eval_batch_size),
                 predictions=predictions if spec.uses_batch_stats else None,
+                with_variance_shift=bool(cfg.diagnostics.get("variance_shift", False)),
             )
         )
         log.info("diagnostics done in %.1fs", time.perf_counter() - t_diag)
