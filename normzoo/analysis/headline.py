@@ -40,7 +40,10 @@ def fig_headline(cells: pd.DataFrame, path: Path) -> Path:
     """Write the headline figure of the i.i.d. ``cells`` (a :func:`cell_table`) to ``path``."""
     models = sorted(cells["model"].unique())
     fig = new_figure(4.2 * len(models) + 1.8, 3.4)
-    axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
+    # one y-axis for the row, unless one panel's top is 3x another's (it would squeeze them flat)
+    tops = cells.groupby("model")["hi95"].max()
+    share = bool(tops.min() > 0 and tops.max() / tops.min() < 3)
+    axes = fig.subplots(1, len(models), sharey=share, squeeze=False)[0]
     order = sorted(cells["norm"].unique())
     batches = sorted(int(b) for b in cells["norm_batch"].dropna().unique())
     for ax, model in zip(axes, models, strict=True):

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from normzoo.config.identity import comparable_config
 from normzoo.data import DataBundle, batches_per_epoch, epoch_order
 from normzoo.errors import ConfigError, Diverged
+from normzoo.layers import uses_batch_stats_in_eval
 from normzoo.norms import weight as weight_norms
-from normzoo.registry import NormSpec, get_norm, list_norms
+from normzoo.registry import NormSpec
 from normzoo.run.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -107,30 +108,12 @@ def make_optimizer(cfg_optim: DictConfig, model: nn.Module, lr: float) -> torch.
         return cls(params, foreach=True, **kw)
 
 
-def _batch_stat_classes(spec: NormSpec | None) -> tuple[type, ...]:
-    """torch's BatchNorm, and the run's layer (``spec``) or else every registered batch-stat one."""
-    classes: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
-    specs = [spec] if spec is not None else [get_norm(name) for name in list_norms()]
-    for one in specs:
-        if one.uses_batch_stats and isinstance(one.cls, type):
-            classes += (one.cls,)
-    return classes
-
-
 def batch_stats_in_eval(model: nn.Module, spec: NormSpec | None = None) -> bool:
-    """Whether some norm layer of ``model`` normalises with batch statistics even in eval mode: a
-    batch-statistics layer (registered with ``uses_batch_stats``, or a torch BatchNorm) without
-    running statistics (``track_running_stats=False``). ``spec``: the layer the model was built
-    with (else every registered layer is looked for)."""
-    classes = _batch_stat_classes(spec)
-    for m in model.modules():
-        if isinstance(m, classes) and (
-            not getattr(m, "track_running_stats", True)
-            or not isinstance(getattr(m, "running_mean", None), Tensor)
-            or not isinstance(getattr(m, "running_var", None), Tensor)
-        ):
-            return True
-    return False
+    """Whether some norm layer of ``model`` normalises with batch statistics even in eval mode
+    (:func:`normzoo.layers.uses_batch_stats_in_eval`, the one definition; ``spec`` is accepted for
+    the callers that pass the run's layer and not needed: the class lookup is cached)."""
+    del spec
+    return uses_batch_stats_in_eval(model)
 
 
 @torch.no_grad()
