@@ -126,7 +126,12 @@ def test_what_a_killed_run_leaves_reads_as_unfinished(hydra_conf, tmp_path, monk
     result, m = run(run_dir, "norm=ln")  # resume does not take the temp file for a result
     assert "skipped" not in result and result["status"] == "ok"
     assert strip(m) == strip(good)
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "metrics.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra",
+        "metrics.json",
+        "model.pt",
+        "predictions.npz",
+    ]
 
 
 def test_checkpoint_resume_matches_an_uninterrupted_run_bitwise(

@@ -82,7 +82,12 @@ def test_ok_run_writes_the_full_record(hydra_conf, tmp_path: Path) -> None:
         and m["versions"]["normzoo"] == normzoo.__version__
     )
     assert m["steps_per_s"] > 0 and m["wall_time_s"] >= m["train_time_s"] > 0
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+    # no temp file left behind; the kept model and the per-sample predictions beside the record
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "metrics.json",
+        "model.pt",
+        "predictions.npz",
+    ]
     # outside Hydra there are no task overrides to rerun with; the config is still all there
     assert m["task_overrides"] is None and m["rerun_command"] is None
     assert m["git_dirty"] is None or all(

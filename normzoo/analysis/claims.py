@@ -216,7 +216,8 @@ def duplicate_claims(df: pd.DataFrame) -> list[str]:
     if "superseded_by" not in df:
         return []
     by = df["superseded_by"].dropna().astype(str)
-    dup = by[by.str.endswith("(same config and seed)")]
+    # an alias dir (norm=bn beside norm=batchnorm) is the same job; other repeats the same config
+    dup = by[by.str.endswith("(same config and seed)") | by.str.endswith("(same job)")]
     if dup.empty:
         return []
     names = [Path(str(d)).name for d in df.loc[dup.index, "run_dir"].dropna()][:3]

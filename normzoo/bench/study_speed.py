@@ -175,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Time a study with the from-scratch layers and with their native references; "
         "writes study_speed.md and study_speed.csv. Arguments after -- go to both sweeps.",
     )
-    p.add_argument("--study", default="digits", help="experiment config (default digits)")
+    # the fixed-epoch grid over every layer and its native twin (the v2 study sweeps ghost sizes)
+    p.add_argument("--study", default="digits_v1", help="experiment config (default digits_v1)")
     p.add_argument(
         "--norms",
         default=None,

@@ -286,12 +286,11 @@ def norm_node(option: str) -> DictConfig:
 
 def model_node(name: str) -> DictConfig:
     """The ``model`` node ``model=<name>`` composes (its schema with ``conf/model/<name>.yaml``)."""
-    node = OmegaConf.structured(MODEL_SCHEMAS[name])
     path = CONF_DIR / "model" / f"{name}.yaml"
-    if path.is_file():
-        content = OmegaConf.load(path)
-        node = OmegaConf.merge(node, {k: content[k] for k in content if k != "defaults"})
-    return node
+    content = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+    # the schema is the model's own name (model=cnn16 is a cnn with other widths and strides)
+    node = OmegaConf.structured(MODEL_SCHEMAS[str(content.get("name", name))])
+    return OmegaConf.merge(node, {k: content[k] for k in content if k != "defaults"})
 
 
 _registered = False
