@@ -17,7 +17,6 @@ from torch import Tensor
 from normzoo.config import DataConf, InvalidCombination
 from normzoo.data import (
     HARD_COPIES,
-    HARD_NOISE,
     DataBundle,
     DataNotFoundError,
     batches_per_epoch,
@@ -27,6 +26,7 @@ from normzoo.data import (
     load_data,
     stratified_split,
 )
+from normzoo.digits_hard import HARD_NOISE
 
 
 def data_cfg(**kw):
