@@ -52,11 +52,12 @@ def _precise_rows(
     layers: list[NormLayer],
     data: Any,
     order: Tensor,
-    batch_size: int,
+    sizes: tuple[int, int],
     counts: tuple[int, ...],
     seed: int,
 ) -> list[dict[str, Any]]:
     """One row per PreciseBN sample count (capped at the training set; whole batches)."""
+    eval_batch, batch_size = sizes
     n_train = data.train_x.shape[0]
     size = min(batch_size, n_train)
     rows = []
@@ -72,7 +73,7 @@ def _precise_rows(
         )
         with precise_statistics(model, pop, layers):
             set_norm_mode(model, layers, norm_training=False)
-            logits = batched_logits(model, data.test_x, order, batch_size, None)
+            logits = batched_logits(model, data.test_x, order, eval_batch, None)
         used = math.ceil(count / size) * size
         rows.append(_row("precise", logits, data.test_y, requested_samples=requested, samples=used))
     return rows
@@ -86,6 +87,7 @@ def inference_panel(
     precise_counts: tuple[int, ...] = PRECISE_COUNTS,
     test_batch_sizes: tuple[int | None, ...] = TEST_BATCH_SIZES,
     seed: int = 0,
+    eval_batch_size: int | None = None,
 ) -> list[dict[str, Any]]:
     """Test error of a trained classifier under each source of normalisation statistics.
 
@@ -93,7 +95,7 @@ def inference_panel(
         model: maps ``data.test_x`` batches to logits (N, num_classes).
         data: anything with ``train_x``, ``test_x``, ``test_y`` tensors on the model's device.
         batch_size: the training (normalisation) batch size: PreciseBN's batches, and the batch
-            size of the eval-mode passes.
+            size of the eval-mode passes unless ``eval_batch_size`` is given.
         precise_counts: PreciseBN sample counts; each is capped at the training set's size and
             rounded up to whole batches (``samples`` in its row says how many were used).
         test_batch_sizes: batch sizes of the batch-statistics rows (each capped at the test set;
@@ -101,6 +103,9 @@ def inference_panel(
             from the start of the shuffled order, so every batch has exactly that size.
         seed: the shuffled test order (as :func:`normzoo.diagnostics.run_diagnostics` draws it
             from the same seed) and the PreciseBN batches (``seed + 1``, likewise).
+        eval_batch_size: the batch size of the eval-mode passes (EMA, PreciseBN), as in
+            :func:`normzoo.diagnostics.run_diagnostics`: their outputs do not depend on the batch,
+            so fewer, larger batches; ignored where a layer has no running statistics.
 
     Returns:
         Rows ``{"statistics": "ema" | "precise" | "batch", ..., "test_error", "test_loss"}``;
@@ -117,17 +122,68 @@ def inference_panel(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_test, generator=gen).to(data.test_x.device)
     x, y = data.test_x, data.test_y
+    eval_batch = eval_batch_size or batch_size
+    if any(layer.uses_batch_stats and not layer.has_running_stats for layer in layers):
+        eval_batch = batch_size  # eval mode still normalises with batch statistics
+    sizes = (eval_batch, batch_size)
     with preserved_state(model, layers) as volatile:
         set_norm_mode(model, layers, norm_training=False)
-        rows = [_row("ema", batched_logits(model, x, order, batch_size, volatile), y)]
+        rows = [_row("ema", batched_logits(model, x, order, eval_batch, volatile), y)]
         if any(layer.has_running_stats for layer in layers):
-            rows += _precise_rows(model, layers, data, order, batch_size, precise_counts, seed)
+            rows += _precise_rows(model, layers, data, order, sizes, precise_counts, seed)
         set_norm_mode(model, layers, norm_training=True)
         for b in test_batch_sizes:
             size = n_test if b is None else min(int(b), n_test)
-            logits = batched_logits(model, x, order, size, volatile)
+            logits = _batch_stat_logits(model, layers, x, order, size, volatile)
             rows.append(_row("batch", logits, y, test_batch_size=size))
     return rows
+
+
+def _ghost_sizes(layers: list[NormLayer], size: int) -> dict[nn.Module, int] | None:
+    """Per batch-statistics layer, the ghost size that makes one forward of many test batches of
+    ``size`` compute what one forward per batch computes; None where no such size exists (a layer
+    without ghost batches, or an own ghost size below ``size`` that does not divide it; a batch
+    of at most its own ghost size is one ghost batch)."""
+    sizes = {}
+    for layer in layers:
+        if not layer.uses_batch_stats:
+            continue
+        own = getattr(layer.module, "ghost_batch_size", False)
+        if own is False or (own is not None and own < size and size % own):
+            return None
+        sizes[layer.module] = size if own is None else min(own, size)
+    return sizes
+
+
+def _batch_stat_logits(
+    model: nn.Module,
+    layers: list[NormLayer],
+    x: Tensor,
+    order: Tensor,
+    size: int,
+    volatile: list | None,
+) -> Tensor:
+    """Logits with batch statistics of shuffled test batches of ``size`` (the last one filled up
+    from the start of ``order``). Where every batch-statistics layer takes ghost batches, the
+    batches go through in one forward with ghost size ``size``: a ghost batch is normalised as a
+    batch of its own (``normzoo.norms._ghost``), and one forward instead of N / size is what
+    makes the panel cheap at test batch 2. Otherwise (or for one batch) the per-batch loop."""
+    n = order.numel()
+    sizes = _ghost_sizes(layers, size)
+    if sizes is None or size >= n:
+        return batched_logits(model, x, order, size, volatile)
+    padded = torch.cat([order, order[: (-n) % size]])
+    saved = {m: m.ghost_batch_size for m in sizes}
+    try:
+        for m, g in sizes.items():
+            m.ghost_batch_size = g
+        logits = frozen_forward(model, x[padded], volatile)[:n]
+    finally:
+        for m, g in saved.items():
+            m.ghost_batch_size = g
+    out = torch.empty_like(logits)
+    out[order] = logits
+    return out
 
 
 def _pooled_variance(sums: list[Any]) -> Tensor:

@@ -135,3 +135,36 @@ def test_no_dropout_before_bn_means_no_variance_shift() -> None:
     x = torch.randn(1000, 16, generator=torch.Generator().manual_seed(6))
     model = nn.Sequential(normzoo.build_norm("bn", 16), nn.Dropout(0.5), nn.Linear(16, 4))
     assert variance_shift(model, x, batch_size=64) == {"0": 1.0}  # 1000 -> 960: whole batches
+
+
+@pytest.mark.parametrize(
+    ("norm", "options"),
+    [
+        ("bn", {}),
+        ("brn", {}),
+        ("bn", {"ghost_batch_size": 2}),
+        ("bn", {"ghost_batch_size": 3}),
+        ("bn", {"ghost_batch_size": 4}),
+    ],
+)
+def test_batch_statistics_in_one_forward_equal_one_forward_per_test_batch(norm, options) -> None:
+    from normzoo.diagnostics import batched_logits
+    from normzoo.inference import _batch_stat_logits
+    from normzoo.layers import find_norm_layers, preserved_state, set_norm_mode
+
+    data = _data(n_test=37)
+    model = _trained(norm, data, **options)
+    layers = find_norm_layers(model)
+    order = torch.randperm(37, generator=torch.Generator().manual_seed(3))
+    with preserved_state(model, layers) as volatile:
+        set_norm_mode(model, layers, norm_training=True)
+        fast = {}
+        for size in (2, 6, 36):
+            loop = batched_logits(model, data.test_x, order, size, volatile)
+            fast[size] = _batch_stat_logits(model, layers, data.test_x, order, size, volatile)
+            torch.testing.assert_close(fast[size], loop, rtol=1e-5, atol=1e-6)
+    if options.get("ghost_batch_size") != 2:  # batch statistics of 2 and 6 samples differ
+        assert not torch.allclose(fast[2], fast[6])
+    assert [m.ghost_batch_size for m in model.modules() if hasattr(m, "ghost_batch_size")] == [
+        options.get("ghost_batch_size")
+    ]

@@ -176,10 +176,12 @@ def _train(
     for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error"):
         record[key] = last.get(key)
     predictions: dict[str, Any] = {}
+    panel = bool(cfg.diagnostics.get("panel", False))
+    panel_note = ", inference panel" if panel else ""
+    t_diag = time.perf_counter()
     if cfg.diagnostics.enabled:  # its own keys: the run's test_error/test_loss stay the curves'
-        log.info("diagnostics: mismatch, PreciseBN (%d samples), inference panel ...",
-                 int(cfg.diagnostics.precise_samples))  # fmt: skip
-        t_diag = time.perf_counter()
+        log.info("diagnostics: mismatch, PreciseBN (%d samples)%s ...",
+                 int(cfg.diagnostics.precise_samples), panel_note)  # fmt: skip
         record.update(
             run_diagnostics(
                 model,
@@ -192,10 +194,14 @@ def _train(
                 with_variance_shift=bool(cfg.diagnostics.get("variance_shift", False)),
             )
         )
+    if panel:
+        if not cfg.diagnostics.enabled:
+            log.info("diagnostics: inference panel ...")
+        record["inference_panel"] = inference_panel(
+            model, data, batch_size=batch_size, seed=int(cfg.seed),
+            eval_batch_size=int(cfg.data.eval_batch_size))  # fmt: skip
+    if cfg.diagnostics.enabled or panel:
         log.info("diagnostics done in %.1fs", time.perf_counter() - t_diag)
-    if cfg.diagnostics.get("panel", False):
-        record["inference_panel"] = inference_panel(model, data, batch_size=batch_size,
-                                                    seed=int(cfg.seed))  # fmt: skip
     if cfg.train.get("keep_predictions", True):
         _keep_predictions(model, data, cfg, spec, predictions, out)
         record["predictions"] = PREDICTIONS_FILE
