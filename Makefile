@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.normzoo-installed
 
-.PHONY: install study study-v1 test lint bench clean-sweeps gpu-check
+.PHONY: install study study-v1 test lint bench clean-sweeps gpu-check brn-tune
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,11 @@ clean-sweeps:
 
 gpu-check: $(STAMP)
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
+
+# Batch Renorm's schedule, chosen on validation: three candidate sweeps, then the table
+# reports/digits/design/brn_schedule.md (the choice goes into digits_base.yaml's norm_options)
+brn-tune: $(STAMP)
+	$(BIN)/normzoo-train -m experiment=digits_brn_tune
+	$(BIN)/normzoo-train -m experiment=digits_brn_tune hydra.sweep.dir=multirun/digits_brn_tune/ema_hold norm.relax_start=0.5 norm.rmax_relaxed=0.85 norm.dmax_relaxed=0.7
+	$(BIN)/normzoo-train -m experiment=digits_brn_tune hydra.sweep.dir=multirun/digits_brn_tune/fast_ema norm.momentum=0.1
+	$(BIN)/python scripts/brn_schedule_table.py

@@ -200,7 +200,7 @@ def population_stats(
     training mode — so each layer sees the activations it sees in training — over
     ``ceil(num_samples / batch_size)`` batches of exactly ``batch_size`` training samples drawn from
     seeded permutations of ``x`` (the whole set once when ``num_samples == len(x)`` is a multiple of
-    the batch size), and combines the per-batch statistics size-weighted (REFERENCES.md)::
+    the batch size), and combines the per-batch statistics size-weighted (as PreciseBN, Wu & Johnson 2021)::
 
         mu_pop = sum_B n_B mu_B / sum_B n_B
         var_pop = sum_B n_B (mu_B^2 + var_B) / sum_B n_B - mu_pop^2     (var_B biased)

@@ -1,4 +1,4 @@
-"""Published reference numbers, as data, each with its source (copied from REFERENCES.md).
+"""Published reference numbers, as data, each with its source paper.
 
 The report draws :data:`GN_PAPER_RESNET50` beside the measured curves "for shape": a different model,
 data set and scale, so only the trend with batch size is comparable, never the level.
@@ -42,7 +42,7 @@ class PublishedCurve:
 #: ResNet-50, ImageNet val. error (%)
 GN_PAPER_RESNET50 = PublishedCurve(
     title="ResNet-50 on ImageNet (Wu & He 2018)",
-    source="Wu & He 2018, Group Normalization, arXiv:1803.08494, Figure 1 (via REFERENCES.md)",
+    source="Wu & He 2018, Group Normalization, arXiv:1803.08494, Figure 1",
     metric="ImageNet val. error (%)",
     batch_sizes=(32, 16, 8, 4, 2),
     error={
@@ -66,11 +66,10 @@ GN_PAPER_BRN_AT_4 = {"batchrenorm": 26.3, "batchnorm": 27.3}
 
 #: Ioffe 2017, Batch Renormalization (secondary source): Inception-v3 ImageNet top-1 accuracy (%)
 BRN_INCEPTION_V3 = {
-    "source": "Ioffe 2017, Batch Renormalization, arXiv:1702.03275 (secondary source, REFERENCES.md)",
+    "source": "Ioffe 2017, Batch Renormalization, arXiv:1702.03275 (secondary source)",
     "batchnorm_batch32": 78.3,
     "batchnorm_micro4": 74.2,
     "batchrenorm_micro4": 76.5,
-    "batchrenorm_non_iid_16x2": 78.5,
 }
 
 #: Salimans & Kingma 2016 (secondary source): CIFAR-10 test error (%)

@@ -176,8 +176,17 @@ def test_bn_small_batch_loss_is_found_higher_with_the_right_sign(known) -> None:
     brn = _finding(text, "Batch Renorm's recovery, mlp")
     assert "Batch Renorm(2) is lower than that of BatchNorm(2) (-" in brn
     non = _finding(text, "Non-i.i.d. batches, mlp")
-    assert "with 2 classes per batch is higher than that of Batch Renorm(32) with 2" in non
+    assert (
+        "Batch Renorm(32) with 2 classes per batch is lower than that of BatchNorm(32) with 2"
+        in non
+    )
     assert "is higher than that of BatchNorm(32) with i.i.d. batches" in non
+    # GN is unchanged by construction; BN's +10 from grouping exceeds GN's (the interaction)
+    assert "GroupNorm with 2 classes per batch is higher" not in non
+    assert (
+        "BatchNorm(32)'s increase from i.i.d. to 2 classes per batch is higher than GroupNorm's"
+        in non
+    )
 
 
 def test_recommendation_table_content(known) -> None:

@@ -92,3 +92,18 @@ def test_predictions_round_trip(tmp_path) -> None:
     assert load_predictions(tmp_path / "elsewhere") is None
     with pytest.raises(ValueError, match="unknown prediction keys"):
         save_predictions(tmp_path, {"test_logits": pred})
+
+
+def test_interaction_is_the_difference_of_the_two_losses() -> None:
+    a2, b2 = _correct(0.05, seed=2), _correct(0.08, seed=3)
+    a1, b1 = a2.copy(), b2.copy()
+    a1[:, :60] = False  # A loses more from the change than B does
+    b1[:, :20] = False
+    d = sig.paired_interaction(a1, a2, b1, b2)
+    expected = 100 * (((~a1).mean() - (~a2).mean()) - ((~b1).mean() - (~b2).mean()))
+    assert d.diff == pytest.approx(expected) and expected > 5
+    assert d.lo95 > 0 and d.p < 0.01
+    same = sig.paired_interaction(a1, a2, a1.copy(), a2.copy())  # equal losses: exactly zero
+    assert same.diff == 0 and same.lo95 == 0 and same.hi95 == 0 and same.p == 1.0
+    with pytest.raises(ValueError, match="same shape"):
+        sig.paired_interaction(a1, a2, b1[:, :10], b2)

@@ -2,7 +2,7 @@
 
 Layers with batch statistics are lines with a 95% interval on every point; layers without them are
 horizontal bands (mean and 95% interval) across the axis, since they have no normalisation batch.
-The GN paper's BN/GN curve (Wu & He 2018) sits in a small inset of the first panel, for shape only.
+The GN paper's BN/GN curve (Wu & He 2018) is a narrow last panel, for shape only.
 """
 
 from __future__ import annotations
@@ -26,24 +26,30 @@ def _colour(norm: str, order: list[str]) -> str:
     return _SPARE_COLOURS[order.index(norm) % len(_SPARE_COLOURS)]
 
 
-def _inset(ax) -> None:
-    inset = ax.inset_axes([0.62, 0.6, 0.35, 0.36])
+def _published_panel(ax) -> None:
+    """The GN paper's curve in a narrow panel of its own (an inset covered the data's bands)."""
     ref = GN_PAPER_RESNET50
     for norm, values in ref.error.items():
-        inset.plot(ref.batch_sizes, values, marker=".", color=_COLOURS.get(norm, "k"), lw=1)
-    log2_axis(inset, sorted(ref.batch_sizes))
-    inset.tick_params(labelsize=5)
-    inset.set_title("GN paper, ResNet-50 (shape)", fontsize=6)
+        ax.plot(ref.batch_sizes, values, marker=".", color=_COLOURS.get(norm, "k"), lw=1)
+    log2_axis(ax, sorted(ref.batch_sizes))
+    ax.tick_params(labelsize=7)
+    ax.set_title("GN paper, ResNet-50\nImageNet (shape only)", fontsize=8)
+    ax.set_xlabel("batch per GPU", fontsize=8)
+    ax.set_ylabel("val. error (%)", fontsize=8)
 
 
 def fig_headline(cells: pd.DataFrame, path: Path) -> Path:
     """Write the headline figure of the i.i.d. ``cells`` (a :func:`cell_table`) to ``path``."""
     models = sorted(cells["model"].unique())
-    fig = new_figure(4.2 * len(models) + 1.8, 3.4)
+    fig = new_figure(4.2 * len(models) + 4.0, 3.4)
     # one y-axis for the row, unless one panel's top is 3x another's (it would squeeze them flat)
     tops = cells.groupby("model")["hi95"].max()
     share = bool(tops.min() > 0 and tops.max() / tops.min() < 3)
-    axes = fig.subplots(1, len(models), sharey=share, squeeze=False)[0]
+    ratios = [1.0] * len(models) + [0.5]
+    *axes, published = fig.subplots(1, len(models) + 1, width_ratios=ratios, squeeze=False)[0]
+    for ax in axes[1:]:
+        if share:
+            ax.sharey(axes[0])
     order = sorted(cells["norm"].unique())
     batches = sorted(int(b) for b in cells["norm_batch"].dropna().unique())
     for ax, model in zip(axes, models, strict=True):
@@ -71,7 +77,7 @@ def fig_headline(cells: pd.DataFrame, path: Path) -> Path:
         ax.set_title(model)
         ax.set_xlabel("normalisation batch (samples)")
     axes[0].set_ylabel("test error (%), 95% interval")
-    _inset(axes[0])
+    _published_panel(published)
     handles, labels = axes[0].get_legend_handles_labels()
     seen = dict(zip(labels, handles, strict=True))
     for ax in axes[1:]:

@@ -8,6 +8,9 @@ classified correctly by that seed's run) and answers in percentage points of tes
 * :func:`paired_difference` -- error(A) - error(B) for two groups evaluated on the same test set:
   a paired bootstrap that resamples seeds (pairing seed i of A with seed i of B) and test samples
   jointly, with its 95% and 90% intervals and a two-sided p-value.
+* :func:`paired_interaction` -- [error(A1) - error(A2)] - [error(B1) - error(B2)] for four groups on
+  the same test set (a difference in differences: whether one layer loses more than another from
+  the same change), the four resampled jointly.
 * :func:`mcnemar` -- the exact McNemar test on the discordant samples, pooled over seeds.
 * :func:`trend` -- the OLS slope of error against log2(batch size) over every run, in points per
   doubling, with a t-test and intervals.
@@ -35,6 +38,7 @@ __all__ = [
     "holm",
     "mcnemar",
     "paired_difference",
+    "paired_interaction",
     "trend",
     "verdict",
 ]
@@ -119,12 +123,38 @@ def paired_difference(
     The p-value is the two-sided bootstrap p: twice the smaller share of resampled differences on
     either side of zero (at least 1 / (n_boot + 1)).
     """
-    a, b = _as_correct(correct_a), _as_correct(correct_b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired groups need the same shape, got {a.shape} and {b.shape}")
-    boot = _resampled_errors(np.stack([~a, ~b]), np.random.default_rng(seed), n_boot)
-    d = boot[0] - boot[1]
-    diff = float(100.0 * ((~a).mean() - (~b).mean()))
+    return _combined([correct_a, correct_b], seed, n_boot)
+
+
+def paired_interaction(
+    a1: np.ndarray,
+    a2: np.ndarray,
+    b1: np.ndarray,
+    b2: np.ndarray,
+    *,
+    seed: int = 0,
+    n_boot: int = BOOTSTRAP,
+) -> Difference:
+    """[error(A1) - error(A2)] - [error(B1) - error(B2)] (points), all four on the same test samples
+    with seeds paired by index, resampled jointly as :func:`paired_difference` resamples two."""
+    return _combined([a1, a2, b1, b2], seed, n_boot)
+
+
+def _combined(groups: list[np.ndarray], seed: int, n_boot: int) -> Difference:
+    """[err(g0) - err(g1)] - [err(g2) - err(g3)] - ... (pairs of groups, alternating signs) with
+    its paired two-level bootstrap intervals and p-value; each pair's difference is taken first,
+    so identical pairs cancel exactly."""
+    arrays = [_as_correct(g) for g in groups]
+    if any(a.shape != arrays[0].shape for a in arrays):
+        shapes = ", ".join(str(a.shape) for a in arrays)
+        raise ValueError(f"paired groups need the same shape, got {shapes}")
+    wrong = np.stack([~a for a in arrays])
+    boot = _resampled_errors(wrong, np.random.default_rng(seed), n_boot)
+    means = wrong.reshape(len(arrays), -1).mean(axis=1)
+    d, diff = boot[0] - boot[1], means[0] - means[1]
+    for k in range(2, len(arrays), 2):
+        d, diff = d - (boot[k] - boot[k + 1]), diff - (means[k] - means[k + 1])
+    diff = float(100.0 * diff)
     lo95, lo90, hi90, hi95 = np.percentile(d, [2.5, 5, 95, 97.5])
     if np.all(d == 0):
         p = 1.0

@@ -3,8 +3,8 @@
 Per model: BatchNorm's loss at the smallest normalisation batch (paired vs the largest, and the
 trend over log2 normalisation batch), Batch Renorm's recovery (BRN vs BN at the smallest), PreciseBN
 (its predictions vs the EMA's, and the inference panel's error against its sample count), batch
-statistics at small test batches (panel rows), and the non-i.i.d. result (class-grouped BN vs BRN,
-vs GN, and vs i.i.d. BN at the same batch). Every p-value of the report's family is Holm-adjusted
+statistics at small test batches (panel rows), and the non-i.i.d. result (class-grouped against
+i.i.d. batches for BN and for GN, BN's loss against GN's, BRN vs BN on grouped batches). Every p-value of the report's family is Holm-adjusted
 together; a sentence's wording is :func:`~normzoo.analysis.significance.verdict`'s outcome with the
 stated margin ("equivalent" only inside it), never written in advance.
 """
@@ -20,7 +20,13 @@ import numpy as np
 import pandas as pd
 
 from normzoo.analysis.cells import MARGIN, iid
-from normzoo.analysis.significance import holm, paired_difference, trend, verdict
+from normzoo.analysis.significance import (
+    holm,
+    paired_difference,
+    paired_interaction,
+    trend,
+    verdict,
+)
 from normzoo.analysis.study import cell_correct, paired_cells
 from normzoo.registry import display_name
 
@@ -33,7 +39,7 @@ class Test:
 
     a: str
     b: str
-    kind: str  # "paired" (error A - error B) or "trend" (points per doubling of `b`)
+    kind: str  # "paired" (error A - error B), "interaction" (A's change - B's), "trend" (per doubling)
     estimate: float
     lo95: float
     hi95: float
@@ -63,6 +69,9 @@ class Test:
             f"within ±{margin:g} points)",
         }[v]
         how = f"paired bootstrap over {self.n}"
+        if self.kind == "interaction":
+            words = words.replace("that of ", "")
+            return f"{self.a} {words} ({ci}; {how}; Holm p = {self.p_holm:.2g})"
         return f"the error of {self.a} {words} ({ci}; {how}; Holm p = {self.p_holm:.2g})"
 
 
@@ -188,6 +197,9 @@ def _precise_count(df, cell) -> str:
 
 
 def _noniid_tests(df: pd.DataFrame, model: str, iid_sweep: str) -> list[Test | None]:
+    """Class-grouped batches: each of BatchNorm and GroupNorm against itself on i.i.d. batches (the
+    loss from grouping), BatchNorm's loss against GroupNorm's (the part due to batch statistics:
+    GroupNorm sees the same correlated gradients but no batch statistics), Batch Renorm vs BN."""
     non = df[
         (df["classes_per_batch"].fillna(0) > 0) & (df["model"] == model) & (df["status"] == "ok")
     ]
@@ -195,22 +207,46 @@ def _noniid_tests(df: pd.DataFrame, model: str, iid_sweep: str) -> list[Test | N
         return []
     sweep = non["sweep"].iloc[0]
     k = int(non["classes_per_batch"].iloc[0])
+    runs = iid(df)
 
     def cell(norm: str) -> dict:
         b = non.loc[non["norm"] == norm, "norm_batch"]
         return _cell(sweep, model, norm, b.iloc[0] if not b.empty else math.nan)
 
-    note = f" with {k} classes per batch"
-    bn = cell("batchnorm")
+    def iid_cell(norm: str, batch: float) -> dict:
+        here = runs[(runs["model"] == model) & (runs["norm"] == norm) & (runs["status"] == "ok")]
+        where = (
+            iid_sweep
+            if norm in ("batchnorm", "batchrenorm") or here.empty
+            else here["sweep"].iloc[0]
+        )
+        return _cell(where, model, norm, batch)
+
+    note, plain = f" with {k} classes per batch", " with i.i.d. batches"
+    bn, gn, brn = cell("batchnorm"), cell("groupnorm"), cell("batchrenorm")
+    iid_bn, iid_gn = iid_cell("batchnorm", bn["norm_batch"]), iid_cell("groupnorm", math.nan)
+    bn_name, gn_name = _name("batchnorm", bn["norm_batch"]), _name("groupnorm")
     tests = [
-        _paired_test(df, bn, cell(other), _name("batchnorm", bn["norm_batch"], note),
-                     _name(other, cell(other)["norm_batch"], note))
-        for other in ("batchrenorm", "groupnorm")
-    ]  # fmt: skip
-    iid_bn = _cell(iid_sweep, model, "batchnorm", bn["norm_batch"])
-    tests.append(_paired_test(df, bn, iid_bn, _name("batchnorm", bn["norm_batch"], note),
-                              _name("batchnorm", bn["norm_batch"], " with i.i.d. batches")))  # fmt: skip
+        _paired_test(df, bn, iid_bn, bn_name + note, bn_name + plain),
+        _paired_test(df, gn, iid_gn, gn_name + note, gn_name + plain),
+        _interaction_test(df, (bn, iid_bn), (gn, iid_gn), bn_name, gn_name, k),
+        _paired_test(df, brn, bn, _name("batchrenorm", brn["norm_batch"], note), bn_name + note),
+    ]
     return tests
+
+
+def _interaction_test(df, a: tuple, b: tuple, name_a: str, name_b: str, k: int) -> Test | None:
+    cells = [cell_correct(df, c) for c in (*a, *b)]
+    common = sorted(set.intersection(*(set(c) for c in cells)))
+    if not common:
+        return None
+    arrays = [np.stack([c[s] for s in common]) for c in cells]
+    if any(x.shape != arrays[0].shape for x in arrays):
+        return None
+    d = paired_interaction(*arrays)
+    n = f"{arrays[0].shape[0]} seeds x {arrays[0].shape[1]} test samples"
+    what = f"{name_a}'s increase from i.i.d. to {k} classes per batch"
+    return Test(what, f"{name_b}'s", "interaction", d.diff, d.lo95, d.hi95, d.lo90, d.hi90, d.p, n)
 
 
 def study_findings(df: pd.DataFrame, margin: float = MARGIN) -> tuple[list[str], list[Test]]:

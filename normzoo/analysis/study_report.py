@@ -67,7 +67,7 @@ def _headline(cells: pd.DataFrame, out: Path) -> list[str]:
         "Test error (%) against the normalisation batch (ghost batch inside the SGD batch; log2 "
         "axis), one panel per model, at a fixed SGD batch and equal steps. Points and bands: mean "
         "over seeds with a 95% interval (bootstrap over seeds x test samples). Dashed bands: "
-        "layers without batch statistics (no normalisation batch). Inset: "
+        "layers without batch statistics (no normalisation batch). Last panel: "
         f"{GN_PAPER_RESNET50.source} (ResNet-50, ImageNet), for the shape only.",
         "",
         "The same numbers, test error (%) [95% interval] (CSV: `headline.csv`):",
