@@ -114,12 +114,6 @@ def test_completion_arguments_are_not_overrides() -> None:
     check_argv(["-sc", "install=bash"])  # would be "install: no such key"
 
 
-def test_shell_completion_prints_the_script(tmp_path: Path) -> None:
-    proc = cli(tmp_path, "-sc", "install=bash", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "hydra_bash_completion()" in proc.stdout
-
-
 def test_glob_over_norms_lists_each_layer_once_under_its_canonical_name() -> None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
