@@ -56,6 +56,7 @@ CASES: list[tuple[str, str]] = [
     ("a model option one swept model lacks", "-m model=cnn,mlp 'model.channels=[4,4]'"),
     ("a sweep over a key left out of run-dir names", "-m threads=1,2"),
     ("a sweep over an unknown study", "-m experiment=digits,digitz"),
+    ("a sweep over which files a run keeps", "-m train.keep_model=true,false"),
 ]
 
 _STAMP = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\]")
