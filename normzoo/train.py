@@ -39,6 +39,7 @@ from normzoo.run.device import resolve_device
 from normzoo.run.loop import batch_stats_in_eval, evaluate, lr_schedule
 from normzoo.run.record import EXIT_CODES, KEEP_ON_RESUME, METRICS_FILE, SCHEMA_VERSION
 from normzoo.sweep import PROGRESS_FILE, SweepGuard, check_sweep, count_jobs
+from normzoo.sweep.completion import zsh_completion
 
 log = logging.getLogger("normzoo.train")
 
@@ -108,6 +109,10 @@ def main() -> None:
     """Console entry point ``normzoo-train`` (Hydra's command line)."""
     _SingleRun.status = None
     sweep.OUTCOME.reset()
+    script = zsh_completion(sys.argv[1:])
+    if script is not None:  # Hydra's zsh plugin would print the bash script
+        print(script)
+        return
     try:
         sweep.check_argv(sys.argv[1:])
     except ConfigError as exc:

@@ -203,9 +203,11 @@ def test_summary_medians_spread_and_verdicts() -> None:
     assert s["memory"] == pytest.approx(1.0) and s["memory_max"] == pytest.approx(1.5)
     assert s["memory_compiled"] == pytest.approx(0.9)
     (eager, compiled, memory) = findings([s])
+    assert s["eager_iqr"] == pytest.approx(0.2)  # widths 0.10, 0.20, 0.35
     assert eager == ("BatchNorm (cpu), eager: 1.20x torch's time (median over 3 shapes; "
-                     "0.80–2.00 across them); slower than torch on 1, faster than torch on 1, "
-                     "within the noise on 1 (of 3 shapes).")  # fmt: skip
+                     "0.80–2.00 across them; spread over repeats: IQR 0.20 wide (median over "
+                     "shapes)); slower than torch on 1, faster than torch on 1, within the noise "
+                     "on 1 (of 3 shapes).")  # fmt: skip
     assert "within the noise on 2 (of 2 shapes)" in compiled
     assert memory.startswith(
         "BatchNorm (cpu), saved for backward: 1.000x torch's saved bytes (the same)"

@@ -114,12 +114,6 @@ def test_completion_arguments_are_not_overrides() -> None:
     check_argv(["-sc", "install=bash"])  # would be "install: no such key"
 
 
-def test_shell_completion_prints_the_script(tmp_path: Path) -> None:
-    proc = cli(tmp_path, "-sc", "install=bash", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "hydra_bash_completion()" in proc.stdout
-
-
 def test_glob_over_norms_lists_each_layer_once_under_its_canonical_name() -> None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -233,3 +227,16 @@ def test_the_report_states_mixed_revisions_on_top() -> None:
     lines = _mixed_revisions(pd.DataFrame({"git_rev": ["a" * 40, "b" * 40, "b" * 40]}))
     assert lines[0].startswith("**Mixed code revisions:** these runs come from 2 git revisions")
     assert "`bbbbbbbbbb` (2 runs)" in lines[0]
+
+
+def test_unknown_group_options_and_empty_globs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown model 'resnte' .*Did you mean model=resnet\?"):
+        check_argv(["model=resnte"])
+    with pytest.raises(ConfigError, match=r"Did you mean data=mnist\?"):
+        check_argv(["-m", "data=digits,mnits"])
+    with pytest.raises(ConfigError, match=r"norm=glob\(xyz\*\) matches no norm option"):
+        check_argv(["-m", "norm=glob(xyz*)"])
+    check_argv(["-m", "norm=glob(b*)"])  # matches: left to the sweeper
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: cnn\n")
+    check_argv(["--config-dir", str(tmp_path), "model=mine"])  # the user's own option

@@ -27,6 +27,8 @@ NEUTRAL_VALUES = {
     "threads": 3,
     "train.progress": "none",
     "train.checkpoint": True,
+    "train.keep_model": False,
+    "train.keep_predictions": False,
     "report.out": "elsewhere",
     "data.root": "/somewhere",
     "data.download": True,

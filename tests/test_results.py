@@ -313,8 +313,10 @@ def test_runs_that_differ_in_settings_are_separate_series(tmp_path: Path) -> Non
             _configured("batchnorm", seed, **{"optim.base_lr": 0.1}),
         )
     _run_dir(tmp_path, ["oneoff"], _configured("batchnorm", 2, error=0.5, **{"train.epochs": 1}))
-    # neutral keys only (threads, device, data.root, progress, report.out): the same config
-    neutral = {"threads": 4, "device": "cuda", "data.root": "/x", "train.progress": "none"}
+    # neutral keys only (threads, device, data.root, progress, report.out, the kept files): the
+    # same config
+    neutral = {"threads": 4, "device": "cuda", "data.root": "/x", "train.progress": "none",
+               "train.keep_model": False, "train.keep_predictions": False}  # fmt: skip
     _run_dir(
         tmp_path,
         ["neutral"],

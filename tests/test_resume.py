@@ -291,13 +291,15 @@ def test_a_killed_study_sweep_resumes_and_counts_every_run_once(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "neutral",
-    [["threads=2"], ["data.download=true"], ["data.root=elsewhere"], ["device=auto"]],
-)
+    [["threads=2"], ["data.download=true"], ["data.root=elsewhere"], ["device=auto"],
+     ["train.keep_model=false"], ["train.keep_predictions=false", "train.keep_model=false"]],
+)  # fmt: skip
 def test_keys_left_out_of_dir_names_that_cannot_change_a_result_keep_it(
     hydra_conf, tmp_path, monkeypatch, neutral
 ):
-    """The run-dir names leave out threads, data.root, data.download and device: a rerun with
-    another value finds the same dir, and must keep its result (device compared as resolved)."""
+    """The run-dir names leave out threads, data.root, data.download, device and which files a
+    run keeps: a rerun with another value finds the same dir, and must keep its result (device
+    compared as resolved; a flipped ``train.keep_*`` writes no file it did not write before)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     first, _ = run(tmp_path, "norm=ln")
     before = snapshot(tmp_path / "metrics.json")

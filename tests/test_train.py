@@ -382,21 +382,22 @@ def test_sweep_guard_logs_one_progress_line_per_finished_job(hydra_conf, tmp_pat
     guard.on_multirun_start(cfg)
     assert (tmp_path / "sweep" / train.PROGRESS_FILE).read_text() == "4\n"
     results = [{"status": "ok"}, {"status": "invalid", "skipped": True}, RuntimeError("x"), None]
-    caplog.set_level("INFO", logger="normzoo.train")
+    caplog.set_level("INFO", logger="normzoo.sweep")  # the launching process's [k/N] lines
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(callbacks, "is_multirun", lambda: True)
-        for i, value in enumerate(results):
-            job = JobReturn(overrides=["norm=bn", f"seed={i}"])
+        for i, value in enumerate(results):  # train.epochs: not swept, left out of the line
+            job = JobReturn(overrides=["norm=bn", f"data.batch_size={i}", "train.epochs=1"])
             job.status = JobStatus.FAILED if isinstance(value, Exception) else JobStatus.COMPLETED
             job.return_value = value
             guard.on_job_start(cfg)
             guard.on_job_end(cfg, job_return=job)  # in a worker: appends to the progress file
     guard.on_multirun_end(cfg)  # the launching process's printer prints what is left
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
-    assert lines[0].startswith("[1/4] norm=bn seed=0: ok (") and lines[0].endswith("s) ETA 0m00s")
-    assert lines[1].startswith("[2/4] norm=bn seed=1: invalid, kept from before (")
-    assert lines[2].startswith("[3/4] norm=bn seed=2: error (RuntimeError) (")
-    assert lines[3].startswith("[4/4] norm=bn seed=3: config error (")
+    first = "[1/4] norm=bn data.batch_size=0: ok ("
+    assert lines[0].startswith(first) and lines[0].endswith("s) ETA 0m00s")
+    assert lines[1].startswith("[2/4] norm=bn data.batch_size=1: invalid, kept from before (")
+    assert lines[2].startswith("[3/4] norm=bn data.batch_size=2: error (RuntimeError) (")
+    assert lines[3].startswith("[4/4] norm=bn data.batch_size=3: config error (")
 
 
 def test_the_command_line_replaces_a_studys_swept_values(hydra_conf) -> None:

@@ -68,7 +68,8 @@ def bytes_phrase(ratio: float, baseline: str) -> str:
 
 
 def _mode_summary(rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, Any]:
-    """Median time ratio over shapes, its range over shapes and the verdict count per shape."""
+    """Median time ratio over shapes, its range over shapes, the median width of the per-shape
+    IQRs over repeats (the noise) and the verdict count per shape."""
     ratios = _clean([r["paired_ratio"] for r in rows])
     words = [verdict(r["ratio_q1"], r["ratio_q3"]) for r in rows]
     return {
@@ -76,6 +77,7 @@ def _mode_summary(rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, Any]
         f"{prefix}_n": len(ratios),
         f"{prefix}_lo": min(ratios, default=math.nan),
         f"{prefix}_hi": max(ratios, default=math.nan),
+        f"{prefix}_iqr": _median([r["ratio_q3"] - r["ratio_q1"] for r in rows]),
         **{f"{prefix}_{w.split()[-1]}": words.count(w) for w in (SLOWER, FASTER, NOISE)},
     }
 
@@ -84,7 +86,8 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (device, layer): medians over shapes of the time and saved-bytes ratios.
 
     ``eager`` / ``compiled``: median over shapes of the rows' time ratios (``*_n`` of them),
-    ``*_lo`` / ``*_hi`` their range over shapes, ``*_slower`` / ``*_faster`` / ``*_noise`` how many shapes got each verdict.
+    ``*_lo`` / ``*_hi`` their range over shapes, ``*_iqr`` the median over shapes of the width of
+    each row's IQR over repeats, ``*_slower`` / ``*_faster`` / ``*_noise`` how many shapes got each verdict.
     ``memory``: median over shapes of the eager saved-bytes ratio (``memory_max`` the largest).
     ``native_fused``: the *baseline's* compiled time over its eager time (median over shapes).
     """
@@ -138,11 +141,15 @@ def _counts(s: dict[str, Any], mode: str, who: str) -> str:
 
 
 def _over_shapes(s: dict[str, Any], mode: str) -> str:
-    """``one shape`` / ``median over 4 shapes; 0.88-1.03 across them``."""
+    """``one shape; spread over repeats: IQR 0.04 wide`` / ``median over 4 shapes; 0.88-1.03
+    across them; spread over repeats: IQR 0.04 wide (median over shapes)``."""
     n, lo, hi = s[f"{mode}_n"], f"{s[f'{mode}_lo']:.2f}", f"{s[f'{mode}_hi']:.2f}"
+    iqr = s.get(f"{mode}_iqr", math.nan)
+    noise = "" if math.isnan(iqr) else f"; spread over repeats: IQR {iqr:.2f} wide"
     if n == 1:
-        return "one shape"
-    return f"median over {n} shapes" + ("" if lo == hi else f"; {lo}–{hi} across them")
+        return "one shape" + noise
+    across = "" if lo == hi else f"; {lo}–{hi} across them"
+    return f"median over {n} shapes{across}" + (f"{noise} (median over shapes)" if noise else "")
 
 
 def _bytes_over_shapes(s: dict[str, Any]) -> str:

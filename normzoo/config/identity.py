@@ -29,14 +29,18 @@ __all__ = [
 ]
 
 #: config keys that do not change a run's result (a finished run recorded with other values counts,
-#: a checkpoint written with other values is continued). ``device`` is compared as resolved
-#: (``auto`` on a CPU-only machine is ``cpu``); ``diagnostics.enabled`` changes what a run records.
+#: a checkpoint written with other values is continued): how it runs and prints, where it reads
+#: data, which files it keeps beside metrics.json (``train.keep_*``: flipping one keeps a finished
+#: run, without the file it did not write). ``device`` is compared as resolved (``auto`` on a
+#: CPU-only machine is ``cpu``); ``diagnostics.enabled`` changes what a run records.
 RESULT_NEUTRAL_KEYS = frozenset(
     {
         "resume",
         "threads",
         "train.progress",
         "train.checkpoint",
+        "train.keep_model",
+        "train.keep_predictions",
         "report.out",
         "data.root",
         "data.download",

@@ -1,6 +1,8 @@
 """Hydra at the edge of a run: the one reader of ``HydraConfig`` (:mod:`.context`), the multirun
 callback (:mod:`.callbacks`), the up-front checks of every job (:mod:`.checks`), the command-line
-guard (:mod:`.argv`) the progress lines (:mod:`.progress`) and a single run's summary (:mod:`.summary`)."""
+guard (:mod:`.argv`), the progress lines (:mod:`.progress`), what the jobs print
+(:mod:`.job_output`), zsh completion (:mod:`.completion`) and a single run's summary
+(:mod:`.summary`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The command line, checked before Hydra starts: an unknown ``norm=`` value (with the closest
-name), unknown keys and mistyped values (:func:`normzoo.config.validate.check_override`, naming
+"""The command line, checked before Hydra starts: an unknown ``norm=`` / ``experiment=`` /
+``model=`` / ``data=`` / ``optim=`` value (with the closest name), a glob that matches nothing,
+unknown keys and mistyped values (:func:`normzoo.config.validate.check_override`, naming
 what is allowed); Hydra's own messages name only the key."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from normzoo.config.validate import check_override, suggest_norm
 from normzoo.errors import ConfigError
 from normzoo.registry import UnknownNormError, get_norm
 
-__all__ = ["check_argv", "experiment_choices"]
+__all__ = ["check_argv", "experiment_choices", "group_choices"]
 
 _SWEEP_SYNTAX = "()[]{}$"
 _COMPLETION = {
@@ -93,30 +94,62 @@ def _config_dirs(argv: list[str], overrides: list[str]) -> list[Path]:
 
 def experiment_choices(dirs: list[Path]) -> list[str]:
     """The ``experiment`` options in ``dirs`` (``<dir>/experiment/*.yaml``)."""
-    return sorted({p.stem for d in dirs for p in (d / "experiment").glob("*.yaml")})
+    return group_choices("experiment", dirs)
+
+
+def group_choices(group: str, dirs: list[Path]) -> list[str]:
+    """The options of a config group in ``dirs`` (``<dir>/<group>/*.yaml``; ``norm``: also the
+    registry's names and aliases)."""
+    found = {p.stem for d in dirs for p in (d / group).glob("*.yaml")}
+    return sorted(found | set(norm_choices())) if group == "norm" else sorted(found)
+
+
+#: the config groups whose ``<group>=<option>`` is checked here (a misspelt ``experiment`` would
+#: silently run the default: ``optional experiment``)
+_CHECKED_GROUPS = ("experiment", "model", "data", "optim")
+_YOURS = " (your own: --config-dir DIR with DIR/{group}/<name>.yaml)"
 
 
 def _check_experiment(argv: list[str], overrides: list[str]) -> None:
-    """``experiment=<unknown>`` is refused: Hydra's ``optional experiment`` would run the default."""
+    """``<group>=<unknown>`` for the groups of :data:`_CHECKED_GROUPS` is refused with the
+    closest option (Hydra's "Could not find" names none), and so is a ``glob(...)`` over any group
+    that matches no option."""
     dirs = _config_dirs(argv, overrides)
     if not dirs:
         return
-    choices = experiment_choices(dirs)
     for arg in overrides:
-        if not arg.lstrip("+").startswith("experiment="):
+        group, _, value = arg.lstrip("+").partition("=")
+        if group not in (*_CHECKED_GROUPS, "norm"):
             continue
-        value = arg.split("=", 1)[1]
-        if any(ch in value for ch in _SWEEP_SYNTAX):
+        choices = group_choices(group, dirs)
+        if value.startswith("glob("):
+            _check_glob(arg.lstrip("+"), group, choices)
             continue
+        if group == "norm" or any(ch in value for ch in _SWEEP_SYNTAX):
+            continue  # norm=: checked with the registry's hint below
         for name in (v.strip() for v in value.split(",")):
             if name and name not in choices:
                 close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-                hint = f" Did you mean experiment={close[0]}?" if close else ""
+                hint = f" Did you mean {group}={close[0]}?" if close else ""
                 raise ConfigError(
-                    f"unknown experiment {name!r} (experiment={name}).{hint} Choices: "
-                    f"{', '.join(choices)} (your own: --config-dir DIR with DIR/experiment/"
-                    f"<name>.yaml)"
+                    f"unknown {group} {name!r} ({group}={name}).{hint} Choices: "
+                    f"{', '.join(choices)}{_YOURS.format(group=group)}"
                 )
+
+
+def _check_glob(arg: str, group: str, choices: list[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except Exception:
+        return  # Hydra's own parse error follows
+    if isinstance(value, Glob) and not value.filter(choices):
+        raise ConfigError(
+            f"{arg} matches no {group} option, so the sweep would have no runs. Choices: "
+            f"{', '.join(choices)}"
+        )
 
 
 def _chosen_norms(overrides: list[str]) -> list[str] | None:

@@ -17,7 +17,14 @@ from normzoo.data import DataNotFoundError
 from normzoo.errors import ConfigError, SweepRejected
 from normzoo.run.record import METRICS_FILE, read_record
 from normzoo.sweep.checks import check_sweep, count_jobs
-from normzoo.sweep.context import is_multirun
+from normzoo.sweep.context import is_multirun, task_overrides
+from normzoo.sweep.job_output import (
+    JobConsole,
+    job_tag,
+    job_values,
+    shows_every_line,
+    swept_keys,
+)
 from normzoo.sweep.progress import PROGRESS_FILE, ProgressPrinter, append_line
 
 __all__ = ["OUTCOME", "SweepGuard", "SweepOutcome"]
@@ -66,10 +73,12 @@ class SweepGuard(Callback):
     with :func:`normzoo.sweep.checks.check_sweep`: an out-of-range or mistyped value or an unknown
     group option stops the sweep before any training, and so does a sweep over a key left out of
     the run-directory names (``threads``, ``device``, ...: its jobs would share one dir).
-    ``on_job_end`` (in the process that ran the job: a joblib/submitit worker, whose output the
-    console does not show, or this one) appends ``<overrides>: <status> (<seconds>)`` to
-    :data:`PROGRESS_FILE` in the sweep dir, and a thread of the launching process prints each new
-    line as ``[k/N] ...`` (it reads the small file once a second).
+    ``on_job_start`` (in the process that runs the job: a joblib/submitit worker or this one)
+    tags the job's console lines with its swept values and keeps them to warnings and errors
+    unless ``train.progress=log`` (:mod:`normzoo.sweep.job_output`); ``on_job_end`` restores the
+    console and appends ``<swept values>: <status> (<seconds>)`` to :data:`PROGRESS_FILE` in the
+    sweep dir, and a thread of the launching process prints each new line as ``[k/N] ...`` (it
+    reads the small file once a second).
     ``on_multirun_end``: count this sweep's ``metrics.json`` by status (and those older than the
     sweep, kept by ``resume``), log failed ones, and make the process exit non-zero if any run of
     this sweep ``failed`` (1) or no run in the sweep dir ended ``ok`` (2).
@@ -79,10 +88,12 @@ class SweepGuard(Callback):
         self.started = 0.0
         self.job_started = 0.0
         self.progress: ProgressPrinter | None = None
+        self.swept: list[str] = []  # the keys of the sweep: a job's tag and progress line
+        self.console = JobConsole()
 
     def __getstate__(self) -> dict[str, Any]:
         # launchers pickle the callbacks to their workers: the printer thread stays here
-        return {**self.__dict__, "progress": None}
+        return {**self.__dict__, "progress": None, "console": JobConsole()}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         OUTCOME.seen = True
@@ -91,6 +102,8 @@ class SweepGuard(Callback):
             check_sweep(config)
         except (ConfigError, DataNotFoundError) as exc:
             raise SweepRejected(str(exc)) from None
+        with contextlib.suppress(Exception):  # a courtesy: without it, tags name every override
+            self.swept = swept_keys(config)
         with contextlib.suppress(OSError, ValueError):  # progress lines are a courtesy
             sweep_dir = Path(str(config.hydra.sweep.dir))
             sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -101,13 +114,18 @@ class SweepGuard(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.job_started = time.perf_counter()
+        if is_multirun():
+            tag = job_tag(task_overrides() or [], self.swept)
+            self.console.install(tag, every_line=shows_every_line(config))
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        self.console.restore()
         if not is_multirun():
             return
         try:
             seconds = time.perf_counter() - self.job_started if self.job_started else None
-            overrides = " ".join(getattr(job_return, "overrides", None) or []) or "(no overrides)"
+            done = list(getattr(job_return, "overrides", None) or [])
+            overrides = " ".join(job_values(done, self.swept)) or "(no overrides)"
             took = f" ({seconds:.1f}s)" if seconds is not None else ""
             append_line(Path(str(config.hydra.sweep.dir)) / PROGRESS_FILE,
                         f"{overrides}: {_job_status(job_return)}{took}".replace("\n", " "))  # fmt: skip

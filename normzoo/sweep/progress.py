@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from normzoo.sweep.job_output import PROGRESS_LOGGER
+
 __all__ = ["PROGRESS_FILE", "ProgressPrinter", "append_line", "eta_text"]
 
-log = logging.getLogger("normzoo.train")
+log = logging.getLogger(PROGRESS_LOGGER)
 
 #: in the sweep dir: the number of jobs, then one line per finished job (SweepGuard's [k/N] lines)
 PROGRESS_FILE = ".normzoo_progress"

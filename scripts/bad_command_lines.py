@@ -1,0 +1,141 @@
+"""Run each bad command line of ``docs/bad_command_lines.md`` and capture the first line it prints.
+
+    python scripts/bad_command_lines.py            # rewrite docs/bad_command_lines.md
+    python scripts/bad_command_lines.py --check    # exit 1 if a documented line changed
+
+Every case is refused before anything trains (the checks of ``normzoo.sweep.check_argv`` and of
+``SweepGuard`` run first), so the whole table takes seconds: the cases run in this one process,
+through ``normzoo.train.main`` as the console script calls it, in a temporary working dir.
+Timestamps and the temporary dir are masked; a line is cut at :data:`WIDTH` characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "bad_command_lines.md"
+WIDTH = 200
+
+#: (what is wrong, the command line after ``normzoo-train``, quoted for a POSIX shell)
+CASES: list[tuple[str, str]] = [
+    ("a bool option given a word", "norm.affine=maybe"),
+    ("a bool option given 'no' (bool('no') is True)", "norm.track_running_stats=no"),
+    ("a float option given a bool", "norm.momentum=true"),
+    ("a quoted string for a bool", "norm=instancenorm norm.affine=\"'false'\""),
+    ("WeightNorm's data_init given a word", "norm=weightnorm norm.data_init=no"),
+    ("a misspelt layer option", "norm.momentm=0.2"),
+    ("a misspelt norm", "norm=batchnrom"),
+    ("a misspelt study", "experiment=cifar10_resnt"),
+    ("a misspelt key", "data.batchsize=8"),
+    ("a key of another section", "optim.lr=0.1"),
+    ("a misspelt model", "model=resnte"),
+    ("a misspelt data set", "data=mnits"),
+    ("an out-of-range batch size", "data.batch_size=0"),
+    ("a momentum the layer refuses", "norm.momentum=2"),
+    ("zero groups", "norm=gn norm.num_groups=0"),
+    ("a negative epoch count", "train.epochs=-1"),
+    ("a validation fraction above 1", "data.val_fraction=1.5"),
+    ("a seed that is not a number", "seed=abc"),
+    ("an unknown resume mode", "resume=maybe"),
+    ("an unknown device", "device=tpu"),
+    ("CUDA on a machine without a GPU", "device=cuda"),
+    ("a negative thread count", "threads=-1"),
+    ("a glob that matches no norm", "-m 'norm=glob(xyz*)'"),
+    ("a misspelt norm in a sweep", "-m norm=bn,batchnrom"),
+    ("a range that starts out of range", "-m 'data.batch_size=range(0,4)'"),
+    ("a layer option one swept norm lacks", "-m norm=bn,ln norm.momentum=0.2"),
+    ("a model option one swept model lacks", "-m model=cnn,mlp 'model.channels=[4,4]'"),
+    ("a sweep over a key left out of run-dir names", "-m threads=1,2"),
+    ("a sweep over an unknown study", "-m experiment=digits,digitz"),
+    ("a sweep over which files a run keeps", "-m train.keep_model=true,false"),
+]
+
+_STAMP = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\]")
+
+
+def _refuse_to_train(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("this command line was not refused: it started a run")
+
+
+def first_line(command: str, workdir: Path) -> tuple[int, str]:
+    """(exit status, first printed line) of ``normzoo-train <command>``, run in this process."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    import normzoo.train as train
+    from normzoo.run import runner
+
+    runner.load_data = _refuse_to_train  # a line that is not refused must not train here
+
+    dirs = [f"hydra.run.dir={workdir}/run", f"hydra.sweep.dir={workdir}/sweep"]
+    sys.argv = ["normzoo-train", *shlex.split(command), *dirs]
+    out, status = io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            train.main()
+        except SystemExit as exc:  # a message as the exit "code" is printed by Python, status 1
+            status = exc.code if isinstance(exc.code, int) else 1
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+        finally:
+            GlobalHydra.instance().clear()
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    line = _STAMP.sub("[<time>]", lines[0] if lines else "").replace(str(workdir), "<tmp>")
+    return status, line if len(line) <= WIDTH else line[: WIDTH - 1] + "…"
+
+
+def table() -> str:
+    """The markdown table of every case, run now."""
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # device=cuda: refused on any machine
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            for what, command in CASES:
+                status, line = first_line(command, Path(tmp))
+                cell = line.replace("|", "\\|")
+                rows.append(f"| {what} | `normzoo-train {command}` | {status} | `{cell}` |")
+        finally:
+            os.chdir(cwd)
+    return "\n".join(rows)
+
+
+HEADER = """# Bad command lines and the first line each gets
+
+Generated by `python scripts/bad_command_lines.py` (it runs each line; `--check` compares, and
+`tests/test_bad_command_lines.py` runs that check). Every one is refused before anything trains,
+with the key, the value and what is allowed; `normzoo-train: error:` lines go to stderr.
+Timestamps and the temporary dir are masked, long lines cut at {width} characters.
+
+| what is wrong | command line | exit status | first line printed |
+|---|---|---|---|
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the doc, write nothing")
+    args = parser.parse_args(argv)
+    text = HEADER.format(width=WIDTH) + table() + "\n"
+    if not args.check:
+        DOC.write_text(text, encoding="utf-8")
+        print(f"wrote {DOC} ({len(CASES)} command lines)")
+        return 0
+    old = DOC.read_text(encoding="utf-8").splitlines() if DOC.exists() else []
+    changed = [line for line in text.splitlines() if line not in old]
+    for line in changed:
+        print(f"not in {DOC.name}: {line}", file=sys.stderr)
+    return 1 if changed or len(old) != len(text.splitlines()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
