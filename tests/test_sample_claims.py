@@ -92,3 +92,32 @@ def test_normalisation_axis_puts_the_ghost_batch_on_the_batch_axis() -> None:
     out = normalisation_axis(df)
     assert out["batch_size"].tolist() == [4.0, 32.0, 32.0]
     assert out["variant"].tolist() == ["", "dropout=0.2", ""]
+
+
+def test_the_dropout_family_tests_position_rate_and_the_variance_shift(tmp_path: Path) -> None:
+    rows = []
+    for seed in range(3):
+        clean = _wrong(0.05, seed)
+        for p in (0.0, 0.5):
+            for where in ("before_norm", "after_norm"):
+                hurt = p > 0 and where == "before_norm"
+                wrong = clean | _wrong(0.08, 200 + seed) if hurt else clean
+                shift = 1.0 + (1.0 if hurt else 0.0) + 0.001 * seed
+                rows.append(_run(tmp_path, f"bn-{p}-{where}", seed, wrong, norm="batchnorm",
+                                 norm_batch=32.0, variance_shift_mean=shift,
+                                 **{"model.dropout": p, "model.dropout_position": where}))  # fmt: skip
+    tests = sample_findings(pd.DataFrame(rows))
+    assert {t.family for t in tests} == {
+        "dropout position",
+        "dropout rate",
+        "PreciseBN",
+        "variance shift",
+    }
+    position = _find(tests, "dropout position", "BatchNorm (norm. batch 32) · dropout 0.5 before")
+    assert position.verdict == "higher"
+    after = _find(tests, "dropout rate", "BatchNorm (norm. batch 32) · dropout 0.5 after")
+    assert after.verdict == "equivalent"  # the same predictions as no dropout
+    before = _find(tests, "variance shift", "BatchNorm (norm. batch 32) · dropout 0.5 before")
+    assert before.verdict == "higher" and abs(before.estimate - 2.001) < 1e-9
+    after_shift = _find(tests, "variance shift", "BatchNorm (norm. batch 32) · dropout 0.5 after")
+    assert after_shift.verdict == "equivalent"  # 1.000..1.002: inside 1 +- SHIFT_MARGIN
