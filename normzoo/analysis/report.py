@@ -51,7 +51,7 @@ from normzoo.analysis.figures import (
 )
 from normzoo.analysis.provenance import provenance_lines
 from normzoo.analysis.results import load_sweep, ok_runs, write_csv
-from normzoo.analysis.sample_report import normalisation_axis, sample_sections
+from normzoo.analysis.sample_report import normalisation_axis, plotted_intervals, sample_sections
 from normzoo.analysis.stats import RULES
 from normzoo.analysis.study import has_predictions, load_study, sub_sweeps
 from normzoo.analysis.study_report import write_study_report
@@ -114,7 +114,8 @@ def write_report(
     if ok.empty:
         md += ["_No run finished ok: no figures or tables._", ""]
     else:
-        md += _measured_sections(df, runs, ok, out) + extra
+        intervals = plotted_intervals(ok) if per_sample else None
+        md += _measured_sections(df, runs, ok, out, intervals) + extra
     md += _problems_section(prob)
     md += _settings_section(runs)
     md += ["## Provenance", "", *provenance_lines(df, sweep, command)]
@@ -145,7 +146,7 @@ def _findings_section(df: pd.DataFrame) -> list[str]:
 
 
 def _measured_sections(
-    df: pd.DataFrame, runs: pd.DataFrame, ok: pd.DataFrame, out: Path
+    df: pd.DataFrame, runs: pd.DataFrame, ok: pd.DataFrame, out: Path, intervals=None
 ) -> list[str]:
     """Write the CSVs and figures of the ok runs; the degradation and mismatch sections."""
     summary = summarise(ok)
@@ -158,7 +159,7 @@ def _measured_sections(
     gaps = layer_gap_table(df, runs)
     if not gaps.empty:
         write_csv(gaps, out / "layer_gaps.csv")
-    fig_degradation(t, styles, out / "fig_degradation.png")
+    fig_degradation(t, styles, out / "fig_degradation.png", intervals)
     fig_mismatch(t, styles, out / "fig_mismatch.png")
     fig_gaps(t, styles, out / "fig_gaps.png")
     fig_batch_dependence(t, styles, out / "fig_batch_dependence.png")

@@ -36,8 +36,9 @@ from normzoo.analysis.significance import error_interval
 from normzoo.analysis.study import cell_correct, stack
 from normzoo.inference import SHIFT_CONTRAST, SHIFT_NOISE
 from normzoo.markdown import frame_table, md_table
+from normzoo.run.predictions import load_predictions
 
-__all__ = ["normalisation_axis", "sample_sections"]
+__all__ = ["normalisation_axis", "plotted_intervals", "sample_sections"]
 
 _GHOST_VARIANT = re.compile(r"(^|, )ghost_batch_size=[^,]*")
 _PANEL = {
@@ -70,6 +71,22 @@ def normalisation_axis(study: pd.DataFrame) -> pd.DataFrame:
             .map(lambda v: _GHOST_VARIANT.sub("", v).strip(", ") if isinstance(v, str) else v)
         )
         out["variant"] = cleaned
+    return out
+
+
+def plotted_intervals(ok: pd.DataFrame) -> dict[tuple[str, int], tuple[float, float]]:
+    """{(layer, batch size): 95% bootstrap interval of the error} over the ``prepare``d ok runs
+    that kept predictions (the error bars of the degradation figure)."""
+    out = {}
+    for (layer, batch), runs in ok.groupby(["layer", "batch_size"]):
+        per_seed = {}
+        for _, run in runs.iterrows():
+            pred = load_predictions(run["run_dir"]) if isinstance(run.get("run_dir"), str) else None
+            if pred is not None and "test_pred" in pred:
+                per_seed[int(run["seed"])] = pred["test_pred"] == pred["test_y"]
+        if per_seed:
+            iv = error_interval(stack(per_seed))
+            out[(layer, int(batch))] = (iv.lo, iv.hi)
     return out
 
 
