@@ -68,7 +68,7 @@ from normzoo.layers import (
     preserved_state,
     set_norm_mode,
 )
-from normzoo.precise_bn import population_stats, precise_statistics
+from normzoo.precise_bn import has_population_stats, population_stats, precise_statistics
 
 __all__ = [
     "NormLayer",
@@ -186,12 +186,15 @@ def _batch_dependence(
     return total, per_layer
 
 
-def _gaps(layer: NormLayer, mean_pop: Tensor, var_pop: Tensor) -> tuple[float, float]:
+def _gaps(layer: NormLayer, mean_pop: Tensor, var_pop: Tensor) -> tuple[float | None, float]:
+    """(mean gap, log-std gap) EMA vs population; no mean gap without a running mean (EvoNorm-B0)."""
     eps = float(getattr(layer.module, "eps", 1e-5))
-    mu_ema = layer.module.running_mean.double()
     var_ema = layer.module.running_var.double()
     sigma_pop = (var_pop.double() + eps).sqrt()
-    mean_gap = ((mu_ema - mean_pop.double()).abs() / sigma_pop).mean().item()
+    mean_gap = None
+    if layer.has_running_stats:
+        mu_ema = layer.module.running_mean.double()
+        mean_gap = ((mu_ema - mean_pop.double()).abs() / sigma_pop).mean().item()
     log_std_gap = (0.5 * ((var_ema + eps) / (var_pop.double() + eps)).log()).abs().mean().item()
     return mean_gap, log_std_gap
 
@@ -268,7 +271,7 @@ def _precise(
     they came from, each running-statistics layer's (mean gap, log-std gap) EMA vs population,
     and the logits. Only called with at least one layer with running statistics."""
     eval_batch, batch_size = sizes
-    running = [layer for layer in layers if layer.has_running_stats]
+    running = [layer for layer in layers if has_population_stats(layer)]
     pop = population_stats(
         model,
         data.train_x,
@@ -385,7 +388,7 @@ def run_diagnostics(
     started = time.perf_counter()
     layers = find_norm_layers(model)
     eval_batch = eval_batch_size or batch_size
-    if any(layer.uses_batch_stats and not layer.has_running_stats for layer in layers):
+    if any(layer.uses_batch_stats and not has_population_stats(layer) for layer in layers):
         eval_batch = batch_size  # eval mode still normalises with batch statistics
     sizes = (eval_batch, batch_size)
     gen = torch.Generator().manual_seed(seed)
@@ -397,7 +400,7 @@ def run_diagnostics(
         )
         gaps: dict[str, tuple[float, float]] = {}
         precise_logits = ema_logits  # nothing to recompute: eval mode is already "precise"
-        if any(layer.has_running_stats for layer in layers):
+        if any(has_population_stats(layer) for layer in layers):
             precise, gaps, precise_logits = _precise(
                 model, layers, data, order, sizes, precise_samples, seed
             )

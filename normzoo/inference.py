@@ -4,7 +4,13 @@
   statistics (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576, Sec. 3-4):
   PreciseBN population statistics from 16 ... 4096 training samples (its error against its sample
   count), batch statistics of test batches of 2, 8, 32 samples and of the whole test set, and the
-  EMA of training (plain eval mode).
+  EMA of training (plain eval mode); and AdaBN (Li et al. 2016, "Revisiting Batch Normalization
+  For Practical Domain Adaptation", arXiv:1603.04779): the statistics re-estimated on the inputs
+  being classified, on the test set itself (``adabn``: what the training-set statistics miss on
+  test data of the same distribution) and on a shifted view of it (:func:`shifted_view`: halved
+  contrast plus Gaussian noise), next to the EMA on that view (``ema_shifted``, ``adabn_shifted``:
+  how much of the shift's damage re-estimating the statistics undoes; Schneider et al. 2020,
+  arXiv:2006.16971, measure the same on ImageNet-C).
 * :func:`variance_shift` — the "variance shift" of dropout before BatchNorm (Li et al. 2019,
   "Understanding the Disharmony between Dropout and Batch Normalization by Variance Shift",
   arXiv:1801.05134): at each batch-statistics layer, the variance of its input in train mode
@@ -32,14 +38,38 @@ from normzoo.layers import (
     preserved_state,
     set_norm_mode,
 )
-from normzoo.precise_bn import population_stats, precise_statistics
+from normzoo.precise_bn import adapt_bn, has_population_stats, population_stats, precise_statistics
 
-__all__ = ["PRECISE_COUNTS", "TEST_BATCH_SIZES", "inference_panel", "variance_shift"]
+__all__ = [
+    "PRECISE_COUNTS",
+    "SHIFT_CONTRAST",
+    "SHIFT_NOISE",
+    "TEST_BATCH_SIZES",
+    "inference_panel",
+    "shifted_view",
+    "variance_shift",
+]
 
 #: PreciseBN sample counts of the panel (Wu & Johnson 2021 sweep the same range)
 PRECISE_COUNTS = (16, 64, 256, 1024, 4096)
 #: test batch sizes of the batch-statistics rows; None is the whole test set in one batch
 TEST_BATCH_SIZES: tuple[int | None, ...] = (2, 8, 32, None)
+
+
+#: the shifted test view: contrast scaled by this about the mean ...
+SHIFT_CONTRAST = 0.5
+#: ... plus Gaussian noise of this many pixel standard deviations
+SHIFT_NOISE = 0.5
+
+
+def shifted_view(x: Tensor, seed: int = 0) -> Tensor:
+    """A covariate-shifted copy of ``x`` (same labels): ``m + SHIFT_CONTRAST * (x - m) +
+    SHIFT_NOISE * s * z`` with m, s the mean and std over all of ``x`` and z ~ N(0, 1) drawn from a
+    generator seeded with ``seed`` (the global RNG does not move)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    m, s = x.mean(), x.std()
+    return m + SHIFT_CONTRAST * (x - m) + SHIFT_NOISE * s * z
 
 
 def _row(statistics: str, logits: Tensor, y: Tensor, **where: Any) -> dict[str, Any]:
@@ -79,6 +109,38 @@ def _precise_rows(
     return rows
 
 
+def _adabn_rows(
+    model: nn.Module,
+    layers: list[NormLayer],
+    x: Tensor,
+    y: Tensor,
+    order: Tensor,
+    sizes: tuple[int, int],
+    seed: int,
+    suffix: str,
+) -> list[dict[str, Any]]:
+    """``ema<suffix>`` on ``x`` and, with statistics to re-estimate, ``adabn<suffix>``: eval mode
+    after :func:`~normzoo.precise_bn.adapt_bn` on ``x`` itself (batches of the training batch
+    size, all of ``x`` once), with the per-sample discordance against the EMA (McNemar's counts).
+    ``sizes``: (eval-mode batch size, training batch size)."""
+    eval_batch, batch_size = sizes
+    set_norm_mode(model, layers, norm_training=False)
+    ema = batched_logits(model, x, order, eval_batch, None)
+    rows = [_row("ema" + suffix, ema, y)] if suffix else []
+    if not any(has_population_stats(layer) for layer in layers):
+        return rows
+    with preserved_state(model, layers):
+        adapt_bn(model, x, batch_size=min(batch_size, x.shape[0]), seed=seed + 2)
+        set_norm_mode(model, layers, norm_training=False)
+        adapted = batched_logits(model, x, order, eval_batch, None)
+    ema_ok, ada_ok = ema.argmax(dim=1) == y, adapted.argmax(dim=1) == y
+    counts = {
+        "ema_wrong_only": int((~ema_ok & ada_ok).sum().item()),
+        "adabn_wrong_only": int((ema_ok & ~ada_ok).sum().item()),
+    }
+    return [*rows, _row("adabn" + suffix, adapted, y, **counts)]
+
+
 def inference_panel(
     model: nn.Module,
     data: Any,
@@ -108,10 +170,13 @@ def inference_panel(
             so fewer, larger batches; ignored where a layer has no running statistics.
 
     Returns:
-        Rows ``{"statistics": "ema" | "precise" | "batch", ..., "test_error", "test_loss"}``;
-        ``precise`` rows carry ``requested_samples`` and ``samples``, ``batch`` rows
-        ``test_batch_size``. No ``precise`` rows without a layer with running statistics (eval
-        mode has nothing to re-estimate). The model's state is unchanged afterwards.
+        Rows ``{"statistics": "ema" | "precise" | "batch" | "adabn" | "ema_shifted" |
+        "adabn_shifted", ..., "test_error", "test_loss"}``; ``precise`` rows carry
+        ``requested_samples`` and ``samples``, ``batch`` rows ``test_batch_size``, ``adabn*`` rows
+        ``ema_wrong_only`` / ``adabn_wrong_only`` (samples only the EMA / only AdaBN gets wrong
+        on that view). No ``precise`` or ``adabn*`` rows without a layer with running statistics
+        (eval mode has nothing to re-estimate). The shifted view is :func:`shifted_view` of the
+        test set with ``seed``. The model's state is unchanged afterwards.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -129,8 +194,11 @@ def inference_panel(
     with preserved_state(model, layers) as volatile:
         set_norm_mode(model, layers, norm_training=False)
         rows = [_row("ema", batched_logits(model, x, order, eval_batch, volatile), y)]
-        if any(layer.has_running_stats for layer in layers):
+        if any(has_population_stats(layer) for layer in layers):
             rows += _precise_rows(model, layers, data, order, sizes, precise_counts, seed)
+        rows += _adabn_rows(model, layers, x, y, order, sizes, seed, "")
+        shifted = shifted_view(x, seed)
+        rows += _adabn_rows(model, layers, shifted, y, order, sizes, seed, "_shifted")
         set_norm_mode(model, layers, norm_training=True)
         for b in test_batch_sizes:
             size = n_test if b is None else min(int(b), n_test)

@@ -32,10 +32,23 @@ from normzoo.layers import (
     set_norm_mode,
 )
 
-__all__ = ["GHOST_SAMPLES", "adapt_bn", "population_stats", "precise_statistics"]
+__all__ = [
+    "GHOST_SAMPLES",
+    "adapt_bn",
+    "has_population_stats",
+    "population_stats",
+    "precise_statistics",
+]
 
 #: per layer name: (mean, unbiased variance, number of values per channel)
 PopulationStats = dict[str, tuple[Tensor, Tensor, int]]
+
+
+def has_population_stats(layer: NormLayer) -> bool:
+    """Whether ``layer`` keeps running statistics that PreciseBN / AdaBN can re-estimate: a
+    ``running_mean`` and ``running_var`` (BatchNorm and kin), or a ``running_var`` alone
+    (EvoNorm-B0, which divides by the batch variance but never centres)."""
+    return layer.has_running_stats or isinstance(getattr(layer.module, "running_var", None), Tensor)
 
 
 def _reduce_dims(x: Tensor, per_instance: bool) -> tuple[int, ...]:
@@ -173,7 +186,7 @@ def _combined(sums: dict[str, list[Any]], running: list[NormLayer]) -> Populatio
     out: PopulationStats = {}
     for layer in running:
         total, s1, s2 = sums[layer.name]
-        buf = layer.module.running_mean
+        buf = layer.module.running_var
         if layer.per_instance:
             mean, var = s1 / total, s2 / total
         else:
@@ -209,6 +222,7 @@ def population_stats(
     ``{layer name: (mean, unbiased variance = var_pop * M / (M - 1), M)}``, matching the convention of
     ``running_var``. Layers whose running statistics average per-instance statistics (InstanceNorm
     with ``track_running_stats``) get the mean of the per-instance means and unbiased variances.
+    Layers with a ``running_var`` alone (EvoNorm-B0) get the same variance; their mean is unused.
     The model's state is unchanged afterwards.
 
     With ``ghost=True`` (default) up to ``GHOST_SAMPLES // batch_size`` batches go through the
@@ -220,7 +234,7 @@ def population_stats(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     layers = find_norm_layers(model) if layers is None else layers
-    running = [layer for layer in layers if layer.has_running_stats]
+    running = [layer for layer in layers if has_population_stats(layer)]
     n = x.shape[0]
     size = min(batch_size, n)
     count = n if num_samples is None else max(int(num_samples), 1)
@@ -254,7 +268,8 @@ def _load_stats(layers: list[NormLayer], stats: PopulationStats) -> None:
     with torch.no_grad():
         for layer in layers:
             if layer.name in stats:
-                layer.module.running_mean.copy_(stats[layer.name][0])
+                if layer.has_running_stats:  # (a running_var-only layer has no mean to load)
+                    layer.module.running_mean.copy_(stats[layer.name][0])
                 layer.module.running_var.copy_(stats[layer.name][1])
 
 

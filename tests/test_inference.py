@@ -101,6 +101,7 @@ def test_panel_of_a_layer_without_batch_statistics_is_one_number() -> None:
     panel = inference_panel(model, data, batch_size=8)
     assert _rows(panel, "precise") == []  # nothing to re-estimate
     # EMA == batch statistics at every test batch size (the loss up to the batch's float rounding)
+    panel = [row for row in panel if row["statistics"] != "ema_shifted"]  # another input
     assert len({row["test_error"] for row in panel}) == 1
     losses = [row["test_loss"] for row in panel]
     assert max(losses) - min(losses) <= 1e-6 * losses[0]
@@ -168,3 +169,49 @@ def test_batch_statistics_in_one_forward_equal_one_forward_per_test_batch(norm, 
     assert [m.ghost_batch_size for m in model.modules() if hasattr(m, "ghost_batch_size")] == [
         options.get("ghost_batch_size")
     ]
+
+
+def test_panel_gives_evonorm_b0_its_precise_bn_rows() -> None:
+    data = _data()
+    panel = inference_panel(_trained("evonormb0", data), data, batch_size=8, precise_counts=(64,))
+    (precise,) = _rows(panel, "precise")
+    assert precise["samples"] == 64
+    assert len(_rows(panel, "adabn")) == len(_rows(panel, "adabn_shifted")) == 1
+
+
+def test_adabn_rows_are_eval_mode_after_adapt_bn_on_that_view() -> None:
+    from normzoo.inference import shifted_view
+    from normzoo.precise_bn import adapt_bn
+
+    data = _data()
+    model = _trained("bn", data)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    panel = inference_panel(model, data, batch_size=8, precise_counts=(64,), seed=3)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    shifted = shifted_view(data.test_x, 3)
+    assert torch.equal(shifted, shifted_view(data.test_x, 3))  # seeded, the same every time
+    assert not torch.allclose(shifted, data.test_x)
+    for view, suffix in ((data.test_x, ""), (shifted, "_shifted")):
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            ema_ok = model(view).argmax(1) == data.test_y
+            adapt_bn(model, view, batch_size=8, seed=5)
+            ada_ok = model(view).argmax(1) == data.test_y
+        (row,) = _rows(panel, "adabn" + suffix)
+        assert row["test_error"] == pytest.approx(1 - ada_ok.float().mean().item())
+        assert row["ema_wrong_only"] == int((~ema_ok & ada_ok).sum())
+        assert row["adabn_wrong_only"] == int((ema_ok & ~ada_ok).sum())
+    (ema_shifted,) = _rows(panel, "ema_shifted")
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        wrong = (model(shifted).argmax(1) != data.test_y).float().mean().item()
+    assert ema_shifted["test_error"] == pytest.approx(wrong)
+
+
+def test_panel_of_a_batch_free_layer_has_no_adabn_rows() -> None:
+    data = _data()
+    panel = inference_panel(_trained("gn", data, num_groups=4), data, batch_size=8)
+    assert _rows(panel, "adabn") == _rows(panel, "adabn_shifted") == []
+    assert len(_rows(panel, "ema_shifted")) == 1

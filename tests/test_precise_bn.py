@@ -86,3 +86,17 @@ def test_precise_statistics_holds_the_given_statistics_then_restores() -> None:
     with pytest.raises(RuntimeError), precise_statistics(model, pop):
         raise RuntimeError("restored on the way out, too")
     assert torch.equal(model[1].running_mean, ema)
+
+
+def test_population_stats_of_evonorm_b0_is_the_variance_of_its_input() -> None:
+    """EvoNorm-B0 keeps a running variance only: PreciseBN / AdaBN re-estimate it all the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), normzoo.build_norm("evonormb0", 3)).double()
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 + 1
+    (stats,) = population_stats(model, x, batch_size=8, num_samples=64).values()
+    with torch.no_grad():
+        a = model[0](x)
+    torch.testing.assert_close(stats[1], a.var(0, correction=1), rtol=0, atol=1e-12)
+    with precise_statistics(model, {"1": stats}):
+        torch.testing.assert_close(model[1].running_var, stats[1])
+    assert torch.equal(model[1].running_var, torch.ones(3, dtype=torch.float64))  # EMA back

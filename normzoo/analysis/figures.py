@@ -64,7 +64,11 @@ def layer_styles(t: SeedTable) -> dict[str, dict[str, Any]]:
     return out
 
 
-def fig_degradation(t: SeedTable, styles: dict, path: Path) -> Path:
+def fig_degradation(
+    t: SeedTable, styles: dict, path: Path, intervals: dict[tuple[str, int], tuple] | None = None
+) -> Path:
+    """Error vs batch size per layer (band: min–max over seeds, or with ``intervals`` -- {(layer,
+    batch): (lo, hi)} -- 95% error bars from the per-sample bootstrap), the GN paper's curve beside."""
     fig = new_figure(12, 4.6)
     ax, ref = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     all_b: set[int] = set()
@@ -74,7 +78,15 @@ def fig_degradation(t: SeedTable, styles: dict, path: Path) -> Path:
         cells = [t.cell(layer, b, "err_ema") for b in bs]
         all_b |= set(bs)
         n_seeds = max([n_seeds, *(c.n for c in cells)])
-        ax.plot(bs, [c.mean for c in cells], label=layer, lw=1.8, ms=5, **styles[layer])
+        means = [c.mean for c in cells]
+        ax.plot(bs, means, label=layer, lw=1.8, ms=5, **styles[layer])
+        if intervals is not None:
+            lo = [m - intervals.get((layer, b), (m, m))[0] for m, b in zip(means, bs, strict=True)]
+            hi = [intervals.get((layer, b), (m, m))[1] - m for m, b in zip(means, bs, strict=True)]
+            ax.errorbar(
+                bs, means, yerr=[lo, hi], fmt="none", capsize=3, color=styles[layer]["color"]
+            )
+            continue
         ax.fill_between(
             bs,
             [c.lo for c in cells],
@@ -85,7 +97,8 @@ def fig_degradation(t: SeedTable, styles: dict, path: Path) -> Path:
     log2_axis(ax, sorted(all_b))
     ax.set_xlabel("batch size (samples per normalisation batch, log2 scale)")
     ax.set_ylabel("test error (%), EMA statistics")
-    ax.set_title(f"Measured: mean over seeds, band = min–max (up to {n_seeds} seeds)")
+    band = "bars = 95% bootstrap CI" if intervals is not None else "band = min–max"
+    ax.set_title(f"Measured: mean over seeds, {band} (up to {n_seeds} seeds)")
     ax.legend(fontsize=8, ncol=2, loc="upper right")
     ax.set_ylim(bottom=0)
     p = GN_PAPER_RESNET50
