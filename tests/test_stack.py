@@ -40,7 +40,7 @@ TINY = [
     "model.strides=[1,2]",
 ]
 NORMS = {"batchnorm": [], "groupnorm": ["norm.num_groups=4"], "layernorm": [], "none": []}
-TIMING = {"wall_time_s", "train_time_s", "steps_per_s", "started_at", "finished_at", "stack"}
+TIMING = {"wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "started_at", "finished_at", "stack"}
 CNN = {"name": "cnn", "channels": [8, 8], "strides": [1, 2], "kernel_size": 3,
        "head": "flatten", "hidden": []}  # fmt: skip
 MLP = {"name": "mlp", "widths": [16, 16]}
