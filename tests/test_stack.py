@@ -40,7 +40,15 @@ TINY = [
     "model.strides=[1,2]",
 ]
 NORMS = {"batchnorm": [], "groupnorm": ["norm.num_groups=4"], "layernorm": [], "none": []}
-TIMING = {"wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "started_at", "finished_at", "stack"}
+TIMING = {
+    "wall_time_s",
+    "train_time_s",
+    "eval_time_s",
+    "steps_per_s",
+    "started_at",
+    "finished_at",
+    "stack",
+}
 CNN = {"name": "cnn", "channels": [8, 8], "strides": [1, 2], "kernel_size": 3,
        "head": "flatten", "hidden": []}  # fmt: skip
 MLP = {"name": "mlp", "widths": [16, 16]}
@@ -146,6 +154,9 @@ def test_rerun_is_bitwise_identical_and_finished_members_drop_out(tmp_path, hydr
     train_stacked(cfgs_b, dirs_b, task_overrides=overrides)
     for a, b in zip(dirs, dirs_b, strict=True):
         assert stripped(record(a)) == stripped(record(b)), a.name
+        assert (a / "predictions.npz").read_bytes() == (b / "predictions.npz").read_bytes()
+        wa, wb = (torch.load(d / "model.pt", weights_only=False)["state_dict"] for d in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), a.name
     kept = {d: (d / "metrics.json").read_bytes() for d in dirs[1:]}
     (dirs[0] / "metrics.json").unlink()  # a member killed before its record
     results = train_stacked(cfgs, dirs, task_overrides=overrides)
