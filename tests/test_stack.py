@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from normzoo.config import CONF_DIR
 from normzoo.models import build_model
 from normzoo.run import runner
-from normzoo.run.stack import _StackedSGD, group_key, train_stacked
+from normzoo.run.stack import group_key, train_stacked
 from normzoo.run.stack_model import build_stack, stack_refusal, unstack_into
+from normzoo.run.stack_sgd import StackedSGD
 
 LOGIT_TOLERANCE = 1e-5
 LOSS_TOLERANCE = 1e-5
@@ -107,7 +108,7 @@ def test_stack_logits_equal_single_models_after_steps(model_cfg) -> None:
     k, lrs = len(norms), torch.linspace(0.02, 0.2, len(norms))
     opts = [torch.optim.SGD(m.parameters(), lr=float(lr), momentum=0.9, weight_decay=5e-4)
             for m, lr in zip(singles, lrs, strict=True)]  # fmt: skip
-    stack_opt = _StackedSGD(slots, optim, k)
+    stack_opt = StackedSGD(slots, optim, k)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         xs = torch.randn(8, k, 1, 8, 8, generator=gen)

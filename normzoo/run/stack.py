@@ -63,7 +63,6 @@ log = logging.getLogger("normzoo.train")
 
 #: config keys in which the members of one stack may differ (besides norm and its options)
 MEMBER_KEYS = ("seed", "optim.base_lr")
-_StackedSGD = StackedSGD  # (the name tests/test_stack.py imports)
 
 
 def group_key(cfg: DictConfig, overrides: list[str] | None = None) -> str:
