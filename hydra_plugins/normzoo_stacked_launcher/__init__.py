@@ -11,7 +11,6 @@ sweep callbacks (``on_job_start``/``on_job_end`` per job: ``SweepGuard``'s progr
 summary; a member's line shows its stack's wall time).
 """
 
-
 import copy
 import logging
 import os
