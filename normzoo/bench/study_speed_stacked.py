@@ -39,6 +39,7 @@ __all__ = ["SWEEPS", "compare", "main", "run_sweep"]
 SWEEPS = ("digits", "digits_reference", "digits_noniid")
 SIDES = ("unstacked", "stacked")
 TIMES_FILE = "study_speed.json"
+INFO_FILE = "study_speed_stacked_info.json"  # at the sweep root: the measurement's provenance
 #: per-run numbers of the study's report compared between the sides
 RESULT_KEYS = ("test_error", "val_error", "test_error_ema", "test_error_batch_stats",
                "test_error_precise")  # fmt: skip
@@ -149,12 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 times[f"{side}/{sweep}"] = run_sweep(sweep, side, root / side / sweep, extra)
         info["load average at end (1/5/15 min)"] = load_average() or "?"
         info["order"] = "sweep by sweep, the side that goes first alternating (ABBA)"
+        info["arguments to every sweep"] = shlex.join(extra) or "(none: the whole grid)"
+        (root / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     else:
         for side in SIDES:
             for sweep in sweeps:
                 f = root / side / sweep / TIMES_FILE
                 times[f"{side}/{sweep}"] = json.loads(f.read_text()) if f.exists() else {}
-    info["arguments to every sweep"] = shlex.join(extra) or "(none: the whole grid)"
+        if (root / INFO_FILE).is_file():  # the measurement's own facts, then who rebuilt it
+            rebuilt = info["command"]
+            info = {**json.loads((root / INFO_FILE).read_text()), "report rebuilt by": rebuilt}
     tables = compare(root, sweeps)
     paths = write_report(Path(args.out), tables, times, sweeps, info)
     print(f"study-speed --stacked: wrote {paths['md']}", file=sys.stderr)

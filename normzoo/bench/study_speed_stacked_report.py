@@ -69,13 +69,22 @@ def write_report(
         rc = [times.get(f"{s}/{sweep}", {}).get("returncode") for s in ("unstacked", "stacked")]
         total["unstacked"] += a or 0.0
         total["stacked"] += b or 0.0
-        rows.append([sweep, _s(a), _s(b), _ratio(a, b), f"{rc[0]} / {rc[1]}"])
+        load = [times.get(f"{s}/{sweep}", {}).get("load") or "?" for s in ("unstacked", "stacked")]
+        rows.append([sweep, _s(a), _s(b), _ratio(a, b), f"{rc[0]} / {rc[1]}", " ; ".join(load)])
     e2e = total["unstacked"] / total["stacked"] if total["stacked"] else None
     rows.append(["**all sweeps**", _s(total["unstacked"]), _s(total["stacked"]),
-                 _ratio(total["unstacked"], total["stacked"]), ""])  # fmt: skip
+                 _ratio(total["unstacked"], total["stacked"]), "", ""])  # fmt: skip
     lines += ["## End to end (each sweep a fresh `normzoo-train -m` process, wall seconds)", ""]
     lines += md_table(
-        ["sweep", "unstacked s", "stacked s", "ratio", "exit status"], rows
+        [
+            "sweep",
+            "unstacked s",
+            "stacked s",
+            "ratio",
+            "exit status",
+            "load at end (1/5/15 min), unstacked ; stacked",
+        ],
+        rows,
     ).splitlines()
     if not groups.empty:
         sums = groups[[c for c in groups if c.endswith(("_unstacked", "_stacked"))]].sum()
@@ -92,7 +101,11 @@ def write_report(
         lines += ["", FLOOR_NOTE, "", "## Per (sweep, model, normalisation batch)", "",
                   "Sums over the seeds and norms of the group; `wall`: run time (a stacked "
                   "member's share of its stack plus its own evaluations and diagnostics), "
-                  "`train`: the training steps.", ""]  # fmt: skip
+                  "`train`: the training steps. A stack can hold several groups (the ghost "
+                  "sizes of one model share a bucket) and each member is charged 1/K of its "
+                  "stack, so a group's stacked time is a share, not its own measurement, and its "
+                  "unstacked time carries the machine's noise of those runs: read the sums and "
+                  "the end-to-end times first.", ""]  # fmt: skip
         table = [[r.sweep, r.model, int(r.norm_batch), int(r.runs), _s(r.wall_time_s_unstacked),
                   _s(r.wall_time_s_stacked), f"{r.wall_time_s_ratio:.2f}",
                   _s(r.train_time_s_unstacked), _s(r.train_time_s_stacked),
