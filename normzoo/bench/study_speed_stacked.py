@@ -4,7 +4,7 @@ Runs each sweep of the study (``experiment=digits``, ``digits_reference``, ``dig
 ``make study`` does) twice, in fresh processes, interleaved (sweep 1 unstacked then stacked,
 sweep 2 stacked then unstacked, ...: drift of a shared machine hits both sides alike)::
 
-    normzoo-train -m experiment=<sweep> hydra.sweep.dir=<root>/unstacked/<sweep>   (local_joblib)
+    normzoo-train -m experiment=<sweep> hydra.sweep.dir=<root>/unstacked/<sweep> hydra/launcher=local_joblib
     normzoo-train -m experiment=<sweep> hydra.sweep.dir=<root>/stacked/<sweep> hydra/launcher=stacked
 
 and compares: the end-to-end wall time of each sweep and in total, the runs' summed times per
@@ -49,8 +49,7 @@ def run_sweep(sweep: str, side: str, sweep_dir: Path, extra: Sequence[str]) -> d
     """One sweep of the study into ``sweep_dir``; its end-to-end seconds and exit status."""
     command = [sys.executable, "-m", "normzoo.train", "-m", f"experiment={sweep}",
                f"hydra.sweep.dir={sweep_dir}", *extra]  # fmt: skip
-    if side == "stacked":
-        command.append("hydra/launcher=stacked")
+    command.append("hydra/launcher=" + ("stacked" if side == "stacked" else "local_joblib"))
     print(f"study-speed --stacked: {shlex.join(command[3:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(command, check=False, capture_output=True, text=True)
