@@ -272,6 +272,8 @@ def _fit_stack(
             clips = capture.per_member(members, (step - 1) / total) if capture else None
             _epoch_rows(members, stacked, slots, data, epoch, loss_sum, correct, n_steps,
                         lrs[step - 1], clips)  # fmt: skip
+            if not bool(alive.any()):  # every member diverged: nothing left to train
+                break
     finally:
         torch.backends.mkldnn.enabled = mkldnn_before
     unstack_into([m.model for m in members], slots)
