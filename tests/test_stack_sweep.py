@@ -166,3 +166,27 @@ def test_plan_buckets_by_non_member_overrides_and_fills_the_workers() -> None:
     stacks = plan_stacks(jobs, workers=2, max_members=5, stacks_per_worker=2)
     assert max(map(len, stacks)) <= 5 and sorted(i for s in stacks for i in s) == list(range(24))
     assert len(plan_stacks(jobs[:3], workers=8)) == 3  # never below one job a stack
+
+
+def test_a_diverged_member_is_recorded_as_its_single_run_and_the_others_go_on(
+    tmp_path, hydra_conf
+) -> None:
+    base = [*TINY, "diagnostics.enabled=false", "train.grad_clip=0"]
+    jobs = [["norm=bn", "seed=0"], ["norm=none", "seed=1", "optim.base_lr=1e6"]]
+    cfgs = [compose("config", overrides=[*base, *j]) for j in jobs]
+    dirs = [tmp_path / "ok", tmp_path / "diverged"]
+    overrides = [[*base, *j] for j in jobs]
+    train_stacked(cfgs, dirs, task_overrides=overrides)
+    for cfg, d, ov in zip(cfgs, dirs, overrides, strict=True):
+        runner.run(cfg, tmp_path / "single" / d.name, task_overrides=ov)
+    ok, diverged = record(dirs[0]), record(dirs[1])
+    single_ok, single_diverged = (record(tmp_path / "single" / d.name) for d in dirs)
+    assert diverged["status"] == single_diverged["status"] == "diverged"
+    for key in ("error_step", "steps", "error"):
+        assert diverged[key] == single_diverged[key], key
+    assert diverged["curves"] == single_diverged["curves"] == []  # it diverged in epoch 1
+    assert (
+        not (dirs[1] / "model.pt").exists() and not (tmp_path / "single/diverged/model.pt").exists()
+    )
+    assert ok["status"] == "ok"
+    assert_same_result(ok, single_ok, "ok")
