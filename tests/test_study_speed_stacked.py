@@ -63,3 +63,12 @@ def test_compare_only_writes_the_report(tmp_path: Path) -> None:
     assert (out / "study_speed_stacked.png").is_file() and (
         out / "study_speed_stacked.csv"
     ).is_file()
+
+
+def test_the_entry_point_takes_stacked(tmp_path: Path) -> None:
+    from normzoo.study_speed import main as entry
+
+    _study(tmp_path)
+    rc = entry(["--stacked", "--compare-only", "--sweeps", "digits", "--sweep-root",
+                str(tmp_path), "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 0 and (tmp_path / "o" / "study_speed_stacked.md").is_file()
