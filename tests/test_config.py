@@ -67,7 +67,7 @@ def test_groups_exist() -> None:
     assert options("data") == ["cifar10", "digits", "digits_hard", "fashion_mnist", "mnist"]
     assert options("optim") == ["adamw", "sgd"]
     assert {"digits", "cifar10_resnet"} <= set(options("experiment"))
-    assert options("hydra/launcher") == ["local_joblib", "local_submitit", "slurm"]
+    assert options("hydra/launcher") == ["local_joblib", "local_submitit", "slurm", "stacked"]
 
 
 @pytest.mark.parametrize("norm", normzoo.list_norms())

@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from normzoo.config import CONF_DIR
 from normzoo.models import build_model
 from normzoo.run import runner
-from normzoo.run.stack import _StackedSGD, group_key, train_stacked
+from normzoo.run.stack import group_key, train_stacked
 from normzoo.run.stack_model import build_stack, stack_refusal, unstack_into
+from normzoo.run.stack_sgd import StackedSGD
 
 LOGIT_TOLERANCE = 1e-5
 LOSS_TOLERANCE = 1e-5
@@ -40,7 +41,15 @@ TINY = [
     "model.strides=[1,2]",
 ]
 NORMS = {"batchnorm": [], "groupnorm": ["norm.num_groups=4"], "layernorm": [], "none": []}
-TIMING = {"wall_time_s", "train_time_s", "steps_per_s", "started_at", "finished_at", "stack"}
+TIMING = {
+    "wall_time_s",
+    "train_time_s",
+    "eval_time_s",
+    "steps_per_s",
+    "started_at",
+    "finished_at",
+    "stack",
+}
 CNN = {"name": "cnn", "channels": [8, 8], "strides": [1, 2], "kernel_size": 3,
        "head": "flatten", "hidden": []}  # fmt: skip
 MLP = {"name": "mlp", "widths": [16, 16]}
@@ -99,7 +108,7 @@ def test_stack_logits_equal_single_models_after_steps(model_cfg) -> None:
     k, lrs = len(norms), torch.linspace(0.02, 0.2, len(norms))
     opts = [torch.optim.SGD(m.parameters(), lr=float(lr), momentum=0.9, weight_decay=5e-4)
             for m, lr in zip(singles, lrs, strict=True)]  # fmt: skip
-    stack_opt = _StackedSGD(slots, optim, k)
+    stack_opt = StackedSGD(slots, optim, k)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         xs = torch.randn(8, k, 1, 8, 8, generator=gen)
@@ -146,6 +155,9 @@ def test_rerun_is_bitwise_identical_and_finished_members_drop_out(tmp_path, hydr
     train_stacked(cfgs_b, dirs_b, task_overrides=overrides)
     for a, b in zip(dirs, dirs_b, strict=True):
         assert stripped(record(a)) == stripped(record(b)), a.name
+        assert (a / "predictions.npz").read_bytes() == (b / "predictions.npz").read_bytes()
+        wa, wb = (torch.load(d / "model.pt", weights_only=False)["state_dict"] for d in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), a.name
     kept = {d: (d / "metrics.json").read_bytes() for d in dirs[1:]}
     (dirs[0] / "metrics.json").unlink()  # a member killed before its record
     results = train_stacked(cfgs, dirs, task_overrides=overrides)

@@ -19,7 +19,8 @@ Writes ``study_speed.md`` and ``study_speed.csv`` into ``--out`` (default ``repo
 seed, so a layer's runs and its reference's run back to back): its run-time ratio is immune to
 the machine getting faster or slower between two sweeps, which on a shared VM moves the two-sweep
 ratio by 0.1 and more; the end-to-end ratio needs the two sweeps. Arguments after ``--`` go to both sweeps, e.g.
-``normzoo-study-speed -- train.epochs=1`` for a quick look. The machine should be otherwise idle:
+``normzoo-study-speed -- train.epochs=1`` for a quick look. ``--stacked``: the default study's
+sweeps stacked against unstacked instead (:mod:`normzoo.bench.study_speed_stacked`). The machine should be otherwise idle:
 the two sweeps run at different times, so anything else running skews the ratio.
 """
 
@@ -209,6 +210,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``normzoo-study-speed``."""
     full = list(sys.argv[1:] if argv is None else argv)
+    if "--stacked" in full[: full.index("--") if "--" in full else len(full)]:
+        from normzoo.bench import study_speed_stacked  # the default study, stacked vs unstacked
+
+        full.remove("--stacked")
+        return study_speed_stacked.main(full)
     argv, extra = (
         (full[: full.index("--")], full[full.index("--") + 1 :]) if "--" in full else (full, [])
     )

@@ -49,7 +49,7 @@ from normzoo.run.predictions import PREDICTIONS_FILE, save_predictions
 from normzoo.run.record import KEEP_ON_RESUME, METRICS_FILE, base_record, read_record, write_record
 from normzoo.run.resume import KEEP_ANY_REVISION, revision_change
 
-__all__ = ["kept_result", "run"]
+__all__ = ["keep_outputs", "kept_result", "run"]
 
 log = logging.getLogger("normzoo.train")
 
@@ -175,6 +175,21 @@ def _train(
     last = fit_state.curves[-1]
     for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error"):
         record[key] = last.get(key)
+    keep_outputs(model, data, cfg, spec, layer_options, record, out)
+
+
+def keep_outputs(
+    model: nn.Module,
+    data: Any,
+    cfg: DictConfig,
+    spec: NormSpec,
+    layer_options: dict[str, Any],
+    record: dict[str, Any],
+    out: Path,
+) -> None:
+    """What a trained run adds after its last epoch: the diagnostics (and the inference panel)
+    into ``record``, ``predictions.npz`` and ``model.pt`` into ``out`` (also a stacked member's)."""
+    batch_size = int(cfg.data.batch_size)
     predictions: dict[str, Any] = {}
     panel = bool(cfg.diagnostics.get("panel", False))
     panel_note = ", inference panel" if panel else ""

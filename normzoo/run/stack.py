@@ -1,25 +1,27 @@
-"""Stacked training (issue 17), opt-in: K runs that differ only in norm, seed and learning rate
-trained as one stacked model (:mod:`normzoo.run.stack_model`), each member's record written as its
-single run would write it.
+"""Stacked training (issue 17): K runs that differ only in norm, layer options, seed and
+learning rate trained as one stacked model (:mod:`normzoo.run.stack_model`), each member's
+record and files written as its single run writes them.
 
 What is each member's own, as in :func:`normzoo.run.loop.fit`: its init (its single model built
 after ``torch.manual_seed(seed)``, copied into the stack), its epoch order (a generator seeded with
 its seed), its loss (the mean over its batch; the stack backpropagates the sum, whose gradient in
 member k's parameters is member k's gradient), its gradient clip (the norm over its own gradients),
 its learning-rate schedule, its divergence (a NaN/inf loss marks that member ``diverged`` at that
-step; the others go on). One SGD (momentum, weight decay, Nesterov as torch's ``SGD``) updates all
-members with per-member learning rates. The per-epoch test evaluation, the diagnostics and the
-record run per member on its own single model (the stack's slices copied back).
+step; the others go on), Batch Renorm's ``brn_clip_*`` (the member's own layer run on its slice
+of the last step's input). One SGD (:mod:`normzoo.run.stack_sgd`) updates all members with
+per-member learning rates. The per-epoch test/validation evaluation, the diagnostics, the
+inference panel, ``predictions.npz`` and ``model.pt`` run per member on its own single model (the
+stack's slices copied back) through the single run's own code (:func:`runner.keep_outputs`).
 
-The single-run path (:func:`normzoo.run.runner.run`) is the reference and is not changed; a member
-equals its single run up to float rounding (``tests/test_stack.py`` states the tolerance). Not
-stacked (:func:`normzoo.run.stack_model.stack_refusal` says why; such a run goes through ``run``):
-resnet, AdamW, norms without a known stacked form (WeightNorm and the other variants). A stack
+The single-run path (:func:`normzoo.run.runner.run`) is the reference; a member equals its single
+run up to float rounding (``tests/test_stack.py`` states the tolerance). Not stacked
+(:func:`stack_refusal` says why; such a run goes through ``run``): resnet/transformer, AdamW,
+``train.compile``, norms without a known stacked form (WeightNorm and most variants). A stack
 writes no checkpoint: a killed stack reruns its unfinished members; finished members (a
-``metrics.json`` that ``resume`` keeps) drop out of the stack before it is built. A member's
-record holds ``trained: "stacked"`` and ``stack`` (members, the stack's training and wall
-seconds); its ``train_time_s``/``wall_time_s`` are its 1/K share. Not yet per member: Batch
-Renorm's ``brn_clip_*`` curve entries (the stacked layer's fraction mixes its members).
+``metrics.json`` that ``resume`` keeps) drop out before it is built. A member's record holds
+``trained: "stacked"`` and ``stack`` (members, the stack's training and wall seconds); its
+``train_time_s`` is its 1/K share of the stack's steps, ``wall_time_s`` that share of the shared
+work plus its own evaluations, diagnostics and files.
 """
 
 from __future__ import annotations
@@ -42,22 +44,24 @@ from normzoo.config.identity import comparable_config
 from normzoo.config.options import explicit_norm_keys, norm_layer_options
 from normzoo.config.validate import validate
 from normzoo.data import DataBundle, batches_per_epoch, epoch_order, load_data
-from normzoo.diagnostics import run_diagnostics
-from normzoo.errors import Diverged
+from normzoo.errors import Diverged, InvalidCombination
 from normzoo.models import build_model, check_batch_size, count_parameters
 from normzoo.provenance import now_utc
 from normzoo.registry import NormSpec, get_norm
+from normzoo.run import stack_model
 from normzoo.run.device import configure_torch, resolve_device
-from normzoo.run.loop import _use_mkldnn, evaluate, lr_schedule, peak_lr
+from normzoo.run.loop import _use_mkldnn, batch_stats_in_eval, evaluate, lr_schedule, peak_lr
+from normzoo.run.loop import total_steps as budget_steps
 from normzoo.run.record import base_record, write_record
-from normzoo.run.runner import kept_result, run
-from normzoo.run.stack_model import Slot, build_stack, stack_refusal, unstack_into
+from normzoo.run.runner import keep_outputs, kept_result, run
+from normzoo.run.stack_model import Slot, build_stack, unstack_into
+from normzoo.run.stack_sgd import StackedSGD
 
-__all__ = ["group_key", "train_stacked"]
+__all__ = ["MEMBER_KEYS", "group_key", "stack_refusal", "train_stacked"]
 
 log = logging.getLogger("normzoo.train")
 
-#: config keys in which the members of one stack may differ
+#: config keys in which the members of one stack may differ (besides norm and its options)
 MEMBER_KEYS = ("seed", "optim.base_lr")
 
 
@@ -72,6 +76,13 @@ def group_key(cfg: DictConfig, overrides: list[str] | None = None) -> str:
     return json.dumps(shared, sort_keys=True, default=str)
 
 
+def stack_refusal(cfg: DictConfig) -> str | None:
+    """Why the run ``cfg`` cannot train in a stack (None: it can)."""
+    if cfg.train.get("compile", False):
+        return "train.compile=true: a stack runs eagerly"
+    return stack_model.stack_refusal(str(cfg.model.name), str(cfg.norm.name), str(cfg.optim.name))
+
+
 @dataclass
 class _Member:
     cfg: DictConfig
@@ -83,6 +94,7 @@ class _Member:
     model: nn.Module | None = None
     curves: list[dict[str, Any]] = field(default_factory=list)
     diverged: tuple[int, float] | None = None  # (step, loss)
+    eval_time_s: float = 0.0
 
 
 def train_stacked(
@@ -94,14 +106,16 @@ def train_stacked(
 ) -> list[dict[str, Any]]:
     """Train the runs ``cfgs`` (into ``out_dirs``) as one stack; ``run()``'s result per run.
 
-    Runs that cannot stack train alone through :func:`normzoo.run.runner.run`; runs whose
+    Runs that cannot stack, and every run of a stack that cannot start (an invalid combination,
+    an error while building it), train alone through :func:`normzoo.run.runner.run`; runs whose
     finished result ``resume`` keeps are skipped (``skipped=True``). Raises ``ValueError`` when
     the stackable runs do not share their config outside norm, seed and ``optim.base_lr``, and
-    a stackable run's config error (``validate``), as ``run`` outside a multirun.
+    a stackable run's config error (``validate``) outside a multirun, as ``run`` does.
     """
     overrides = list(task_overrides) if task_overrides is not None else [None] * len(cfgs)
     results: list[dict[str, Any] | None] = [None] * len(cfgs)
     members: list[tuple[int, _Member]] = []
+    alone: list[int] = []
     for i, (cfg, out, ov) in enumerate(zip(cfgs, out_dirs, overrides, strict=True)):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -109,27 +123,52 @@ def train_stacked(
             results[i] = {"status": kept["status"], "error": kept.get("error"), "dir": str(out),
                           "skipped": True}  # fmt: skip
             continue
-        refusal = stack_refusal(str(cfg.model.name), str(cfg.norm.name), str(cfg.optim.name))
-        if refusal is not None:
-            log.info("not stacked (%s): training %s alone", refusal, out)
-            results[i] = run(cfg, out, task_overrides=ov, multirun=multirun)
-            continue
-        explicit = explicit_norm_keys(ov)
-        validate(cfg, explicit=explicit)
-        spec = get_norm(str(cfg.norm.name))
-        record = base_record(cfg, spec, peak_lr(cfg), ov)
-        options = norm_layer_options(cfg, explicit)
-        record["norm_layer_options"] = options
-        members.append((i, _Member(cfg, out, ov, spec, options, record)))
+        member = _prepare(cfg, out, ov, multirun)
+        if member is None:
+            alone.append(i)
+        else:
+            members.append((i, member))
     if members:
         keys = {group_key(m.cfg, m.overrides) for _, m in members}
         if len(keys) > 1:
             raise ValueError("train_stacked: the runs differ outside norm, seed and optim.base_lr")
-        # members with one norm are one contiguous segment of the stack's channels
+        # members with one norm (and layer options) are one contiguous segment of the channels
         members.sort(key=lambda im: (im[1].spec.name, json.dumps(im[1].options, sort_keys=True)))
-        for (i, _), result in zip(members, _train_group([m for _, m in members]), strict=True):
-            results[i] = result
+        try:
+            for (i, _), result in zip(members, _train_group([m for _, m in members]), strict=True):
+                results[i] = result
+        except _CannotStack as exc:
+            log.warning("stack not trained (%s): its %d runs train alone", exc, len(members))
+            alone.extend(i for i, _ in members)
+    for i in sorted(alone):
+        results[i] = run(cfgs[i], out_dirs[i], task_overrides=overrides[i], multirun=multirun)
     return [r for r in results if r is not None]
+
+
+def _prepare(
+    cfg: DictConfig, out: Path, overrides: list[str] | None, multirun: bool
+) -> _Member | None:
+    """The member of a stack for ``cfg``, or None when it trains alone (``run`` records why)."""
+    refusal = stack_refusal(cfg)
+    if refusal is not None:
+        log.info("not stacked (%s): training %s alone", refusal, out)
+        return None
+    explicit = explicit_norm_keys(overrides)
+    try:
+        validate(cfg, explicit=explicit)
+    except Exception:
+        if not multirun:
+            raise
+        return None  # run() records the config error as failed
+    spec = get_norm(str(cfg.norm.name))
+    record = base_record(cfg, spec, peak_lr(cfg), overrides)
+    options = norm_layer_options(cfg, explicit)
+    record["norm_layer_options"] = options
+    return _Member(cfg, out, overrides, spec, options, record)
+
+
+class _CannotStack(Exception):
+    """The stack cannot start (every member then trains alone and records its own outcome)."""
 
 
 def _segments(members: Sequence[_Member]) -> list[tuple[str, dict[str, Any], int]]:
@@ -150,68 +189,25 @@ def _train_group(members: list[_Member]) -> list[dict[str, Any]]:
     configure_torch(cfg0, device)
     data = load_data(cfg0.data, device)
     batch_size = int(cfg0.data.batch_size)
-    for m in members:
-        torch.manual_seed(int(m.cfg.seed))  # as run(): the member's init from its seed
-        m.model = build_model(
-            m.cfg.model, m.spec.name, m.options, data.input_shape, data.num_classes
-        ).to(device)
-        check_batch_size(m.model, m.spec.name, data.input_shape, batch_size)
-        m.record.update(device=str(device), num_params=count_parameters(m.model))
-    stacked, slots = build_stack([m.model for m in members], _segments(members))
+    if batches_per_epoch(data, batch_size, int(cfg0.data.classes_per_batch)) < 1:
+        raise _CannotStack("no training step at this batch size")
+    try:
+        for m in members:
+            torch.manual_seed(int(m.cfg.seed))  # as run(): the member's init from its seed
+            m.model = build_model(
+                m.cfg.model, m.spec.name, m.options, data.input_shape, data.num_classes
+            ).to(device)
+            check_batch_size(m.model, m.spec.name, data.input_shape, batch_size)
+            m.record.update(device=str(device), num_params=count_parameters(m.model))
+        stacked, slots = build_stack([m.model for m in members], _segments(members))
+    except (InvalidCombination, ValueError) as exc:
+        raise _CannotStack(str(exc)) from exc
     stacked.to(device)
     log.info("stack of %d runs (%s) B=%d on %s", len(members),
              ", ".join(f"{m.spec.name}/{m.cfg.seed}" for m in members), batch_size, device)  # fmt: skip
     train_time, steps = _fit_stack(stacked, slots, members, data, device)
-    wall = time.perf_counter() - t_start
-    return [_finish_member(m, data, batch_size, train_time, steps, wall, len(members))
-            for m in members]  # fmt: skip
-
-
-class _StackedSGD:
-    """SGD (torch's update: weight decay, momentum, Nesterov, no dampening) and gradient-norm
-    clipping, both per member: each stacked tensor's rows ``view(rows, -1)`` map to members."""
-
-    def __init__(self, slots: Sequence[Slot], cfg_optim: DictConfig, k: int) -> None:
-        self.params: list[Tensor] = []
-        self.member_of: list[Tensor] = []  # per param: the member of each leading row
-        for slot in slots:
-            for p in slot.module.parameters():
-                rows_per_member = p.shape[0] // slot.count
-                idx = torch.arange(slot.first, slot.first + slot.count, device=p.device)
-                self.params.append(p)
-                self.member_of.append(idx.repeat_interleave(rows_per_member))
-        self.shapes = [(-1,) + (1,) * (p.dim() - 1) for p in self.params]
-        self.bufs = [torch.zeros_like(p) for p in self.params]
-        self.k = k
-        self.momentum = float(cfg_optim.momentum)
-        self.nesterov = bool(cfg_optim.nesterov) and self.momentum > 0
-        self.weight_decay = float(cfg_optim.weight_decay)
-
-    def _per_param(self, values: Tensor) -> list[Tensor]:
-        return [values[i].view(s) for i, s in zip(self.member_of, self.shapes, strict=True)]
-
-    def clip_(self, max_norm: float) -> None:
-        """``clip_grad_norm_`` per member: coef = min(max_norm / (||g_k|| + 1e-6), 1)."""
-        grads = [p.grad for p in self.params]
-        sq = torch.zeros(self.k, device=grads[0].device)
-        for g, idx in zip(grads, self.member_of, strict=True):
-            sq.index_add_(0, idx, g.view(g.shape[0], -1).pow(2).sum(1))
-        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, self._per_param(coef))
-
-    @torch.no_grad()
-    def step(self, lr: Tensor) -> None:
-        """One SGD step; ``lr``: (K,) per-member learning rates."""
-        grads = [p.grad for p in self.params]
-        d_p = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
-        if self.momentum > 0:
-            torch._foreach_mul_(self.bufs, self.momentum)
-            torch._foreach_add_(self.bufs, d_p)
-            if self.nesterov:
-                torch._foreach_add_(d_p, self.bufs, alpha=self.momentum)
-            else:
-                d_p = self.bufs
-        torch._foreach_addcmul_(self.params, d_p, self._per_param(lr), value=-1.0)
+    shared = time.perf_counter() - t_start - sum(m.eval_time_s for m in members)
+    return [_finish_member(m, data, train_time, steps, shared, len(members)) for m in members]
 
 
 def _fit_stack(
@@ -221,20 +217,18 @@ def _fit_stack(
     cfg0 = members[0].cfg
     k = len(members)
     batch_size, grouped = int(cfg0.data.batch_size), int(cfg0.data.classes_per_batch)
-    epochs, steps_per_epoch = int(cfg0.train.epochs), batches_per_epoch(data, batch_size, grouped)
-    total = steps_per_epoch * epochs
+    steps_per_epoch = batches_per_epoch(data, batch_size, grouped)
+    total = budget_steps(cfg0, steps_per_epoch)
+    epochs = math.ceil(total / steps_per_epoch)  # a step budget's last epoch is partial
     warmup = round(float(cfg0.train.warmup_fraction) * total)
     final = float(cfg0.train.final_lr_fraction)
-    lrs = (
-        torch.tensor(
-            [lr_schedule(total, peak_lr(m.cfg), warmup, final) for m in members], device=device
-        )
-        .t()
-        .contiguous()
-    )  # (steps, K)
-    opt = _StackedSGD(slots, cfg0.optim, k)
+    lrs = torch.tensor(
+        [lr_schedule(total, peak_lr(m.cfg), warmup, final) for m in members], device=device
+    ).t().contiguous()  # (steps, K)  # fmt: skip
+    opt = StackedSGD(slots, cfg0.optim, k)
     smoothing, clip = float(cfg0.train.label_smoothing), float(cfg0.train.grad_clip)
     hooks = [f for mod in stacked.modules() if callable(f := getattr(mod, "set_progress", None))]
+    renorm = [s for s in slots if hasattr(s.module, "clip_fraction_r")]
     generators = [torch.Generator().manual_seed(int(m.cfg.seed)) for m in members]
     alive = torch.ones(k, dtype=torch.bool, device=device)
     sample_shape = tuple(data.input_shape)
@@ -249,11 +243,13 @@ def _fit_stack(
             orders = [epoch_order(data, batch_size, g, grouped) for g in generators]
             xs = torch.stack([data.train_x[o] for o in orders], 1)  # (n, K, *S)
             ys = torch.stack([data.train_y[o] for o in orders], 1)  # (n, K)
+            n_steps = min(steps_per_epoch, total - step)
             loss_sum = torch.zeros(k, dtype=torch.float64)
             correct = torch.zeros(k, dtype=torch.long, device=device)
-            for i in range(steps_per_epoch):
+            for i in range(n_steps):
                 for hook in hooks:
                     hook(step / total)
+                capture = _RenormCapture(renorm) if renorm and i == n_steps - 1 else None
                 xb = xs[i * batch_size : (i + 1) * batch_size].reshape(stacked_shape)
                 yb = ys[i * batch_size : (i + 1) * batch_size]
                 out = stacked(xb).view(batch_size, k, -1)  # (B, K, classes)
@@ -263,8 +259,7 @@ def _fit_stack(
                 values = losses.detach().cpu()
                 _mark_diverged(members, values, alive, step)
                 loss_sum += values.double()
-                for p in opt.params:
-                    p.grad = None
+                opt.zero_grad()
                 torch.where(alive, losses, 0.0).sum().backward()
                 if clip > 0:
                     opt.clip_(clip)
@@ -274,12 +269,63 @@ def _fit_stack(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - since
-            _epoch_rows(members, stacked, slots, data, epoch, loss_sum, correct,
-                        steps_per_epoch, lrs[step - 1])  # fmt: skip
+            clips = capture.per_member(members, (step - 1) / total) if capture else None
+            _epoch_rows(members, stacked, slots, data, epoch, loss_sum, correct, n_steps,
+                        lrs[step - 1], clips)  # fmt: skip
+            if not bool(alive.any()):  # every member diverged: nothing left to train
+                break
     finally:
         torch.backends.mkldnn.enabled = mkldnn_before
     unstack_into([m.model for m in members], slots)
     return train_time, step
+
+
+class _RenormCapture:
+    """Batch Renorm segments' input and state at one step (forward pre-hooks, removed after one
+    call), to give each member the ``brn_clip_*`` its own layer reports on its slice."""
+
+    def __init__(self, slots: list[Slot]) -> None:
+        self.slots = slots
+        self.seen: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
+        self.handles = [s.module.register_forward_pre_hook(self._hook(j)) for j, s in
+                        enumerate(slots)]  # fmt: skip
+
+    def _hook(self, j: int):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self.seen[j] = (args[0].detach(), state)
+            self.handles[j].remove()
+
+        return hook
+
+    @torch.no_grad()
+    def per_member(self, members: list[_Member], progress: float) -> list[dict[str, float]]:
+        """Each member's mean over its Batch Renorm layers of r's and d's clipped fraction."""
+        fractions: list[dict[str, list[float]]] = [{} for _ in members]
+        for j, slot in enumerate(self.slots):
+            x, state = self.seen[j]
+            for offset, xj in enumerate(torch.chunk(x, slot.count, dim=1)):
+                m = slot.first + offset
+                own = members[m].model.get_submodule(slot.member_name)  # type: ignore[union-attr]
+                _load_row(own, state, offset, slot.count)
+                own.train()
+                own.set_progress(progress)
+                own(xj)
+                for key, name in (
+                    ("brn_clip_r", "clip_fraction_r"),
+                    ("brn_clip_d", "clip_fraction_d"),
+                ):
+                    fractions[m].setdefault(key, []).append(float(getattr(own, name)))
+        return [{k: sum(v) / len(v) for k, v in f.items()} for f in fractions]
+
+
+def _load_row(own: nn.Module, state: dict[str, Tensor], row: int, count: int) -> None:
+    """Member ``row``'s slice of a stacked layer's ``state`` into its own layer."""
+    mine = own.state_dict(keep_vars=True)
+    for key, value in state.items():
+        target = mine[key]
+        with torch.no_grad():
+            target.copy_(value if value.dim() == 0 else value.view(count, -1)[row].view_as(target))
 
 
 def _mark_diverged(members: list[_Member], values: Tensor, alive: Tensor, step: int) -> None:
@@ -289,40 +335,46 @@ def _mark_diverged(members: list[_Member], values: Tensor, alive: Tensor, step: 
             alive[j] = False
 
 
-def _epoch_rows(members, stacked, slots, data, epoch, loss_sum, correct, steps, lr_now) -> None:
+def _epoch_rows(
+    members, stacked, slots, data, epoch, loss_sum, correct, steps, lr_now, clips
+) -> None:
     """Each living member's curve row: its own model evaluated as fit() evaluates it."""
     unstack_into([m.model for m in members], slots)
     batch_size = int(members[0].cfg.data.batch_size)
     for j, m in enumerate(members):
         if m.diverged is not None:
             continue
-        test_loss, test_error = evaluate(
-            m.model, data.test_x, data.test_y, int(m.cfg.data.eval_batch_size), batch_size
-        )
-        m.curves.append({
+        since = time.perf_counter()
+        sizes = (int(m.cfg.data.eval_batch_size), batch_size)
+        batch_stats = batch_stats_in_eval(m.model)
+        test_loss, test_error = evaluate(m.model, data.test_x, data.test_y, *sizes,
+                                         batch_stats=batch_stats)  # fmt: skip
+        row = {
             "epoch": epoch,
             "train_loss": float(loss_sum[j]) / steps,
             "train_error": 1.0 - float(correct[j]) / (steps * batch_size),
             "test_loss": test_loss,
             "test_error": test_error,
-            "lr": float(lr_now[j]),
-        })  # fmt: skip
+        }
+        if data.val_y.numel() > 0:
+            row["val_loss"], row["val_error"] = evaluate(m.model, data.val_x, data.val_y, *sizes,
+                                                         batch_stats=batch_stats)  # fmt: skip
+        row["lr"] = float(lr_now[j])
+        if clips is not None:
+            row.update(clips[j])
+        m.curves.append(row)
+        m.eval_time_s += time.perf_counter() - since
     stacked.train()
 
 
 def _finish_member(
-    m: _Member,
-    data: DataBundle,
-    batch_size: int,
-    train_time: float,
-    steps: int,
-    wall: float,
-    k: int,
+    m: _Member, data: DataBundle, train_time: float, steps: int, shared: float, k: int
 ) -> dict[str, Any]:
-    """Diagnostics and the record of one member, written as a single run writes it."""
+    """Diagnostics, files and the record of one member, written as a single run writes them."""
+    since = time.perf_counter()
     record = m.record
     record["curves"] = m.curves
-    record["stack"] = {"members": k, "train_time_s": train_time, "wall_time_s": wall}
+    record["stack"] = {"members": k, "train_time_s": train_time, "wall_time_s": shared}
     record["trained"] = "stacked"
     if m.diverged is not None:
         step, value = m.diverged
@@ -330,20 +382,25 @@ def _finish_member(
                       steps=step)  # fmt: skip
     else:
         last = m.curves[-1]
-        for key in ("train_loss", "train_error", "test_loss", "test_error"):
-            record[key] = last[key]
-        if m.cfg.diagnostics.enabled:
-            record.update(
-                run_diagnostics(
-                    m.model, data, batch_size=batch_size,
-                    precise_samples=int(m.cfg.diagnostics.precise_samples),
-                    seed=int(m.cfg.seed), eval_batch_size=int(m.cfg.data.eval_batch_size),
-                )
-            )  # fmt: skip
+        for key in (
+            "train_loss",
+            "train_error",
+            "test_loss",
+            "test_error",
+            "val_loss",
+            "val_error",
+        ):
+            record[key] = last.get(key)
+        assert m.model is not None
+        keep_outputs(m.model, data, m.cfg, m.spec, m.options, record, m.out)
         record.update(status="ok", steps=steps)
+    batch = record["batch_size"]
+    record["epochs_run"] = len(m.curves)
+    record["samples_seen"] = record["steps"] * batch if isinstance(batch, int) else None
     record["train_time_s"] = train_time / k  # the member's share of the stack's training
+    record["eval_time_s"] = m.eval_time_s
     record["steps_per_s"] = record["steps"] / record["train_time_s"] if train_time > 0 else None
-    record["wall_time_s"] = wall / k
+    record["wall_time_s"] = shared / k + m.eval_time_s + time.perf_counter() - since
     record["finished_at"] = now_utc()
     write_record(m.out, record)
     return {"status": record["status"], "error": record["error"], "dir": str(m.out)}
