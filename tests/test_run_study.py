@@ -136,7 +136,7 @@ def test_the_switches_turn_the_kept_files_off(hydra_conf, tmp_path: Path) -> Non
 def test_the_inference_panel_goes_into_the_record(hydra_conf, tmp_path: Path) -> None:
     m = run(tmp_path, "norm=bn", "diagnostics.panel=true", "train.epochs=1")
     kinds = {row["statistics"] for row in m["inference_panel"]}
-    assert kinds == {"ema", "precise", "batch"}
+    assert kinds == {"ema", "precise", "batch", "adabn", "ema_shifted", "adabn_shifted"}
     ema = next(row for row in m["inference_panel"] if row["statistics"] == "ema")
     assert ema["test_error"] == pytest.approx(m["test_error"], abs=1e-6)
     assert "inference_panel" not in run(tmp_path / "off", "train.epochs=1")
