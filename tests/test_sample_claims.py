@@ -118,6 +118,6 @@ def test_the_dropout_family_tests_position_rate_and_the_variance_shift(tmp_path:
     after = _find(tests, "dropout rate", "BatchNorm (norm. batch 32) · dropout 0.5 after")
     assert after.verdict == "equivalent"  # the same predictions as no dropout
     before = _find(tests, "variance shift", "BatchNorm (norm. batch 32) · dropout 0.5 before")
-    assert before.verdict == "higher" and abs(before.estimate - 2.001) < 1e-9
+    assert before.verdict == "higher" and abs(before.estimate - 2.0) < 0.01  # / the p = 0 shift
     after_shift = _find(tests, "variance shift", "BatchNorm (norm. batch 32) · dropout 0.5 after")
-    assert after_shift.verdict == "equivalent"  # 1.000..1.002: inside 1 +- SHIFT_MARGIN
+    assert after_shift.verdict == "equivalent"  # the same shift as without dropout: ratio 1

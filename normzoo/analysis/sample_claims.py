@@ -13,8 +13,9 @@ each worded by :func:`~normzoo.analysis.significance.verdict` with its stated ma
   exact McNemar test on the discordant samples pooled over seeds (the inference panel's counts).
 * ``below`` -- an equivalence test that a per-run measurement (batch dependence) is ~0: one-sided
   t-test over seeds of mean < margin (TOST's upper half; p = 0 when every run measures exactly 0).
-* ``shift`` -- dropout's variance shift (mean over a model's batch-statistics layers) against 1 (none):
-  two-sided t-test over seeds; "equivalent" when its 90% interval is inside 1 +- the margin.
+* ``shift`` -- dropout's variance shift (mean over a model's batch-statistics layers) over that of
+  the same model without dropout, paired by seed, against 1: two-sided t-test over seeds;
+  "equivalent" when its 90% interval is inside 1 +- the margin.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def cells_of(df: pd.DataFrame) -> pd.DataFrame:
     ok = ok_runs(df)
     varied = [c for c in _DROPOUT if c in ok and ok[c].nunique() > 1]
     keys = ["norm", "norm_batch", *([c for c in _DROPOUT if c in ok] if varied else [])]
-    return ok[keys].drop_duplicates().reset_index(drop=True)
+    return ok[keys].drop_duplicates().sort_values(keys).reset_index(drop=True)
 
 
 def cell_name(cell: dict[str, Any]) -> str:
@@ -197,11 +198,26 @@ def _below(df: pd.DataFrame, cell: dict) -> SampleTest | None:
     )  # fmt: skip
 
 
+def _by_seed(df: pd.DataFrame, cell: dict, column: str) -> dict[int, float]:
+    runs = cell_runs(df, cell)
+    if column not in runs:
+        return {}
+    values = pd.to_numeric(runs[column], errors="coerce")
+    return {
+        int(s): float(v) for s, v in zip(runs["seed"], values, strict=True) if not math.isnan(v)
+    }
+
+
 def _shift(df: pd.DataFrame, cell: dict) -> SampleTest | None:
-    """Dropout's variance shift against 1: two-sided t-test over seeds."""
-    v = _values(df, cell, "variance_shift_mean")
-    if not len(v):
+    """Dropout's variance shift relative to the same model without dropout (whose upstream
+    BatchNorms alone move a deeper layer's variance between modes): per seed
+    shift(p) / shift(p = 0), two-sided t-test of its mean against 1 over seeds."""
+    with_p = _by_seed(df, cell, "variance_shift_mean")
+    without = _by_seed(df, {**cell, "model.dropout": 0.0}, "variance_shift_mean")
+    seeds = sorted(set(with_p) & set(without))
+    if not seeds:
         return None
+    v = np.array([with_p[s] / without[s] for s in seeds])
     m, lo95, hi95, lo90, hi90, se = _intervals(v)
     p = (
         (1.0 if m == 1.0 else 0.0)
@@ -209,8 +225,8 @@ def _shift(df: pd.DataFrame, cell: dict) -> SampleTest | None:
         else float(2 * _st.t.sf(abs(m - 1) / se, len(v) - 1))
     )
     return SampleTest(
-        "variance shift", cell_name(cell), "1 (no shift)", "shift", m, lo95, hi95, lo90, hi90, p,
-        f"{len(v)} runs", unit="Var_train / Var_eval",
+        "variance shift", cell_name(cell), "no dropout (ratio 1)", "shift", m, lo95, hi95, lo90,
+        hi90, p, f"{len(v)} seeds, paired", unit="x the shift without dropout",
     )  # fmt: skip
 
 

@@ -98,7 +98,8 @@ def _summary(tests: list[SampleTest]) -> list[str]:
         clear = [t for t in here if t.verdict not in ("inconclusive", "not shown below the margin")]
         parts = [
             f"{t.a}{'' if t.kind in ('below', 'shift') else ' vs ' + t.b}: **{t.verdict}** "
-            f"({t.estimate:+.3g} {t.unit}, Holm p = {t.p_holm:.2g})"
+            f"({t.estimate:{'.3g' if t.kind in ('below', 'shift') else '+.3g'}} {t.unit}, "
+            f"Holm p = {t.p_holm:.2g})"
             for t in clear
         ]
         rest = len(here) - len(clear)
@@ -137,8 +138,9 @@ def _rules() -> list[str]:
         f"- **below**: batch dependence ~0 only through an equivalence test: one-sided t-test over "
         f"seeds that its mean is below {DEPENDENCE_MARGIN:g} (p = 0 when every run measures exactly "
         "0); *below the margin* when Holm p < 0.05.",
-        f"- **shift**: dropout's variance shift (mean over the model's BatchNorm layers) against 1, "
-        f"t-test over seeds; *equivalent* to no shift inside 1 ± {SHIFT_MARGIN:g}.",
+        "- **shift**: dropout's variance shift (mean over the model's BatchNorm layers) over that "
+        "of the same model without dropout, per seed, against 1 (t-test over seeds); "
+        f"*equivalent* to no shift inside 1 ± {SHIFT_MARGIN:g}.",
         "",
         "</details>",
         "",
@@ -241,8 +243,10 @@ def _shift_table(df: pd.DataFrame, runs: pd.DataFrame, out: Path) -> list[str]:
         "Var_train / Var_eval of each BatchNorm layer's input over the test set (Li et al. 2019, "
         "arXiv:1801.05134; `normzoo.inference.variance_shift`): the whole model in train mode "
         "(dropout on, batch statistics) over eval mode; 1/(1 − p) is the prediction for dropout "
-        "with rate p right before a layer; 1 = no shift. Mean ± std over seeds. CSV: "
-        "`variance_shift.csv`.",
+        "with rate p right before a layer on a zero-mean input (1/(1 − p) + p μ²/((1 − p) σ²) "
+        "with mean μ, variance σ²); 1 = no shift. The p = 0 rows are the baseline: what train "
+        "vs eval mode of the upstream BatchNorm layers alone does to a layer's input variance. "
+        "Mean ± std over seeds. CSV: `variance_shift.csv`.",
         "",
         frame_table(wide),
         "",
