@@ -116,6 +116,49 @@ def batched_logits(
     return out
 
 
+#: samples per forward when many batches go through together (rounded down to whole batches)
+GROUPED_SAMPLES = 2048
+
+
+def _ghost_sizes(layers: list[NormLayer], size: int) -> dict[nn.Module, int] | None:
+    """Per batch-statistics layer, the ghost size that makes one forward of many batches of
+    ``size`` compute what one forward per batch computes; None where no such size exists (a layer
+    without ghost batches, or an own ghost size below ``size`` that does not divide it; a batch
+    of at most its own ghost size is one ghost batch)."""
+    sizes = {}
+    for layer in layers:
+        if not layer.uses_batch_stats:
+            continue
+        own = getattr(layer.module, "ghost_batch_size", False)
+        if own is False or (own is not None and own < size and size % own):
+            return None
+        sizes[layer.module] = size if own is None else min(own, size)
+    return sizes
+
+
+def grouped_forward(
+    model: nn.Module, layers: list[NormLayer], x: Tensor, size: int, volatile: list | None
+) -> Tensor | None:
+    """The outputs of the consecutive batches of ``size`` rows of ``x`` (whose length is a
+    multiple of ``size``), each normalised with its own batch statistics, in a few forwards of up
+    to :data:`GROUPED_SAMPLES` samples with every batch-statistics layer's ghost size set to
+    ``size``: a ghost batch is normalised exactly as a batch of its own (``normzoo.norms._ghost``),
+    so N / size small forwards become a few large ones. None where a layer cannot (then loop)."""
+    sizes = _ghost_sizes(layers, size)
+    if sizes is None or x.shape[0] % size:
+        return None
+    step = max(size, GROUPED_SAMPLES // size * size)
+    saved = {m: m.ghost_batch_size for m in sizes}
+    try:
+        for m, g in sizes.items():
+            m.ghost_batch_size = g
+        outs = [frozen_forward(model, x[i : i + step], volatile) for i in range(0, len(x), step)]
+    finally:
+        for m, g in saved.items():
+            m.ghost_batch_size = g
+    return torch.cat(outs)
+
+
 def error_and_loss(logits: Tensor, y: Tensor) -> tuple[float, float]:
     """(error rate, mean cross-entropy) of ``logits`` against the labels ``y``."""
     logits = logits.float()
@@ -159,31 +202,62 @@ def _batch_dependence(
         return fn
 
     set_norm_mode(model, layers, norm_training=norm_training)
-    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in activation_layers]
-    outs: list[list[Tensor]] = [[], []]
-    try:
-        # drawn per probe, so a prefix of the probes gets the same companions from the same seed
-        pairs = [
-            [torch.randperm(n_train, generator=gen)[:companions] for _ in range(2)] for _ in probes
+    # drawn per probe, so a prefix of the probes gets the same companions from the same seed
+    pairs = [
+        [torch.randperm(n_train, generator=gen)[:companions] for _ in range(2)] for _ in probes
+    ]
+    size = companions + 1
+    outs, captured = [], []
+    for rep in range(2):
+        batches = [
+            torch.cat([data.test_x[p : p + 1], data.train_x[pair[rep].to(data.train_x.device)]])
+            for p, pair in zip(probes.tolist(), pairs, strict=True)
         ]
-        for rep in range(2):
-            for p, pair in zip(probes.tolist(), pairs, strict=True):
-                comp = pair[rep]
-                idx = torch.cat([torch.tensor([p]), comp]).to(data.test_x.device)
-                xb = torch.cat([data.test_x[idx[:1]], data.train_x[idx[1:]]])
-                outs[rep].append(frozen_forward(model, xb, volatile)[:1])
+        got, layer_out = _probe_outputs(model, layers, activation_layers, batches, size, volatile)
+        outs.append(got)
+        captured.append(layer_out)
+    total = _relative_change(outs[0], outs[1]).mean().item()
+    per_layer = {
+        name: _relative_change(first, captured[1][name]).mean().item()
+        for name, first in captured[0].items()
+        if name in captured[1] and first.shape == captured[1][name].shape
+    }
+    return total, per_layer
+
+
+def _probe_outputs(
+    model: nn.Module,
+    layers: list[NormLayer],
+    hooked: list[NormLayer],
+    batches: list[Tensor],
+    size: int,
+    volatile: list,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Each batch's first row of the output and of every hooked layer's output: the batches in a
+    few grouped forwards where the layers allow (:func:`grouped_forward`), else one by one."""
+    stride = size if len(batches) > 1 and _ghost_sizes(layers, size) is not None else None
+    captured: dict[str, list[Tensor]] = {}
+
+    def hook(name: str):
+        def fn(_: nn.Module, __: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.dim() >= 1:
+                rows = out[::stride] if stride else out[:1]
+                captured.setdefault(name, []).append(rows.detach())
+
+        return fn
+
+    handles = [layer.module.register_forward_hook(hook(layer.name)) for layer in hooked]
+    try:
+        if stride:
+            out = grouped_forward(model, layers, torch.cat(batches), size, volatile)
+            assert out is not None
+            firsts = out[::size]
+        else:
+            firsts = torch.cat([frozen_forward(model, xb, volatile)[:1] for xb in batches])
     finally:
         for h in handles:
             h.remove()
-    total = _relative_change(torch.cat(outs[0]), torch.cat(outs[1])).mean().item()
-    per_layer = {}
-    k = probes.numel()
-    for name, tensors in captured.items():
-        if len(tensors) == 2 * k:
-            per_layer[name] = (
-                _relative_change(torch.cat(tensors[:k]), torch.cat(tensors[k:])).mean().item()
-            )
-    return total, per_layer
+    return firsts, {name: torch.cat(rows) for name, rows in captured.items()}
 
 
 def _gaps(layer: NormLayer, mean_pop: Tensor, var_pop: Tensor) -> tuple[float | None, float]:

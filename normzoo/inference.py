@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normzoo.diagnostics import batched_logits, error_and_loss
+from normzoo.diagnostics import batched_logits, error_and_loss, grouped_forward
 from normzoo.layers import (
     NormLayer,
     find_norm_layers,
@@ -207,22 +207,6 @@ def inference_panel(
     return rows
 
 
-def _ghost_sizes(layers: list[NormLayer], size: int) -> dict[nn.Module, int] | None:
-    """Per batch-statistics layer, the ghost size that makes one forward of many test batches of
-    ``size`` compute what one forward per batch computes; None where no such size exists (a layer
-    without ghost batches, or an own ghost size below ``size`` that does not divide it; a batch
-    of at most its own ghost size is one ghost batch)."""
-    sizes = {}
-    for layer in layers:
-        if not layer.uses_batch_stats:
-            continue
-        own = getattr(layer.module, "ghost_batch_size", False)
-        if own is False or (own is not None and own < size and size % own):
-            return None
-        sizes[layer.module] = size if own is None else min(own, size)
-    return sizes
-
-
 def _batch_stat_logits(
     model: nn.Module,
     layers: list[NormLayer],
@@ -233,22 +217,15 @@ def _batch_stat_logits(
 ) -> Tensor:
     """Logits with batch statistics of shuffled test batches of ``size`` (the last one filled up
     from the start of ``order``). Where every batch-statistics layer takes ghost batches, the
-    batches go through in one forward with ghost size ``size``: a ghost batch is normalised as a
-    batch of its own (``normzoo.norms._ghost``), and one forward instead of N / size is what
-    makes the panel cheap at test batch 2. Otherwise (or for one batch) the per-batch loop."""
+    batches go through in a few grouped forwards (:func:`normzoo.diagnostics.grouped_forward`):
+    a few forwards instead of N / size is what makes the panel cheap at test batch 2. Otherwise
+    (or for one batch) the per-batch loop."""
     n = order.numel()
-    sizes = _ghost_sizes(layers, size)
-    if sizes is None or size >= n:
-        return batched_logits(model, x, order, size, volatile)
     padded = torch.cat([order, order[: (-n) % size]])
-    saved = {m: m.ghost_batch_size for m in sizes}
-    try:
-        for m, g in sizes.items():
-            m.ghost_batch_size = g
-        logits = frozen_forward(model, x[padded], volatile)[:n]
-    finally:
-        for m, g in saved.items():
-            m.ghost_batch_size = g
+    grouped = grouped_forward(model, layers, x[padded], size, volatile) if size < n else None
+    if grouped is None:
+        return batched_logits(model, x, order, size, volatile)
+    logits = grouped[:n]
     out = torch.empty_like(logits)
     out[order] = logits
     return out
