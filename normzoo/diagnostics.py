@@ -340,6 +340,7 @@ def _precise(
     sizes: tuple[int, int],
     precise_samples: int,
     seed: int,
+    cache: dict | None = None,
 ) -> tuple[dict[str, Any], dict[str, tuple[float, float]], Tensor]:
     """Test error and loss with PreciseBN statistics (eval mode), the number of training samples
     they came from, each running-statistics layer's (mean gap, log-std gap) EMA vs population,
@@ -353,6 +354,7 @@ def _precise(
         num_samples=precise_samples,
         seed=seed + 1,
         layers=layers,
+        cache=cache,
     )
     gaps = {layer.name: _gaps(layer, *pop[layer.name][:2]) for layer in running}
     with precise_statistics(model, pop, layers):
@@ -429,6 +431,7 @@ def run_diagnostics(
     eval_batch_size: int | None = None,
     predictions: dict[str, Tensor] | None = None,
     with_variance_shift: bool = False,
+    population_cache: dict | None = None,
 ) -> dict[str, Any]:
     """Measure the train/inference mismatch of a trained classifier (see the module docstring).
 
@@ -454,6 +457,8 @@ def run_diagnostics(
             (:func:`normzoo.inference.variance_shift` on the test set in batches of
             ``batch_size``): ``variance_shift`` in each batch-statistics layer's row, their mean
             as ``variance_shift_mean`` (None without batch-statistics layers).
+        population_cache: shared with :func:`normzoo.inference.inference_panel` of the same
+            trained model (``cache`` of :func:`normzoo.precise_bn.population_stats`).
 
     Returns:
         A JSON-serialisable dict (floats, ints, None, a list of per-layer dicts).
@@ -476,7 +481,7 @@ def run_diagnostics(
         precise_logits = ema_logits  # nothing to recompute: eval mode is already "precise"
         if any(has_population_stats(layer) for layer in layers):
             precise, gaps, precise_logits = _precise(
-                model, layers, data, order, sizes, precise_samples, seed
+                model, layers, data, order, sizes, precise_samples, seed, population_cache
             )
         else:
             err, loss = error_and_loss(ema_logits, data.test_y)

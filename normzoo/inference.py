@@ -85,6 +85,7 @@ def _precise_rows(
     sizes: tuple[int, int],
     counts: tuple[int, ...],
     seed: int,
+    cache: dict | None = None,
 ) -> list[dict[str, Any]]:
     """One row per PreciseBN sample count (capped at the training set; whole batches)."""
     eval_batch, batch_size = sizes
@@ -100,6 +101,7 @@ def _precise_rows(
             num_samples=count,
             seed=seed + 1,
             layers=layers,
+            cache=cache,
         )
         with precise_statistics(model, pop, layers):
             set_norm_mode(model, layers, norm_training=False)
@@ -150,6 +152,7 @@ def inference_panel(
     test_batch_sizes: tuple[int | None, ...] = TEST_BATCH_SIZES,
     seed: int = 0,
     eval_batch_size: int | None = None,
+    population_cache: dict | None = None,
 ) -> list[dict[str, Any]]:
     """Test error of a trained classifier under each source of normalisation statistics.
 
@@ -168,6 +171,8 @@ def inference_panel(
         eval_batch_size: the batch size of the eval-mode passes (EMA, PreciseBN), as in
             :func:`normzoo.diagnostics.run_diagnostics`: their outputs do not depend on the batch,
             so fewer, larger batches; ignored where a layer has no running statistics.
+        population_cache: shared with :func:`normzoo.diagnostics.run_diagnostics` of the same
+            trained model, so a PreciseBN count both ask for is computed once.
 
     Returns:
         Rows ``{"statistics": "ema" | "precise" | "batch" | "adabn" | "ema_shifted" |
@@ -195,7 +200,9 @@ def inference_panel(
         set_norm_mode(model, layers, norm_training=False)
         rows = [_row("ema", batched_logits(model, x, order, eval_batch, volatile), y)]
         if any(has_population_stats(layer) for layer in layers):
-            rows += _precise_rows(model, layers, data, order, sizes, precise_counts, seed)
+            rows += _precise_rows(
+                model, layers, data, order, sizes, precise_counts, seed, population_cache
+            )
         rows += _adabn_rows(model, layers, x, y, order, sizes, seed, "")
         shifted = shifted_view(x, seed)
         rows += _adabn_rows(model, layers, shifted, y, order, sizes, seed, "_shifted")

@@ -206,6 +206,7 @@ def population_stats(
     seed: int = 0,
     layers: list[NormLayer] | None = None,
     ghost: bool = True,
+    cache: dict[tuple[int, int, int], PopulationStats] | None = None,
 ) -> PopulationStats:
     """PreciseBN population statistics of every layer with running statistics.
 
@@ -230,6 +231,10 @@ def population_stats(
     normalises them separately (:func:`_ghost_batches`): the same statistics, to float rounding,
     in far fewer forwards (2048 batches of 2 samples become 8 forwards). Models with a
     batch-statistics layer that cannot be widened take one forward per batch.
+
+    ``cache``: a dict the caller keeps for one model in one state and one ``x`` (the diagnostics
+    and the inference panel of a run ask for the same 4096 samples); keyed by (samples, batch
+    size, seed), it returns a repeated request's statistics without recomputing them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -239,6 +244,8 @@ def population_stats(
     size = min(batch_size, n)
     count = n if num_samples is None else max(int(num_samples), 1)
     count = math.ceil(count / size) * size
+    if cache is not None and (count, size, seed) in cache:
+        return cache[(count, size, seed)]
     gen = torch.Generator().manual_seed(seed)
     order = _draw(n, count, gen).to(x.device)
 
@@ -260,7 +267,10 @@ def population_stats(
         finally:
             for h in handles:
                 h.remove()
-    return _combined(sums, running)
+    stats = _combined(sums, running)
+    if cache is not None:
+        cache[(count, size, seed)] = stats
+    return stats
 
 
 def _load_stats(layers: list[NormLayer], stats: PopulationStats) -> None:

@@ -215,3 +215,20 @@ def test_panel_of_a_batch_free_layer_has_no_adabn_rows() -> None:
     panel = inference_panel(_trained("gn", data, num_groups=4), data, batch_size=8)
     assert _rows(panel, "adabn") == _rows(panel, "adabn_shifted") == []
     assert len(_rows(panel, "ema_shifted")) == 1
+
+
+def test_a_shared_population_cache_changes_no_number_and_computes_a_count_once() -> None:
+    data = _data()
+    model = _trained("bn", data)
+    plain = inference_panel(model, data, batch_size=8, precise_counts=(16, 64), seed=4)
+    cache: dict = {}
+    diag = run_diagnostics(model, data, batch_size=8, precise_samples=64, seed=4,
+                           population_cache=cache)  # fmt: skip
+    assert list(cache) == [(64, 8, 5)]  # (samples, batch, seed + 1)
+    first = cache[(64, 8, 5)]
+    shared = inference_panel(
+        model, data, batch_size=8, precise_counts=(16, 64), seed=4, population_cache=cache
+    )
+    assert sorted(cache) == [(16, 8, 5), (64, 8, 5)] and cache[(64, 8, 5)] is first
+    assert shared == plain
+    assert _rows(shared, "precise")[1]["test_loss"] == diag["test_loss_precise"]

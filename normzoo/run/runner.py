@@ -194,6 +194,7 @@ def keep_outputs(
     panel = bool(cfg.diagnostics.get("panel", False))
     panel_note = ", inference panel" if panel else ""
     t_diag = time.perf_counter()
+    population_cache: dict = {}  # the diagnostics' and the panel's PreciseBN share 4096 samples
     if cfg.diagnostics.enabled:  # its own keys: the run's test_error/test_loss stay the curves'
         log.info("diagnostics: mismatch, PreciseBN (%d samples)%s ...",
                  int(cfg.diagnostics.precise_samples), panel_note)  # fmt: skip
@@ -207,6 +208,7 @@ def keep_outputs(
                 eval_batch_size=int(cfg.data.eval_batch_size),
                 predictions=predictions if spec.uses_batch_stats else None,
                 with_variance_shift=bool(cfg.diagnostics.get("variance_shift", False)),
+                population_cache=population_cache,
             )
         )
     if panel:
@@ -214,7 +216,8 @@ def keep_outputs(
             log.info("diagnostics: inference panel ...")
         record["inference_panel"] = inference_panel(
             model, data, batch_size=batch_size, seed=int(cfg.seed),
-            eval_batch_size=int(cfg.data.eval_batch_size))  # fmt: skip
+            eval_batch_size=int(cfg.data.eval_batch_size),
+            population_cache=population_cache)  # fmt: skip
     if cfg.diagnostics.enabled or panel:
         log.info("diagnostics done in %.1fs", time.perf_counter() - t_diag)
     if cfg.train.get("keep_predictions", True):
