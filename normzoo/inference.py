@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normzoo.diagnostics import batched_logits, error_and_loss, grouped_forward
+from normzoo.diagnostics import batch_stat_logits, batched_logits, error_and_loss
 from normzoo.layers import (
     NormLayer,
     find_norm_layers,
@@ -209,33 +209,9 @@ def inference_panel(
         set_norm_mode(model, layers, norm_training=True)
         for b in test_batch_sizes:
             size = n_test if b is None else min(int(b), n_test)
-            logits = _batch_stat_logits(model, layers, x, order, size, volatile)
+            logits = batch_stat_logits(model, layers, x, order, size, volatile)
             rows.append(_row("batch", logits, y, test_batch_size=size))
     return rows
-
-
-def _batch_stat_logits(
-    model: nn.Module,
-    layers: list[NormLayer],
-    x: Tensor,
-    order: Tensor,
-    size: int,
-    volatile: list | None,
-) -> Tensor:
-    """Logits with batch statistics of shuffled test batches of ``size`` (the last one filled up
-    from the start of ``order``). Where every batch-statistics layer takes ghost batches, the
-    batches go through in a few grouped forwards (:func:`normzoo.diagnostics.grouped_forward`):
-    a few forwards instead of N / size is what makes the panel cheap at test batch 2. Otherwise
-    (or for one batch) the per-batch loop."""
-    n = order.numel()
-    padded = torch.cat([order, order[: (-n) % size]])
-    grouped = grouped_forward(model, layers, x[padded], size, volatile) if size < n else None
-    if grouped is None:
-        return batched_logits(model, x, order, size, volatile)
-    logits = grouped[:n]
-    out = torch.empty_like(logits)
-    out[order] = logits
-    return out
 
 
 def _pooled_variance(sums: list[Any]) -> Tensor:

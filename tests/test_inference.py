@@ -149,8 +149,7 @@ def test_no_dropout_before_bn_means_no_variance_shift() -> None:
     ],
 )
 def test_batch_statistics_in_one_forward_equal_one_forward_per_test_batch(norm, options) -> None:
-    from normzoo.diagnostics import batched_logits
-    from normzoo.inference import _batch_stat_logits
+    from normzoo.diagnostics import batch_stat_logits, batched_logits
     from normzoo.layers import find_norm_layers, preserved_state, set_norm_mode
 
     data = _data(n_test=37)
@@ -162,7 +161,7 @@ def test_batch_statistics_in_one_forward_equal_one_forward_per_test_batch(norm, 
         fast = {}
         for size in (2, 6, 36):
             loop = batched_logits(model, data.test_x, order, size, volatile)
-            fast[size] = _batch_stat_logits(model, layers, data.test_x, order, size, volatile)
+            fast[size] = batch_stat_logits(model, layers, data.test_x, order, size, volatile)
             torch.testing.assert_close(fast[size], loop, rtol=1e-5, atol=1e-6)
     if options.get("ghost_batch_size") != 2:  # batch statistics of 2 and 6 samples differ
         assert not torch.allclose(fast[2], fast[6])
