@@ -25,6 +25,7 @@ __all__ = [
     "NormLayer",
     "find_norm_layers",
     "preserved_state",
+    "replace_all_batch_norm_modules_",
     "set_norm_mode",
     "uses_batch_stats_in_eval",
 ]
@@ -94,6 +95,24 @@ def _has_running_stats(module: nn.Module) -> bool:
     return isinstance(getattr(module, "running_mean", None), Tensor) and isinstance(
         getattr(module, "running_var", None), Tensor
     )
+
+
+_RUNNING_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def replace_all_batch_norm_modules_(model: nn.Module) -> nn.Module:
+    """``torch.func.replace_all_batch_norm_modules_`` for normzoo's layers as well as torch's: every
+    module that tracks running statistics stops (``track_running_stats=False``, its running
+    buffers None), so it normalises with the batch's statistics in training and eval and a
+    torch.func transform (vmap, grad, per-sample gradients) has no buffer to update in place.
+    In place; returns ``model``."""
+    for module in model.modules():
+        if getattr(module, "track_running_stats", False) is True:
+            module.track_running_stats = False
+            for name in _RUNNING_BUFFERS:
+                if name in module._buffers:
+                    module._buffers[name] = None
+    return model
 
 
 def find_norm_layers(model: nn.Module) -> list[NormLayer]:

@@ -320,6 +320,12 @@ def build_norm(
         if num_features is not None:
             raise TypeError("build_norm: pass the name positionally or as name=, not both")
         name, num_features = overrides.pop("name"), name
+    if num_features is None and not isinstance(name, str):  # a size alone: the name was lost
+        raise TypeError(
+            f"build_norm({name!r}) got a size but no layer name: a norm_layer slot that keeps "
+            "only a functools.partial's keywords (timm's) dropped a positional name; use "
+            "functools.partial(normzoo.build_norm, name='gn') or normzoo.norm_layer('gn')"
+        )
     if num_features is None:
         raise TypeError("build_norm needs the layer's size: build_norm(name, num_features, ...)")
     spec = get_norm(name)  # type: ignore[arg-type]

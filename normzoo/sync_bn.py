@@ -11,16 +11,21 @@ converter; its kernels need a GPU) or, with ``torch_bn="normzoo"``, into the fro
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from normzoo.norms.batch import BatchNorm, BatchRenorm
 from normzoo.norms.sync_batch import SyncBatchNorm
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batchnorm_for_run"]
+
+log = logging.getLogger(__name__)
 
 
 def _from_batchnorm(bn: nn.Module, process_group: Any) -> SyncBatchNorm:
@@ -77,3 +82,34 @@ def convert_sync_batchnorm(
         if converted is not child:
             setattr(module, name, converted)
     return module
+
+
+def _world_size() -> int:
+    """Processes of the run: the default group's size, or before it exists torchrun's
+    ``WORLD_SIZE`` (1 when unset)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sync_batchnorm_for_run(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
+    """The ``train.sync_batchnorm`` option: with several processes (torchrun-style
+    ``WORLD_SIZE`` > 1, or an initialised default group of that size) the model's BatchNorms
+    become :class:`SyncBatchNorm` (statistics over every process's batch; torch's BN too, through
+    the from-scratch layer on CPU, where torch's needs a GPU), the default group initialised from
+    torchrun's environment (gloo on CPU, nccl on CUDA) if it is not yet. One process: a no-op
+    with one log line. Off (``enabled`` false): the model as it is."""
+    if not enabled:
+        return model
+    world = _world_size()
+    if world <= 1:
+        log.info("train.sync_batchnorm: one process; the norms keep per-device statistics")
+        return model
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # (env://)
+    torch_bn: Literal["torch", "normzoo"] = "torch" if device.type == "cuda" else "normzoo"
+    model = convert_sync_batchnorm(model, torch_bn=torch_bn)
+    synced = sum(isinstance(m, (SyncBatchNorm, nn.SyncBatchNorm)) for m in model.modules())
+    log.info("train.sync_batchnorm: %d BatchNorm layers synchronised over %d processes",
+             synced, world)  # fmt: skip
+    return model

@@ -4,6 +4,7 @@ processes, as DDP's all-reduce does before averaging), running statistics."""
 
 from __future__ import annotations
 
+import os
 import socket
 import warnings
 from pathlib import Path
@@ -113,3 +114,101 @@ def test_torchs_converter_skips_normzoos_batchnorm() -> None:
     """What the docs warn about: torch's converter leaves normzoo's BatchNorm per-device."""
     model = nn.Sequential(normzoo.build_norm("bn", C))
     assert type(nn.SyncBatchNorm.convert_sync_batchnorm(model)[0]).__name__ == "BatchNorm"
+
+
+RUN = [
+    "norm=bn",
+    "model.channels=[4,4]",
+    "model.strides=[1,2]",
+    "data.train_subset=64",
+    "data.test_subset=32",
+    "data.batch_size=16",
+    "train.steps=3",
+    "train.progress=none",
+    "train.keep_predictions=false",
+    "diagnostics.enabled=false",
+    "device=cpu",
+]
+
+
+def _run_worker(rank: int, port: int, out_dir: str) -> None:
+    """One torchrun-style process of a ``train.sync_batchnorm=true`` run: the run itself
+    initialises the gloo group from the environment."""
+    import json
+    import logging
+
+    from hydra import compose, initialize_config_dir
+
+    from normzoo.config import CONF_DIR
+    from normzoo.norms import sync_batch
+    from normzoo.run import run
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    calls = []
+    reduce = sync_batch._all_reduce
+    sync_batch._all_reduce = lambda t, group: calls.append(1) or reduce(t, group)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("normzoo.sync_bn").addHandler(handler)
+    logging.getLogger("normzoo.sync_bn").setLevel(logging.INFO)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*RUN, "train.sync_batchnorm=true"])
+    try:
+        result = run(cfg, out_dir=Path(out_dir) / f"rank{rank}")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    info = {"status": result["status"], "error": result["error"], "reduces": len(calls),
+            "lines": lines, "world": world}  # fmt: skip
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+def test_a_run_with_sync_batchnorm_on_two_processes_all_reduces(tmp_path: Path) -> None:
+    """The config path (issue 15, item 3): ``train.sync_batchnorm=true`` in 2 gloo processes
+    converts the run's BatchNorms, whose statistics and gradient sums are then all-reduced."""
+    import json
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    mp.spawn(_run_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for info in infos:
+        assert info["status"] == "ok", info["error"]
+        assert info["world"] == WORLD
+        assert (
+            "train.sync_batchnorm: 2 BatchNorm layers synchronised over 2 processes"
+            in info["lines"]
+        )
+        assert info["reduces"] > 0
+    assert infos[0]["reduces"] == infos[1]["reduces"]  # (a collective: the same calls on both)
+
+
+def test_sync_batchnorm_is_off_by_default_and_a_no_op_on_one_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from normzoo.config import CONF_DIR
+    from normzoo.run import run
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        assert compose("config", overrides=RUN).train.sync_batchnorm is False
+        cfg = compose("config", overrides=[*RUN, "train.sync_batchnorm=true"])
+    with caplog.at_level("INFO", logger="normzoo.sync_bn"):
+        assert run(cfg, out_dir=tmp_path)["status"] == "ok"
+    lines = [r.getMessage() for r in caplog.records if r.name == "normzoo.sync_bn"]
+    assert lines == ["train.sync_batchnorm: one process; the norms keep per-device statistics"]
+    assert not dist.is_initialized()
+
+
+def test_a_synchronised_layer_refuses_tracing_and_names_the_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = normzoo.SyncBatchNorm(C).train()
+    monkeypatch.setattr(normzoo.SyncBatchNorm, "_synchronised", lambda self: True)
+    with pytest.raises(RuntimeError, match=r"torch\.export.*dynamo=True"):
+        torch.jit.trace(layer, torch.randn(4, C, 5))

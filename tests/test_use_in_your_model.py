@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,23 +93,63 @@ def test_torchs_encoder_layer_with_normzoo_norms_trains_a_step(name: str) -> Non
 
 
 TIMM_MODELS = {
-    "resnet18": ({"norm_layer": normzoo.norm_layer("gn", num_groups=8)}, (2, 3, 64, 64)),
+    # (zero_init_last=False: timm zeroes each block's last gamma, so one step moves no conv
+    # weight of the residual branches; test_timm_zero_init_reaches_normzoos_layers checks that)
+    "resnet18": (
+        {"norm_layer": normzoo.norm_layer("gn", num_groups=8), "zero_init_last": False},
+        (2, 3, 64, 64),
+    ),
     "vit_tiny_patch16_224": (
         {"img_size": 32, "patch_size": 8, "norm_layer": normzoo.norm_layer("layernorm_last")},
         (2, 3, 32, 32),
     ),
-    "convnext_atto": ({"norm_layer": normzoo.norm_layer("layernorm2d")}, (2, 3, 64, 64)),
+    # (ls_init_value=1: timm's layer scale of 1e-6 makes a block norm's gamma step ~1e-9, which
+    # float32 rounds away at 1.0)
+    "convnext_atto": (
+        {"norm_layer": normzoo.norm_layer("layernorm2d"), "ls_init_value": 1.0},
+        (2, 3, 64, 64),
+    ),
 }
+
+
+def _import_timm() -> Any:
+    if not _has("timm"):
+        print(
+            "timm is not installed: the timm host tests are skipped (pip install 'normzoo[timm]')"
+        )
+        pytest.skip("timm is not installed (optional extra: pip install 'normzoo[timm]')")
+    import timm
+
+    return timm
 
 
 @pytest.mark.parametrize("arch", list(TIMM_MODELS))
 def test_timm_models_train_a_step(arch: str) -> None:
-    if not _has("timm"):
-        print("timm is not installed: the timm host tests are skipped (pip install timm)")
-        pytest.skip("timm is not installed (optional test extra: pip install timm)")
-    import timm
+    timm = _import_timm()
 
     kwargs, shape = TIMM_MODELS[arch]
     model = timm.create_model(arch, pretrained=False, num_classes=10, **kwargs)
     assert any(type(m).__module__.startswith("normzoo") for m in model.modules())
     _train_step(model, torch.randn(shape))
+
+
+def test_timm_zero_init_reaches_normzoos_layers() -> None:
+    """timm's resnet zeroes the last norm's gamma of each block (``zero_init_last``) through
+    ``nn.init`` on ``.weight``: normzoo's GroupNorm takes it as torch's would."""
+    timm = _import_timm()
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10,
+                              norm_layer=functools.partial(normzoo.build_norm, name="gn"))  # fmt: skip
+    last = model.layer1[0].bn2
+    assert isinstance(last, normzoo.get_norm("gn").cls) and last.num_groups == 32
+    assert torch.count_nonzero(last.weight) == 0 and torch.count_nonzero(model.layer1[0].bn1.weight)
+
+
+def test_timms_norm_layer_slot_takes_the_keyword_partial_and_explains_the_positional_one() -> None:
+    """timm keeps a partial's keywords and drops its positional arguments: the keyword form
+    builds normzoo's layer, the positional form fails with a message that gives the keyword form."""
+    timm = _import_timm()
+    kept = timm.layers.get_norm_layer(functools.partial(normzoo.build_norm, name="ln"))
+    assert isinstance(kept(8), normzoo.get_norm("ln").cls)
+    dropped = timm.layers.get_norm_layer(functools.partial(normzoo.build_norm, "ln"))
+    with pytest.raises(TypeError, match=r"name='gn'\) or normzoo.norm_layer"):
+        dropped(8)

@@ -184,6 +184,8 @@ class TrainConf:
     ``steps`` > 0: exactly that many optimizer steps (as many epochs as needed, the last one
     partial; ``epochs`` is then ignored); 0: ``epochs`` whole epochs.
     ``keep_predictions`` / ``keep_model``: an ok run writes ``predictions.npz`` / ``model.pt``.
+    ``sync_batchnorm``: with several processes (torchrun's ``WORLD_SIZE`` > 1) the BatchNorms
+    take their statistics over all of them (:func:`normzoo.sync_bn.sync_batchnorm_for_run`).
     """
 
     epochs: int = 10
@@ -200,6 +202,7 @@ class TrainConf:
     steps: int = 0
     keep_predictions: bool = True
     keep_model: bool = True
+    sync_batchnorm: bool = False
 
 
 @dataclass

@@ -68,8 +68,38 @@ def _is_small(x: Tensor) -> bool:
         x.numel() <= _SMALL_NUMEL
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
+        and not _graph_mode()  # (torch.compile, torch.func: the general Functions)
     )
+
+
+def _under_transform() -> bool:
+    """Inside a ``torch.func`` transform (vmap, grad, jvp, ...): functorch's interpreter stack is
+    not empty. (Inside a Function's forward under ``grad`` alone it is empty: x is plain there.)"""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _graph_mode() -> bool:
+    """No ``out=`` and no host reads (``.item()``): ``torch.compile`` and ``torch.jit.trace``
+    (and the legacy ONNX exporter) record a graph, and ``vmap`` has no batching rule for ``out=``
+    ops or data-dependent branches."""
+    return torch.compiler.is_compiling() or _under_transform() or torch.jit.is_tracing()
+
+
+#: the advice a batch-statistics layer gives when a torch.func transform meets its running update
+RUNNING_STATS_UNDER_TRANSFORM = (
+    "{layer} in training mode updates its running statistics in place, which torch.func "
+    "transforms (vmap, grad, per-sample gradients) cannot do. Use the layer in eval mode "
+    "(model.eval(): the running statistics), build it with track_running_stats=False (batch "
+    "statistics, no state), or call normzoo.layers.replace_all_batch_norm_modules_(model) first "
+    "(as torch.func.replace_all_batch_norm_modules_, for normzoo's and torch's layers)"
+)
+
+
+def refuse_running_update_under_transform(layer: nn.Module) -> None:
+    """Raise :data:`RUNNING_STATS_UNDER_TRANSFORM` inside a torch.func transform (called before a
+    training-mode running-statistics update, ahead of functorch's less helpful error)."""
+    if _under_transform():
+        raise RuntimeError(RUNNING_STATS_UNDER_TRANSFORM.format(layer=type(layer).__name__))
 
 
 def hand_written_backward(
@@ -93,7 +123,9 @@ def hand_written_backward(
     ) -> Callable[..., tuple[Tensor | None, ...]]:
         @functools.wraps(backward)
         def wrapper(ctx: Any, *grads: Any) -> tuple[Tensor | None, ...]:
-            if torch.is_grad_enabled():
+            # (torch.func runs every backward with grad mode on; its transforms differentiate
+            # the hand-derived backward's tensor ops themselves where a higher order is taken)
+            if torch.is_grad_enabled() and not _under_transform():
                 return reference(ctx, *grads)
             return backward(ctx, *grads)
 
@@ -441,6 +473,7 @@ class RunningStatsMixin:
         ``torch.compile``. The value equals torch's ``1.0 / float(num_batches_tracked)`` rounded
         to ``dtype``.
         """
+        refuse_running_update_under_transform(self)  # type: ignore[arg-type]
         count = self._buffers["num_batches_tracked"]  # type: ignore[attr-defined]
         assert count is not None
         count.add_(1)

@@ -19,11 +19,14 @@ from normzoo.norms._base import (
     RunningStatsMixin,
     _batch_norm_double_backward,
     _batch_norm_scale,
+    _graph_mode,
     _is_small,
     _normalise_with_running_stats,
     _NormBase,
     _scale_and_offset,
+    _under_transform,
     hand_written_backward,
+    refuse_running_update_under_transform,
 )
 from normzoo.norms._ghost import check_ghost_batch_size, ghost_batch_norm
 from normzoo.norms._small import SmallBatchNorm
@@ -70,9 +73,10 @@ def _affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor
 _CANCELLATION_LIMIT = 64.0
 
 
-def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bool]:
+def _batch_stats(x: Tensor, m: int, scratch: Tensor | None) -> tuple[Tensor, Tensor, bool]:
     """Per-channel batch mean and biased variance of ``x`` (N, C, *S), and whether the backward pass
-    must centre ``x`` before its reductions. ``scratch`` (like x) is overwritten.
+    must centre ``x`` before its reductions. ``scratch`` (like x) is overwritten; None (the
+    torch.func form) takes ``torch.var_mean``.
 
     On CPU in eager mode the fast route is two plain sums, ``sum(x)`` and ``sum(x * x)`` (torch's
     vectorised sum is ~10x faster there than ``torch.var_mean``'s Welford loop; sum(x * x) is a
@@ -80,13 +84,13 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor) -> tuple[Tensor, Tensor, bo
     output, so no buffer is allocated for it): var = E[x^2] - E[x]^2. That
     formula cancels when |mean| >> std, so a batch with mean^2 / var > ``_CANCELLATION_LIMIT`` in
     any channel falls back to centred two-pass sums (the check reads one number, free on CPU).
-    Elsewhere (CUDA, ``torch.compile``) ``torch.var_mean`` is one fused, stable kernel, and the
+    Elsewhere (CUDA, ``torch.compile``, torch.func transforms) ``torch.var_mean`` is one fused, stable kernel, and the
     backward centres x inside its fused reductions. Half-precision input is accumulated in float32.
     (Small inputs do not come here: the modules give them to
     :class:`~normzoo.norms._small.SmallBatchNorm`.)
     """
     dims = _reduce_dims(x)
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if scratch is None or x.device.type != "cpu" or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         return mean, var, True
     if x.dtype not in (torch.float32, torch.float64):
@@ -115,6 +119,61 @@ def _batch_norm_function_double_backward(
     x, _, _, r, d, weight = ctx.saved_tensors
     grads = _batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps)
     return (*grads, None, None, None, None)
+
+
+def _batch_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    ref_mean: Tensor | None = None,
+    ref_var: Tensor | None = None,
+    limits: Tensor | None = None,
+    functional: bool = False,
+) -> tuple[tuple[Tensor, ...], Tensor, bool]:
+    """:class:`_BatchNormFunction`'s forward: its outputs, invstd and whether x was centred.
+    ``functional``: no ``out=`` and no host read (torch.func: vmap has no batching rule for
+    them, and under ``grad`` the forward runs with autograd on)."""
+    m = _values_per_channel(x)
+    y = None if functional else torch.empty_like(x)
+    mean, var, centred = _batch_stats(x, m, scratch=y)
+    invstd = torch.rsqrt(var + eps)
+    g, offset, _, _, extra = _scale_and_offset(
+        invstd, mean, weight, bias, eps, ref_mean, ref_var, limits
+    )
+    if functional:
+        y = (x - _channel_view(mean, x)) * _channel_view(g, x)
+        y = y if offset is None else y + _channel_view(offset, x)
+    elif centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
+        torch.sub(x, _channel_view(mean, x), out=y)
+        if offset is None:
+            y.mul_(_channel_view(g, x))
+        else:
+            _affine_into(y, y, g, offset)
+    else:
+        shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
+        _affine_into(y, x, g, shift)
+    assert y is not None
+    return (y, mean, var, *extra), invstd, centred
+
+
+def _save_for_batch_norm_backward(
+    ctx: Any,
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    outputs: tuple[Tensor, ...],
+    invstd: Tensor,
+    centred: bool,
+) -> None:
+    """What :meth:`_BatchNormFunction.backward` reads: x, mean, invstd, r, d, gamma (g is
+    recomputed); mean, var (, r, d and the clip fractions) get no gradient."""
+    _, mean, var, *extra = outputs
+    r, d = (extra[2], extra[3]) if extra else (None, None)
+    ctx.set_materialize_grads(False)  # mean, var (, r, d) get no gradient: skip their zeros
+    ctx.centred, ctx.eps = centred, eps
+    ctx.save_for_backward(x, mean, invstd, r, d, weight)
+    ctx.mark_non_differentiable(mean, var, *extra)
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -167,27 +226,11 @@ class _BatchNormFunction(torch.autograd.Function):
         ref_var: Tensor | None = None,
         limits: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
-        ctx.set_materialize_grads(False)  # mean, var (, r, d) get no gradient: skip their zeros
-        m = _values_per_channel(x)
-        y = torch.empty_like(x)
-        mean, var, centred = _batch_stats(x, m, scratch=y)
-        invstd = torch.rsqrt(var + eps)
-        g, offset, r, d, extra = _scale_and_offset(
-            invstd, mean, weight, bias, eps, ref_mean, ref_var, limits
+        outputs, invstd, centred = _batch_norm_forward(
+            x, weight, bias, eps, ref_mean, ref_var, limits
         )
-        if centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
-            torch.sub(x, _channel_view(mean, x), out=y)
-            if offset is None:
-                y.mul_(_channel_view(g, x))
-            else:
-                _affine_into(y, y, g, offset)
-        else:
-            shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
-            _affine_into(y, x, g, shift)
-        ctx.centred, ctx.eps = centred, eps
-        ctx.save_for_backward(x, mean, invstd, r, d, weight)  # (g recomputed)
-        ctx.mark_non_differentiable(mean, var, *extra)
-        return (y, mean, var, *extra)
+        _save_for_batch_norm_backward(ctx, x, weight, eps, outputs, invstd, centred)
+        return outputs
 
     @staticmethod
     @hand_written_backward(_batch_norm_function_double_backward)
@@ -208,8 +251,8 @@ class _BatchNormFunction(torch.autograd.Function):
                 dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
             if need_x:  # dx = g * (dy + k * (sum_dy + (x - mean) * invstd * dot)): five ops
                 t = xc.mul_(_channel_view(invstd * dot, x)).add_(_channel_view(sum_dy, x))
-                # (no out= under torch.compile: dynamo rejects a non-contiguous out)
-                out = None if torch.compiler.is_compiling() else t
+                # (no out= under torch.compile: dynamo rejects a non-contiguous out; nor vmap)
+                out = None if _graph_mode() else t
                 dx = torch.add(dy, t, alpha=k, out=out).mul_(_channel_view(g, x))
         elif need_x or need_w:
             buf = torch.empty_like(x)  # first holds dy * x, then becomes dx
@@ -222,6 +265,49 @@ class _BatchNormFunction(torch.autograd.Function):
                 b = (g * sum_dy).mul_(k).addcmul_(a, mean, value=-1)
                 dx = _affine_into(buf, x, a, b).addcmul_(dy, _channel_view(g, x))
         return dx, dweight, sum_dy if need_b else None, None, None, None, None
+
+
+class _BatchNormFunctionForTransforms(_BatchNormFunction):
+    """:class:`_BatchNormFunction` in the ``forward`` + ``setup_context`` form that torch.func
+    transforms need (a generated vmap rule: there the forward is plain tensor ops), with invstd
+    and the centring flag as two more outputs; the backward is the same hand-derived one. Eager
+    calls keep the ctx form: torch binds a ``setup_context`` Function's signature with
+    ``inspect`` on every call (~35 us more per forward + backward, measured on the 2-core VM)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        ref_mean: Tensor | None = None,
+        ref_var: Tensor | None = None,
+        limits: Tensor | None = None,
+    ) -> tuple[Any, ...]:
+        outputs, invstd, centred = _batch_norm_forward(
+            x, weight, bias, eps, ref_mean, ref_var, limits, functional=True
+        )
+        return (*outputs, invstd, centred)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        x, weight, _, eps = inputs[:4]
+        *outputs, invstd, centred = output
+        _save_for_batch_norm_backward(ctx, x, weight, eps, tuple(outputs), invstd, centred)
+        ctx.mark_non_differentiable(*outputs[1:], invstd)  # (a superset of the call above's)
+
+
+def _batch_norm_apply(*args: Any) -> tuple[Tensor, ...]:
+    """``_BatchNormFunction.apply(*args)``, through its torch.func form inside a transform; its
+    forward's tensor ops alone under ``torch.jit.trace`` and the legacy ONNX exporter (a traced
+    graph of aten ops saves, loads and exports; autograd differentiates them)."""
+    if torch.jit.is_tracing():
+        return _batch_norm_forward(*args, functional=True)[0]
+    if _under_transform():
+        return _BatchNormFunctionForTransforms.apply(*args)[:-2]  # type: ignore[no-any-return]
+    return _BatchNormFunction.apply(*args)  # type: ignore[no-any-return]
 
 
 @register_norm(
@@ -314,7 +400,7 @@ class BatchNorm(RunningStatsMixin, _NormBase):
             if _is_small(x):  # (updates the running statistics itself)
                 layer = self if self.training and self.track_running_stats else None
                 return SmallBatchNorm.apply(x, self.weight, self.bias, self.eps, layer, None)
-            y, mean, var = _BatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+            y, mean, var = _batch_norm_apply(x, self.weight, self.bias, self.eps)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, var * (m / (m - 1)))
             return y
@@ -560,6 +646,7 @@ class BatchRenorm(BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and self.track_running_stats):
             return super().forward(x)  # eval with the moving statistics, or plain BatchNorm
+        refuse_running_update_under_transform(self)  # (before the diagnostics are stored)
         self._check_input(x)
         if x.numel() == 0:
             return self._empty_batch(x)
@@ -577,7 +664,7 @@ class BatchRenorm(BatchNorm):
         if _is_small(x):  # (sets the diagnostics and updates the moving statistics itself)
             limits = self._limits_now()
             return SmallBatchNorm.apply(x, self.weight, self.bias, self.eps, self, limits)
-        y, mean, var, *extra = _BatchNormFunction.apply(
+        y, mean, var, *extra = _batch_norm_apply(
             x,
             self.weight,
             self.bias,

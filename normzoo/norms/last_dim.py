@@ -150,6 +150,8 @@ def row_norm(
     centre: bool = True,
 ) -> Tensor:
     """Functional LayerNorm (``centre``) / RMSNorm of ``x`` over ``dims`` (see RowNormFunction)."""
+    if torch.jit.is_tracing():  # jit.trace, legacy ONNX: aten ops (saved, loaded, exported)
+        return _row_norm_reference(x, weight, bias, dims, eps, centre)
     return RowNormFunction.apply(x, weight, bias, dims, eps, centre)[0]  # type: ignore[no-any-return]
 
 

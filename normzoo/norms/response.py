@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from normzoo.norms._base import _NormBase
+from normzoo.norms._base import _NormBase, refuse_running_update_under_transform
 from normzoo.registry import register_norm
 
 __all__ = ["EvoNormB0", "EvoNormS0", "FilterResponseNorm"]
@@ -241,6 +241,7 @@ class EvoNormB0(_NormBase):
             )
         var = torch.var(x, dim=dims, correction=0)
         if self.training and self.running_var is not None:
+            refuse_running_update_under_transform(self)
             self.num_batches_tracked.add_(1)
             factor = self.momentum
             if factor is None:

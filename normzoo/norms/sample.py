@@ -28,10 +28,12 @@ from torch import Tensor
 
 from normzoo.norms._base import (
     RunningStatsMixin,
+    _graph_mode,
     _group_norm_double_backward,
     _is_small,
     _normalise_with_running_stats,
     _NormBase,
+    _under_transform,
     hand_written_backward,
 )
 from normzoo.norms._small import SmallGroupNorm
@@ -45,7 +47,7 @@ __all__ = ["GroupNorm", "GroupNormFunction", "InstanceNorm", "LayerNorm", "group
 _CANCELLATION_LIMIT = 64.0
 
 
-def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
+def _group_stats(x4: Tensor, m: int, functional: bool = False) -> tuple[Tensor, Tensor, bool]:
     """Mean and biased variance per (sample, group), (N, G, 1, 1) each, and whether they were centred.
 
     ``x4`` is the input viewed as (N, G, C/G, S) (S = prod of the spatial dims, 1 for 2-D input),
@@ -53,14 +55,15 @@ def _group_stats(x4: Tensor, m: int) -> tuple[Tensor, Tensor, bool]:
     and ||x||^2 (torch's ``var_mean`` is a scalar Welford loop there, ~10-20x slower),
     var = E[x^2] - mu^2; a batch with mu^2 / var above ``_CANCELLATION_LIMIT`` in any group falls
     back to the centred two-pass form (the check reads one number, free on CPU). CUDA and
-    ``torch.compile``: ``torch.var_mean``, one stable fused reduction. Half-precision input is
+    ``torch.compile`` (and ``functional``, torch.func): ``torch.var_mean``, one stable fused
+    reduction. Half-precision input is
     accumulated in float32. The statistics keep their reduced dims so that they broadcast against
     ``x4`` without reshapes. (Small inputs do not come here: the modules give them to
     :class:`~normzoo.norms._small.SmallGroupNorm`.)
     """
     if x4.dtype not in (torch.float32, torch.float64):
         x4 = x4.float()
-    if x4.device.type != "cpu" or torch.compiler.is_compiling():
+    if functional or x4.device.type != "cpu" or torch.compiler.is_compiling():
         if x4.shape[0] == 0:  # an empty batch: nothing to reduce (var_mean would warn)
             empty = x4.new_zeros(0, x4.shape[1], 1, 1)
             return empty, empty.clone(), True
@@ -149,6 +152,73 @@ def _group_norm_function_double_backward(
     return (*grads, None, None, None)
 
 
+def _group_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+    eps: float,
+    functional: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    """:class:`GroupNormFunction`'s forward: y, mean, var, rstd ((N, G, 1, 1) each) and whether
+    the statistics were centred. ``functional``: no ``out=`` and no host read (torch.func: vmap
+    has no batching rule for them, and under ``grad`` the forward runs with autograd on)."""
+    n, c = x.shape[0], x.shape[1]
+    cg = c // num_groups
+    s = math.prod(x.shape[2:])
+    x4 = x.reshape(n, num_groups, cg, s)  # a view for contiguous and channels_last input
+    # eager: y is allocated first and written through its view y4, so the output is not a view
+    # (a view output of a Function refuses in-place ops such as ReLU(inplace=True))
+    compiling = torch.compiler.is_compiling()
+    y, y4 = (None, None) if compiling or functional else _empty_like_viewed(x, x4.shape)
+    mean, var, centred = _group_stats(x4, cg * s, functional)  # (N, G, 1, 1) each
+    rstd = var.add(eps).rsqrt_()
+    if weight is None:  # scale, shift: (N, G, C/G, 1)
+        scale = rstd.expand(n, num_groups, cg, 1)
+    else:
+        scale = rstd * weight.view(num_groups, cg, 1)
+    if bias is None:
+        shift = torch.mul(scale, mean).neg_()
+    else:
+        shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
+    # half-precision input: scale and shift stay in float32 (the statistics' dtype) and y is
+    # computed in float32 and rounded once (rounding the shift ~ -mu * scale first would lose
+    # what x * scale + shift keeps of a large mean)
+    low = x.dtype != scale.dtype
+    # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
+    # vectorises an op with one broadcast operand, not two)
+    if compiling and s == 1 and not functional:  # (see _compiled_views) written through a
+        # view of y, which keeps y itself a base (in-place ops such as ReLU(inplace=True) need it)
+        y = torch.empty_like(x)
+        y.view(x4.shape).copy_(torch.addcmul(shift, x4, scale))
+    elif compiling or functional:  # y in x's shape, so it is not a view of y4
+        per_channel = (n, c) + (1,) * (x.dim() - 2)
+        y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
+        y = y.to(x.dtype)
+    elif s == 1 or low:
+        torch.addcmul(shift, x4, scale, out=y4)
+    else:
+        torch.mul(x4, scale, out=y4).add_(shift)
+    assert y is not None
+    return y, mean, var, rstd, centred
+
+
+def _save_for_group_norm_backward(
+    ctx: Any,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    eps: float,
+    centred: bool,
+) -> None:
+    """What :func:`_group_norm_backward` reads: x, gamma, mean and rstd per (sample, group)."""
+    ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
+    ctx.centred, ctx.num_groups, ctx.eps = centred, num_groups, eps
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
 class GroupNormFunction(torch.autograd.Function):
     """y = gamma * (x - mu) / sqrt(sigma2 + eps) + beta with statistics per (sample, group).
 
@@ -196,45 +266,8 @@ class GroupNormFunction(torch.autograd.Function):
         eps: float,
         stats: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-        ctx.set_materialize_grads(False)  # mean and var get no gradient: skip their zeros
-        n, c = x.shape[0], x.shape[1]
-        cg = c // num_groups
-        s = math.prod(x.shape[2:])
-        x4 = x.reshape(n, num_groups, cg, s)  # a view for contiguous and channels_last input
-        # eager: y is allocated first and written through its view y4, so the output is not a view
-        # (a view output of a Function refuses in-place ops such as ReLU(inplace=True))
-        compiling = torch.compiler.is_compiling()
-        y, y4 = (None, None) if compiling else _empty_like_viewed(x, x4.shape)
-        mean, var, centred = _group_stats(x4, cg * s)  # (N, G, 1, 1) each
-        rstd = var.add(eps).rsqrt_()
-        if weight is None:  # scale, shift: (N, G, C/G, 1)
-            scale = rstd.expand(n, num_groups, cg, 1)
-        else:
-            scale = rstd * weight.view(num_groups, cg, 1)
-        if bias is None:
-            shift = torch.mul(scale, mean).neg_()
-        else:
-            shift = torch.addcmul(bias.view(num_groups, cg, 1), scale, mean, value=-1.0)
-        # half-precision input: scale and shift stay in float32 (the statistics' dtype) and y is
-        # computed in float32 and rounded once (rounding the shift ~ -mu * scale first would lose
-        # what x * scale + shift keeps of a large mean)
-        low = x.dtype != scale.dtype
-        # (N, C): one addcmul of same-shape operands; else two passes beat one addcmul (torch
-        # vectorises an op with one broadcast operand, not two)
-        if compiling and s == 1:  # (see _compiled_views) written through a view of y, which
-            # keeps y itself a base (in-place ops such as ReLU(inplace=True) need that)
-            y = torch.empty_like(x)
-            y.view(x4.shape).copy_(torch.addcmul(shift, x4, scale))
-        elif compiling:  # the graph owns its buffers; y in x's shape, so it is not a view of y4
-            per_channel = (n, c) + (1,) * (x.dim() - 2)
-            y = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
-            y = y.to(x.dtype)
-        elif s == 1 or low:
-            torch.addcmul(shift, x4, scale, out=y4)
-        else:
-            torch.mul(x4, scale, out=y4).add_(shift)
-        ctx.centred, ctx.num_groups, ctx.eps = centred, num_groups, eps
-        ctx.save_for_backward(x, weight, mean, rstd)
+        y, mean, var, rstd, centred = _group_norm_forward(x, weight, bias, num_groups, eps)
+        _save_for_group_norm_backward(ctx, x, weight, mean, rstd, num_groups, eps, centred)
         if not stats:
             return y
         ctx.mark_non_differentiable(mean, var)
@@ -246,11 +279,48 @@ class GroupNormFunction(torch.autograd.Function):
         return _group_norm_backward(ctx, dy)
 
 
+class GroupNormFunctionForTransforms(GroupNormFunction):
+    """:class:`GroupNormFunction` in the ``forward`` + ``setup_context`` form that torch.func
+    transforms need (a generated vmap rule: there the forward is plain tensor ops): always
+    ``(y, mean, var, rstd, centred)``; the backward is the same hand-derived one. Eager calls keep
+    the ctx form (torch binds a ``setup_context`` Function's signature with ``inspect`` on every
+    call: ~35 us more per forward + backward, measured on the 2-core VM)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
+    ) -> tuple[Any, ...]:
+        return _group_norm_forward(x, weight, bias, num_groups, eps, functional=True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        x, weight, _, num_groups, eps = inputs
+        _, mean, var, rstd, centred = output
+        _save_for_group_norm_backward(ctx, x, weight, mean, rstd, num_groups, eps, centred)
+        ctx.mark_non_differentiable(mean, var, rstd)
+
+
+def _group_norm_apply(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``GroupNormFunction.apply``'s (y, mean, var), through its torch.func form in a transform;
+    its forward's tensor ops alone under ``torch.jit.trace`` and the legacy ONNX exporter (a
+    traced graph of aten ops saves, loads and exports; autograd differentiates them)."""
+    if torch.jit.is_tracing():
+        return _group_norm_forward(x, weight, bias, num_groups, eps, functional=True)[:3]
+    if _under_transform():
+        y, mean, var, _, _ = GroupNormFunctionForTransforms.apply(x, weight, bias, num_groups, eps)
+        return y, mean, var
+    return GroupNormFunction.apply(x, weight, bias, num_groups, eps)  # type: ignore[no-any-return]
+
+
 def _group_norm_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
     """:meth:`GroupNormFunction.backward` (see its class docstring for the formulas)."""
     if dy is None:
         return None, None, None, None, None, None
-    if torch.compiler.is_compiling():
+    if _graph_mode():  # (torch.compile, torch.func: the same formulas without out=)
         return _group_norm_backward_compiled(ctx, dy)
     x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd: (N, G, 1, 1)
     n, c = x.shape[0], x.shape[1]
@@ -364,7 +434,7 @@ def group_norm(
         ValueError: if a group would hold no values (an empty spatial dim).
     """
     _check_spatial(x)
-    y, mean, var = GroupNormFunction.apply(x, weight, bias, num_groups, eps)
+    y, mean, var = _group_norm_apply(x, weight, bias, num_groups, eps)
     return y, mean.view(x.shape[0], num_groups), var.view(x.shape[0], num_groups)
 
 
@@ -383,7 +453,9 @@ def _normalise(
     _check_spatial(x)
     if _is_small(x):
         return SmallGroupNorm.apply(x, weight, bias, num_groups, eps)
-    return GroupNormFunction.apply(x, weight, bias, num_groups, eps, False)
+    if _under_transform() or torch.jit.is_tracing():
+        return _group_norm_apply(x, weight, bias, num_groups, eps)[0]
+    return GroupNormFunction.apply(x, weight, bias, num_groups, eps, False)  # type: ignore[no-any-return]
 
 
 @register_norm(

@@ -36,13 +36,33 @@ def _all_reduce(t: Tensor, group: Any) -> Tensor:
     return t
 
 
+#: why vmap cannot batch the synchronised statistics, and what to use instead
+_NO_VMAP = (
+    "SyncBatchNorm takes its statistics over the batches of every process (an all-reduce), which "
+    "has no per-sample form: torch.func.vmap (per-sample gradients) cannot batch it. Use the "
+    "model in eval mode (the running statistics), or per-sample norms (GroupNorm, LayerNorm), or "
+    "a per-device normzoo.BatchNorm with track_running_stats=False"
+)
+
+#: why a training-mode synchronised layer is not traced, and the routes that are
+_NO_TRACE = (
+    "SyncBatchNorm all-reduces its training statistics across processes, which torch.jit.trace "
+    "and the legacy ONNX exporter cannot record. Trace or export the model in eval mode (the "
+    "running statistics), or use torch.export / torch.onnx.export(..., dynamo=True)"
+)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """``apply(x, weight, bias, eps, group) -> (y, mean, var_unbiased)`` with global statistics."""
+    """``apply(x, weight, bias, eps, group) -> (y, mean, var_unbiased)`` with global statistics.
+
+    In the ``forward`` + ``setup_context`` form (torch.func's ``grad`` applies; a collective's
+    cost dwarfs the form's per-call overhead); ``vmap`` raises :data:`_NO_VMAP`.
+    """
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         dims = [0, *range(2, x.dim())]
         view = (-1,) + (1,) * (x.dim() - 2)
         xa = x.to(torch.float64)
@@ -60,11 +80,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight.to(torch.float64)
         shift = -mean * scale if bias is None else bias.to(torch.float64) - mean * scale
         y = (x * scale.to(x.dtype).view(view)).add_(shift.to(x.dtype).view(view))
-        ctx.group = group
-        ctx.save_for_backward(x, weight, mean.to(x.dtype), invstd.to(x.dtype), count)
         var_unbiased = var * count / (count - 1)
-        ctx.mark_non_differentiable(mean, var_unbiased)
-        return y, mean, var_unbiased
+        return y, mean, var_unbiased, invstd.to(x.dtype), count
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        x, weight, _, _, group = inputs
+        _, mean, var_unbiased, invstd, count = output
+        ctx.group = group
+        ctx.save_for_backward(x, weight, mean.to(x.dtype), invstd, count)
+        ctx.mark_non_differentiable(mean, var_unbiased, invstd, count)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
+        raise RuntimeError(_NO_VMAP)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
@@ -113,8 +142,10 @@ class SyncBatchNorm(BatchNorm):
         use_batch = self.training or not self.track_running_stats
         if not (use_batch and self._synchronised()):
             return super().forward(x)
+        if torch.jit.is_tracing():  # (the all-reduce is no graph op)
+            raise RuntimeError(_NO_TRACE)
         self._check_input(x)
-        y, mean, var_unbiased = _SyncBatchNormFunction.apply(
+        y, mean, var_unbiased, _, _ = _SyncBatchNormFunction.apply(
             x, self.weight, self.bias, self.eps, self.process_group
         )
         if self.training and self.track_running_stats:

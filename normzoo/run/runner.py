@@ -48,6 +48,7 @@ from normzoo.run.loop import FitState, batch_stats_in_eval, fit, peak_lr, predic
 from normzoo.run.predictions import PREDICTIONS_FILE, save_predictions
 from normzoo.run.record import KEEP_ON_RESUME, METRICS_FILE, base_record, read_record, write_record
 from normzoo.run.resume import KEEP_ANY_REVISION, revision_change
+from normzoo.sync_bn import sync_batchnorm_for_run
 
 __all__ = ["keep_outputs", "kept_result", "run"]
 
@@ -159,6 +160,7 @@ def _train(
     model: nn.Module = build_model(
         cfg.model, spec.name, layer_options, data.input_shape, data.num_classes
     ).to(device)
+    model = sync_batchnorm_for_run(model, bool(cfg.train.get("sync_batchnorm", False)), device)
     check_batch_size(model, spec.name, data.input_shape, batch_size)
     record["num_params"] = count_parameters(model)
     total = total_steps(cfg, steps_per_epoch)
