@@ -26,10 +26,11 @@ def _has(module: str) -> bool:
     return True
 
 
-def test_the_doc_has_its_four_hosts() -> None:
+def test_the_doc_has_its_four_hosts_and_the_transforms() -> None:
     text = "\n".join(SNIPPETS)
-    assert len(SNIPPETS) == 5
-    for needle in ("resnet18", "TransformerEncoderLayer", "timm.create_model", "convert_sync"):
+    assert len(SNIPPETS) == 7
+    for needle in ("resnet18", "TransformerEncoderLayer", "timm.create_model", "convert_sync",
+                   "vmap(grad(", "torch.jit.trace"):  # fmt: skip
         assert needle in text
 
 
