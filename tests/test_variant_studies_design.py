@@ -60,7 +60,7 @@ def test_only_layers_with_a_ghost_option_sweep_the_normalisation_batch(studies) 
 
 def test_the_batch_free_layers_of_the_variants_study_are_in_its_reference_sweep(studies) -> None:
     reference = _values(_grid(studies["variants_reference"]), "norm")
-    for norm in reference - {"ghostbatchnorm", "batchchannelnorm", "evonormb0"}:
+    for norm in reference - {"ghostbatchnorm", "batchchannelnorm"}:
         assert not normzoo.get_norm(norm).uses_batch_stats, norm
 
 

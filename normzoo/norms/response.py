@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from normzoo.norms._base import _NormBase, refuse_running_update_under_transform
+from normzoo.norms._ghost import batch_moments, check_ghost_batch_size
 from normzoo.registry import register_norm
 
 __all__ = ["EvoNormB0", "EvoNormS0", "FilterResponseNorm"]
@@ -192,6 +193,10 @@ class EvoNormB0(_NormBase):
     Eval: s2_B = ``running_var`` when ``track_running_stats`` (else the batch's); the instance
     term is always the sample's own. State: ``v`` (ones), ``weight`` / ``bias`` (gamma, beta) when
     ``affine``; buffers ``running_var`` (ones) and ``num_batches_tracked``.
+
+    Ghost batches (``ghost_batch_size`` G, Hoffer et al. 2017): s2_B per chunk of G samples, as
+    if the layer ran on each chunk, with one running update towards the chunks' size-weighted
+    unbiased variances (``normzoo.norms._ghost``, the rule of every ghost-batch layer).
     """
 
     def __init__(
@@ -202,11 +207,13 @@ class EvoNormB0(_NormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        ghost_batch_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
         self.track_running_stats = bool(track_running_stats)  # (read by reset_parameters)
         super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
         self.momentum = momentum
@@ -232,22 +239,28 @@ class EvoNormB0(_NormBase):
             self.num_batches_tracked.zero_()
 
     def _batch_variance(self, x: Tensor) -> Tensor:
-        """s2_B per channel (biased), and the running variance's update in training."""
-        dims = [0, *range(2, x.dim())]
-        m = x.numel() // x.shape[1]
-        if self.training and m == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.size()}"
-            )
-        var = torch.var(x, dim=dims, correction=0)
+        """s2_B (biased): per channel (C,), or per sample's ghost batch (N, C, 1..) shaped like x;
+        and the running variance's update in training."""
+        ghost = self.ghost_batch_size
+        if ghost is not None and x.shape[0] > ghost:
+            _, var, _, target = batch_moments(x, ghost)  # (raises torch's error at 1 value)
+        else:
+            dims = [0, *range(2, x.dim())]
+            m = x.numel() // x.shape[1]
+            if self.training and m == 1:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, got input size "
+                    f"{x.size()}"
+                )
+            var = torch.var(x, dim=dims, correction=0)
+            target = var.detach() * (m / (m - 1)) if m > 1 else var.detach()
         if self.training and self.running_var is not None:
             refuse_running_update_under_transform(self)
             self.num_batches_tracked.add_(1)
             factor = self.momentum
             if factor is None:
                 factor = 1.0 / float(self.num_batches_tracked.item())
-            unbiased = var.detach().to(self.running_var.dtype) * (m / (m - 1))
-            self.running_var.lerp_(unbiased, factor)
+            self.running_var.lerp_(target.to(self.running_var.dtype), factor)
         return var
 
     def forward(self, x: Tensor) -> Tensor:
@@ -261,11 +274,18 @@ class EvoNormB0(_NormBase):
         else:
             instance_var = torch.zeros_like(x)
         instance = self.v.view(view) * x + torch.sqrt(instance_var + self.eps)
-        denominator = torch.maximum(torch.sqrt(batch_var.view(view) + self.eps), instance)
+        if batch_var.dim() == 1:  # per channel; ghost batches give it per sample, shaped like x
+            batch_var = batch_var.view(view)
+        denominator = torch.maximum(torch.sqrt(batch_var + self.eps), instance)
         return _affine(x / denominator, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, momentum={self.momentum}, "
             f"track_running_stats={self.track_running_stats}"
+            + (
+                ""
+                if self.ghost_batch_size is None
+                else f", ghost_batch_size={self.ghost_batch_size}"
+            )
         )
