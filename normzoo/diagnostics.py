@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normzoo import batched
+from normzoo.batched import batch_stat_logits, batched_logits, grouped_forward
 from normzoo.layers import (
     NormLayer,
     VolatileState,
@@ -83,104 +84,6 @@ _SCALAR_TYPES = (bool, int, float)
 PROBE_BUDGET = 4096
 #: probes of the eval-mode (numerical floor) measurement
 FLOOR_PROBES = 16
-
-
-def _chunks(order: Tensor, batch_size: int) -> Iterator[tuple[Tensor, int]]:
-    """Batches of exactly ``batch_size`` indices covering ``order`` once.
-
-    The last, partial batch is filled up with samples from the start of ``order`` so that every
-    sample is evaluated in a batch of the training batch size (a last batch of 1 sample would have
-    no batch statistics at all). Yields (indices, k): only the first k entries are new samples.
-    """
-    n = order.numel()
-    size = min(batch_size, n)
-    for start in range(0, n, size):
-        idx = order[start : start + size]
-        k = idx.numel()
-        if k < size:
-            idx = torch.cat([idx, order[: size - k]])
-        yield idx, k
-
-
-def batched_logits(
-    model: nn.Module, x: Tensor, order: Tensor, batch_size: int, volatile: list | None
-) -> Tensor:
-    """Logits of every sample of ``x`` (in the original order), evaluated in shuffled batches."""
-    out: Tensor | None = None
-    for idx, k in _chunks(order, batch_size):
-        logits = frozen_forward(model, x[idx], volatile)[:k]
-        if out is None:
-            out = logits.new_empty((x.shape[0], *logits.shape[1:]))
-        out[idx[:k]] = logits
-    assert out is not None
-    return out
-
-
-#: samples per forward when many batches go through together (rounded down to whole batches)
-GROUPED_SAMPLES = 2048
-
-
-def _ghost_sizes(layers: list[NormLayer], size: int) -> dict[nn.Module, int] | None:
-    """Per batch-statistics layer, the ghost size that makes one forward of many batches of
-    ``size`` compute what one forward per batch computes; None where no such size exists (a layer
-    without ghost batches, or an own ghost size below ``size`` that does not divide it; a batch
-    of at most its own ghost size is one ghost batch)."""
-    sizes = {}
-    for layer in layers:
-        if not layer.uses_batch_stats:
-            continue
-        own = getattr(layer.module, "ghost_batch_size", False)
-        if own is False or (own is not None and own < size and size % own):
-            return None
-        sizes[layer.module] = size if own is None else min(own, size)
-    return sizes
-
-
-def grouped_forward(
-    model: nn.Module, layers: list[NormLayer], x: Tensor, size: int, volatile: list | None
-) -> Tensor | None:
-    """The outputs of the consecutive batches of ``size`` rows of ``x`` (whose length is a
-    multiple of ``size``), each normalised with its own batch statistics, in a few forwards of up
-    to :data:`GROUPED_SAMPLES` samples with every batch-statistics layer's ghost size set to
-    ``size``: a ghost batch is normalised exactly as a batch of its own (``normzoo.norms._ghost``),
-    so N / size small forwards become a few large ones. None where a layer cannot (then loop)."""
-    sizes = _ghost_sizes(layers, size)
-    if sizes is None or x.shape[0] % size:
-        return None
-    step = max(size, GROUPED_SAMPLES // size * size)
-    saved = {m: m.ghost_batch_size for m in sizes}
-    try:
-        for m, g in sizes.items():
-            m.ghost_batch_size = g
-        outs = [frozen_forward(model, x[i : i + step], volatile) for i in range(0, len(x), step)]
-    finally:
-        for m, g in saved.items():
-            m.ghost_batch_size = g
-    return torch.cat(outs)
-
-
-def batch_stat_logits(
-    model: nn.Module,
-    layers: list[NormLayer],
-    x: Tensor,
-    order: Tensor,
-    size: int,
-    volatile: list | None,
-) -> Tensor:
-    """Logits with batch statistics of shuffled test batches of ``size`` (the last one filled up
-    from the start of ``order``). Where every batch-statistics layer takes ghost batches, the
-    batches go through in a few grouped forwards (:func:`grouped_forward`):
-    a few forwards instead of N / size is what makes the panel cheap at test batch 2. Otherwise
-    (or for one batch) the per-batch loop."""
-    n = order.numel()
-    padded = torch.cat([order, order[: (-n) % size]])
-    grouped = grouped_forward(model, layers, x[padded], size, volatile) if size < n else None
-    if grouped is None:
-        return batched_logits(model, x, order, size, volatile)
-    logits = grouped[:n]
-    out = torch.empty_like(logits)
-    out[order] = logits
-    return out
 
 
 def error_and_loss(logits: Tensor, y: Tensor) -> tuple[float, float]:
@@ -259,7 +162,7 @@ def _probe_outputs(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Each batch's first row of the output and of every hooked layer's output: the batches in a
     few grouped forwards where the layers allow (:func:`grouped_forward`), else one by one."""
-    stride = size if len(batches) > 1 and _ghost_sizes(layers, size) is not None else None
+    stride = size if len(batches) > 1 and batched.ghost_sizes(layers, size) is not None else None
     captured: dict[str, list[Tensor]] = {}
 
     def hook(name: str):

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normzoo.diagnostics import batch_stat_logits, batched_logits, error_and_loss
+from normzoo.batched import batch_stat_logits, batched_logits
+from normzoo.diagnostics import error_and_loss
 from normzoo.layers import (
     NormLayer,
     find_norm_layers,

@@ -436,14 +436,14 @@ def test_finding_the_registered_classes_leaves_the_global_rng_alone() -> None:
 def test_batch_dependence_in_grouped_forwards_equals_one_forward_per_probe(
     norm, monkeypatch
 ) -> None:
-    from normzoo import diagnostics
+    from normzoo import batched
 
     data = _data(shape=(5, 5))
     torch.manual_seed(0)
     model = _conv(norm, channels=6)
     _train(model, data, batch=8)
     grouped = run_diagnostics(model, data, batch_size=8, precise_samples=16, probe_samples=20)
-    monkeypatch.setattr(diagnostics, "_ghost_sizes", lambda layers, size: None)  # the loop
+    monkeypatch.setattr(batched, "ghost_sizes", lambda layers, size: None)  # the loop
     looped = run_diagnostics(model, data, batch_size=8, precise_samples=16, probe_samples=20)
     assert looped["batch_dependence"] > 1e-3
     assert grouped["batch_dependence"] == pytest.approx(looped["batch_dependence"], rel=1e-5)

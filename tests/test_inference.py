@@ -149,7 +149,7 @@ def test_no_dropout_before_bn_means_no_variance_shift() -> None:
     ],
 )
 def test_batch_statistics_in_one_forward_equal_one_forward_per_test_batch(norm, options) -> None:
-    from normzoo.diagnostics import batch_stat_logits, batched_logits
+    from normzoo.batched import batch_stat_logits, batched_logits
     from normzoo.layers import find_norm_layers, preserved_state, set_norm_mode
 
     data = _data(n_test=37)
