@@ -32,6 +32,7 @@ from normzoo.registry import build_norm, get_norm
 __all__ = [
     "PER_CHANNEL_NORMS",
     "Slot",
+    "StackedConv2d",
     "StackedLinear",
     "StackedNorm",
     "build_stack",
@@ -77,6 +78,18 @@ class StackedLinear(nn.Module):
         xk = x.view(n, self.members, self.in_features).transpose(0, 1)  # (K, N, F_in)
         out = torch.baddbmm(self.bias, xk, self.weight)  # (K, N, F_out)
         return out.transpose(0, 1).reshape(n, self.members * self.out_features)
+
+
+class StackedConv2d(nn.Conv2d):
+    """K members' ``Conv2d`` as one grouped conv (``groups=K``). With one input channel per
+    group (a stem on grey images) it runs in channels_last: oneDNN's NCHW grouped kernel was
+    2.4x slower there (fwd+bwd, K=5..30, 16x16 -> 8x8, 1 thread); other layers stay NCHW."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_channels != self.groups or x.dim() != 4:
+            return super().forward(x)
+        y = super().forward(x.contiguous(memory_format=torch.channels_last))
+        return y.contiguous()
 
 
 class StackedNorm(nn.Module):
@@ -132,7 +145,7 @@ def build_stack(
     slots: list[Slot] = []
     for name, module in first.named_children():
         if isinstance(module, nn.Conv2d):
-            stacked: nn.Module = nn.Conv2d(
+            stacked: nn.Module = StackedConv2d(
                 k * module.in_channels, k * module.out_channels, module.kernel_size,
                 stride=module.stride, padding=module.padding, groups=k * module.groups,
                 bias=module.bias is not None,
