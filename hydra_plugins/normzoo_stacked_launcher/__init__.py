@@ -2,8 +2,9 @@
 
 The jobs whose overrides differ only in norm, norm options, seed and ``optim.base_lr``
 (:mod:`normzoo.run.stack_plan`) are trained as one stacked model each
-(:func:`normzoo.run.stack.train_stacked`); the stacks are spread over the cores by joblib's loky
-processes as ``local_joblib`` spreads jobs. Runs that cannot stack train alone in their stack's
+(:func:`normzoo.run.stack.train_stacked`); the stacks are spread over the cores by forked worker
+processes where that is safe, else joblib's loky ones as ``local_joblib`` spreads jobs
+(:mod:`normzoo.sweep.workers`). Runs that cannot stack train alone in their stack's
 process through ``normzoo.run.run``. Each job keeps what a job of ``local_joblib`` has: its own run
 dir (``hydra.sweep.dir``/``subdir``) with ``.hydra/`` (config, hydra config, overrides), its
 ``train.log``, ``metrics.json`` and files, resume (finished members drop out of a stack), and the
@@ -71,9 +72,10 @@ class StackedLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from joblib import Parallel, cpu_count, delayed
+        from joblib import cpu_count
 
         from normzoo.run.stack_plan import plan_stacks
+        from normzoo.sweep.workers import run_tasks
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -87,10 +89,8 @@ class StackedLauncher(Launcher):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
         state = Singleton.get_state()
         tasks = [[(initial_job_idx + i, list(job_overrides[i])) for i in stack] for stack in stacks]
-        done = Parallel(n_jobs=workers, backend="loky", batch_size=1)(
-            delayed(execute_stack)(task, self.hydra_context, self.config, self.task_function, state)
-            for task in tasks
-        )
+        shared = (self.hydra_context, self.config, self.task_function, state)
+        done = run_tasks(execute_stack, tasks, shared, workers)
         by_index = {idx: ret for task, rets in zip(tasks, done, strict=True)
                     for (idx, _), ret in zip(task, rets, strict=True)}  # fmt: skip
         return [by_index[initial_job_idx + i] for i in range(len(job_overrides))]
