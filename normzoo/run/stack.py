@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +103,10 @@ def train_stacked(
     *,
     task_overrides: Sequence[list[str] | None] | None = None,
     multirun: bool = False,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the runs ``cfgs`` (into ``out_dirs``) as one stack; ``run()``'s result per run.
+    ``on_result(i, result)`` is called as soon as run i's record is written (progress lines).
 
     Runs that cannot stack, and every run of a stack that cannot start (an invalid combination,
     an error while building it), train alone through :func:`normzoo.run.runner.run`; runs whose
@@ -114,14 +116,20 @@ def train_stacked(
     """
     overrides = list(task_overrides) if task_overrides is not None else [None] * len(cfgs)
     results: list[dict[str, Any] | None] = [None] * len(cfgs)
+
+    def done(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        if on_result is not None:
+            on_result(i, result)
+
     members: list[tuple[int, _Member]] = []
     alone: list[int] = []
     for i, (cfg, out, ov) in enumerate(zip(cfgs, out_dirs, overrides, strict=True)):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         if cfg.get("resume", False) and (kept := kept_result(out, cfg, ov)) is not None:
-            results[i] = {"status": kept["status"], "error": kept.get("error"), "dir": str(out),
-                          "skipped": True}  # fmt: skip
+            done(i, {"status": kept["status"], "error": kept.get("error"), "dir": str(out),
+                     "skipped": True})  # fmt: skip
             continue
         member = _prepare(cfg, out, ov, multirun)
         if member is None:
@@ -136,12 +144,12 @@ def train_stacked(
         members.sort(key=lambda im: (im[1].spec.name, json.dumps(im[1].options, sort_keys=True)))
         try:
             for (i, _), result in zip(members, _train_group([m for _, m in members]), strict=True):
-                results[i] = result
+                done(i, result)
         except _CannotStack as exc:
             log.warning("stack not trained (%s): its %d runs train alone", exc, len(members))
             alone.extend(i for i, _ in members)
     for i in sorted(alone):
-        results[i] = run(cfgs[i], out_dirs[i], task_overrides=overrides[i], multirun=multirun)
+        done(i, run(cfgs[i], out_dirs[i], task_overrides=overrides[i], multirun=multirun))
     return [r for r in results if r is not None]
 
 
@@ -181,8 +189,9 @@ def _segments(members: Sequence[_Member]) -> list[tuple[str, dict[str, Any], int
     return out
 
 
-def _train_group(members: list[_Member]) -> list[dict[str, Any]]:
-    """Build, train, evaluate and record one stack of stackable members."""
+def _train_group(members: list[_Member]) -> Iterator[dict[str, Any]]:
+    """Build, train, evaluate and record one stack of stackable members; each member's result
+    as its record is written (a generator: the first ``next`` builds and trains the stack)."""
     t_start = time.perf_counter()
     cfg0 = members[0].cfg
     device = resolve_device(cfg0.device)
@@ -207,7 +216,8 @@ def _train_group(members: list[_Member]) -> list[dict[str, Any]]:
              ", ".join(f"{m.spec.name}/{m.cfg.seed}" for m in members), batch_size, device)  # fmt: skip
     train_time, steps = _fit_stack(stacked, slots, members, data, device)
     shared = time.perf_counter() - t_start - sum(m.eval_time_s for m in members)
-    return [_finish_member(m, data, train_time, steps, shared, len(members)) for m in members]
+    for m in members:
+        yield _finish_member(m, data, train_time, steps, shared, len(members))
 
 
 def _fit_stack(
