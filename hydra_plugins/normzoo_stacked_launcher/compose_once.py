@@ -159,18 +159,24 @@ def _has_interpolation(value: Any) -> bool:
 
 
 def _plain_key(cfg: DictConfig, key: str) -> bool:
-    """``key`` is in ``cfg`` through plain dict nodes (no interpolation on the way or at it)."""
+    """``key`` is in ``cfg`` below plain dict nodes: no interpolation on the way or at it (looked
+    at without resolving anything), no list, no missing or None node on the way."""
     node: Any = cfg
-    *parents, last = key.split(".")
-    for part in parents:
-        if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
+    for part in key.split("."):
+        if (
+            not isinstance(node, DictConfig)
+            or node._is_missing()
+            or node._is_none()
+            or node._is_interpolation()
+        ):
             return False
-        if part not in node or OmegaConf.is_interpolation(node, part):
+        try:
+            node = node._get_node(part, throw_on_missing_key=False)
+        except Exception:
             return False
-        node = node._get_node(part)
-    if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
-        return False
-    return last in node and not OmegaConf.is_interpolation(node, last)
+        if node is None:
+            return False
+    return not node._is_interpolation()
 
 
 def _apply(template: _Template, plan: _Plan, master: DictConfig) -> DictConfig | None:
