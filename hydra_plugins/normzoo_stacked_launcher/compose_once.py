@@ -12,8 +12,9 @@ bookkeeping (``hydra.overrides``, ``runtime.choices``, ``job.env_set``, ``runtim
 composed config, depends only on the config name, the search path and the config-group overrides:
 ``create_defaults_list`` files every override on a key that is not a config group under
 ``config_overrides`` and leaves it alone. So for a job whose overrides are config-group choices
-``G`` and plain value overrides ``V``, its sweep config is the *template* ``load_sweep_config(G)``
-with ``V`` applied by the same ``OmegaConf.update(cfg, key, value, merge=True)`` Hydra uses (values
+``G`` (``key=option`` on a key that is a config group, as Hydra decides it: ``group_exists``) and
+plain value overrides ``V``, its sweep config is the *template* ``load_sweep_config(G)`` (one per
+distinct ``G``, its lines in order: other choices, e.g. another ``model=``, compose their own) with ``V`` applied by the same ``OmegaConf.update(cfg, key, value, merge=True)`` Hydra uses (values
 parsed by Hydra's ``OverridesParser``, ``value()``) and the bookkeeping that reads the overrides
 redone: ``hydra.overrides.task`` (the template's entries for ``G`` replaced by the job's lines in
 order), ``hydra.job.override_dirname`` (Hydra's ``get_overrides_dirname``), ``job.env_set`` and
