@@ -104,7 +104,10 @@ def test_stacked_sweep_writes_what_a_sweep_writes(sweeps) -> None:
         assert mine.keys() == theirs.keys() and all(
             np.array_equal(mine[k], theirs[k]) for k in mine
         ), run_dir.name
-        assert "stack of" in (run_dir / "train.log").read_text()
+        said = (run_dir / "train.log").read_text()
+        assert "stack of 4 runs done" in said
+        # composed once per norm (hydra_plugins/normzoo_stacked_launcher/compose_once.py)
+        assert "stack of 4 runs: 2 compositions, 4 configs derived, 0 composed in full" in said
 
 
 def test_resume_of_a_stacked_sweep_redoes_only_unfinished_members(sweeps, tmp_path) -> None:

@@ -9,7 +9,9 @@ process through ``normzoo.run.run``. Each job keeps what a job of ``local_joblib
 dir (``hydra.sweep.dir``/``subdir``) with ``.hydra/`` (config, hydra config, overrides), its
 ``train.log``, ``metrics.json`` and files, resume (finished members drop out of a stack), and the
 sweep callbacks (``on_job_start``/``on_job_end`` per job: ``SweepGuard``'s progress lines and
-summary; a member's line shows its stack's wall time).
+summary; a member's line shows its stack's wall time). A stack's sweep configs are composed once
+per set of config-group choices and derived for each job (:mod:`.compose_once`), equal to what
+``load_sweep_config`` composes for it.
 """
 
 import copy
@@ -36,6 +38,8 @@ from hydra.core.utils import (
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from hydra_plugins.normzoo_stacked_launcher.compose_once import SweepComposer
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +109,19 @@ class _Job:
 
 
 def _prepare_job(
-    idx: int, overrides: list[str], hydra_context: HydraContext, config: DictConfig
+    idx: int,
+    overrides: list[str],
+    hydra_context: HydraContext,
+    config: DictConfig,
+    composer: SweepComposer | None = None,
 ) -> _Job:
     """What ``hydra.core.utils.run_job`` does before calling the task: compose, name and make
-    the run dir, save ``.hydra/``."""
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
+    the run dir, save ``.hydra/``. With ``composer`` the sweep config is the one it derives from
+    its template (:mod:`.compose_once`: equal to a fresh ``load_sweep_config``), else composed."""
+    if composer is not None:
+        sweep_config = composer.load_sweep_config(overrides)
+    else:
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
         sweep_config.hydra.job.num = idx
@@ -171,8 +183,12 @@ def execute_stack(
     setup_globals()
     Singleton.set_state(singleton_state)
     orig = HydraConfig.instance().cfg
-    jobs = [_prepare_job(idx, overrides, hydra_context, config) for idx, overrides in task]
+    composer = SweepComposer(hydra_context.config_loader, config)  # composes once per norm=
+    jobs = [_prepare_job(idx, overrides, hydra_context, config, composer)
+            for idx, overrides in task]  # fmt: skip
     handlers = _log_files(jobs)
+    log.info("stack of %d runs: %d compositions, %d configs derived, %d composed in full",
+             len(jobs), composer.composed, composer.derived, composer.fallbacks)  # fmt: skip
     callbacks = hydra_context.callbacks
     try:
         for job in jobs:
