@@ -9,7 +9,8 @@ process through ``normzoo.run.run``. Each job keeps what a job of ``local_joblib
 dir (``hydra.sweep.dir``/``subdir``) with ``.hydra/`` (config, hydra config, overrides), its
 ``train.log``, ``metrics.json`` and files, resume (finished members drop out of a stack), and the
 sweep callbacks (``on_job_start``/``on_job_end`` per job: ``SweepGuard``'s progress lines and
-summary; a member's line shows its stack's wall time). A stack's sweep configs are composed once
+summary). A member's progress line comes as soon as its record is written, and its seconds
+count from the previous member's end (the first member's: the stack's build and training). A stack's sweep configs are composed once
 per set of config-group choices and derived for each job (:mod:`.compose_once`), equal to what
 ``load_sweep_config`` composes for it.
 """
@@ -187,23 +188,34 @@ def execute_stack(
     jobs = [_prepare_job(idx, overrides, hydra_context, config, composer)
             for idx, overrides in task]  # fmt: skip
     handlers = _log_files(jobs)
-    log.info("stack of %d runs: %d compositions, %d configs derived, %d composed in full",
-             len(jobs), composer.composed, composer.derived, composer.fallbacks)  # fmt: skip
     callbacks = hydra_context.callbacks
+    pending = list(jobs)  # jobs whose on_job_end has not run
+
+    def end(job: _Job) -> None:
+        """``run_job``'s end of one job, as soon as its record is written: its progress line
+        (the console tag moves on to the next pending member of the stack)."""
+        HydraConfig.instance().set_config(job.config)
+        job.ret.task_name = job.config.hydra.job.name
+        callbacks.on_job_end(config=job.config, job_return=job.ret)
+        pending.remove(job)
+        if pending:
+            HydraConfig.instance().set_config(pending[0].config)
+            callbacks.on_job_start(config=pending[0].config, task_function=task_function)
+
     try:
         for job in jobs:
             HydraConfig.instance().set_config(job.config)
             callbacks.on_job_start(config=job.config, task_function=task_function)
+        log.info("stack of %d runs: %d compositions, %d configs derived, %d composed in full",
+                 len(jobs), composer.composed, composer.derived, composer.fallbacks)  # fmt: skip
         groups: dict[str, list[_Job]] = {}
         for job in jobs:
             groups.setdefault(group_key(job.task_cfg, job.ret.overrides), []).append(job)
         with env_override(jobs[0].ret.hydra_cfg.hydra.job.env_set):
             for members in groups.values():
-                _train_group(members, train_stacked, run)
-        for job in jobs:
-            HydraConfig.instance().set_config(job.config)
-            job.ret.task_name = job.config.hydra.job.name
-            callbacks.on_job_end(config=job.config, job_return=job.ret)
+                _train_group(members, train_stacked, run, end)
+        for job in list(pending):
+            end(job)
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)
@@ -212,20 +224,27 @@ def execute_stack(
     return [job.ret for job in jobs]
 
 
-def _train_group(members: list[_Job], train_stacked, run) -> None:
-    """One stack; if it raises, its members train alone (each records its own outcome)."""
+def _train_group(members: list[_Job], train_stacked, run, end) -> None:
+    """One stack; if it raises, its members train alone (each records its own outcome). ``end``
+    finishes a job as soon as its result is in."""
     since = time.perf_counter()
+
+    def done(i: int, result: dict[str, Any]) -> None:
+        members[i].ret.return_value, members[i].ret.status = result, JobStatus.COMPLETED
+        if all(
+            j.ret.status == JobStatus.COMPLETED for j in members
+        ):  # (while the console is quiet)
+            log.info("stack of %d runs done in %.1fs", len(members), time.perf_counter() - since)
+        end(members[i])
+
     try:
-        results = train_stacked([j.task_cfg for j in members], [j.out for j in members],
-                                task_overrides=[j.ret.overrides for j in members],
-                                multirun=True)  # fmt: skip
+        train_stacked([j.task_cfg for j in members], [j.out for j in members],
+                      task_overrides=[j.ret.overrides for j in members], multirun=True,
+                      on_result=done)  # fmt: skip
     except Exception as exc:
         log.exception("stack of %d runs failed (%s); training them alone", len(members), exc)
-        results = []
-        for job in members:
+        for i, job in enumerate(members):
+            if job.ret.status == JobStatus.COMPLETED:
+                continue  # (its record was written before the failure)
             HydraConfig.instance().set_config(job.config)
-            results.append(run(job.task_cfg, job.out, task_overrides=job.ret.overrides,
-                               multirun=True))  # fmt: skip
-    for job, result in zip(members, results, strict=True):
-        job.ret.return_value, job.ret.status = result, JobStatus.COMPLETED
-    log.info("stack of %d runs done in %.1fs", len(members), time.perf_counter() - since)
+            done(i, run(job.task_cfg, job.out, task_overrides=job.ret.overrides, multirun=True))
