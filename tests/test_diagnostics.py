@@ -87,6 +87,10 @@ def _activation_norms(spatial: bool) -> list[str]:
     return names
 
 
+#: float rounding between batch shapes (the losses to rel 1e-6, the KL absolute): the exact
+#: equality these tests asserted held in the suite's order only (run alone: 5.5e-16, -8.2e-17)
+ROUNDING = 1e-12
+
 #: layers with batch statistics whose eval state is a running variance alone
 RUNNING_VAR_ONLY = {"evonormb0"}
 
@@ -105,9 +109,9 @@ def test_no_batch_stats_means_zero_mismatch_dense(norm: str) -> None:
     else:
         # measured, not assumed: the same batches through eval and train mode give identical logits
         assert out["test_error_batch_stats"] == out["test_error_ema"]
-        assert out["test_loss_batch_stats"] == out["test_loss_ema"]
-        assert out["test_loss_precise"] == out["test_loss_ema"]
-        assert out["kl_batch_vs_ema"] == 0.0
+        assert out["test_loss_batch_stats"] == pytest.approx(out["test_loss_ema"], rel=1e-6)
+        assert out["test_loss_precise"] == pytest.approx(out["test_loss_ema"], rel=1e-6)
+        assert abs(out["kl_batch_vs_ema"]) <= ROUNDING
         assert out["batch_dependence"] <= 1e-6
         assert out["ema_mean_gap"] is None and out["brn_clip_r"] is None
     assert [layer["norm"] for layer in out["layers"]] == [spec.name]
@@ -120,8 +124,8 @@ def test_no_batch_stats_means_zero_mismatch_conv(norm: str) -> None:
     _train(model, data, steps=5)
     out = run_diagnostics(model, data, batch_size=3, precise_samples=32)
     if not normzoo.get_norm(norm).uses_batch_stats:
-        assert out["kl_batch_vs_ema"] == 0.0
-        assert out["test_loss_batch_stats"] == out["test_loss_ema"]
+        assert abs(out["kl_batch_vs_ema"]) <= ROUNDING
+        assert out["test_loss_batch_stats"] == pytest.approx(out["test_loss_ema"], rel=1e-6)
         assert out["batch_dependence"] <= 1e-6
 
 
@@ -132,7 +136,7 @@ def test_weight_norm_is_found_and_has_no_mismatch(norm: str) -> None:
     _train(model, data, steps=5)
     out = run_diagnostics(model, data, batch_size=4, precise_samples=64)
     assert [layer["norm"] for layer in out["layers"]] == [normzoo.get_norm(norm).name]
-    assert out["kl_batch_vs_ema"] == 0.0
+    assert abs(out["kl_batch_vs_ema"]) <= ROUNDING
     assert out["batch_dependence"] <= 1e-6
 
 
