@@ -153,6 +153,17 @@ def _ghost_batches(
             setattr(parent, attr, module)
 
 
+def _var_mean(a: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean over ``dims``, centred two-pass: on CPU ``torch.var_mean`` over
+    strided dims is a scalar Welford loop, 3-70x slower than these sums for a (G, size, C, *S)
+    view (measured on the 2-core VM); elsewhere var_mean's one fused kernel."""
+    if a.device.type != "cpu":
+        return torch.var_mean(a, dim=dims, correction=0)
+    mean = a.mean(dims, keepdim=True)
+    var = (a - mean).square_().mean(dims)
+    return var, mean.reshape(var.shape)
+
+
 def _stats_hook(sums: dict[str, list[Any]], name: str, per_instance: bool, size: int):
     """A forward pre-hook accumulating one layer's per-batch statistics into ``sums[name]``
     (in the input's precision per batch, accumulated in float64)."""
@@ -172,7 +183,7 @@ def _stats_hook(sums: dict[str, list[Any]], name: str, per_instance: bool, size:
         a = a.reshape(a.shape[0] // size, size, *a.shape[1:])
         dims = (1, *range(3, a.dim()))
         m = math.prod(a.shape[d] for d in dims)
-        var_b, mu_b = (t.double() for t in torch.var_mean(a, dim=dims, correction=0))
+        var_b, mu_b = (t.double() for t in _var_mean(a, dims))
         s = sums.setdefault(name, [0, 0.0, 0.0])
         s[0] += m * a.shape[0]
         s[1] = s[1] + m * mu_b.sum(0)
