@@ -326,3 +326,27 @@ def test_compiled_module_matches_eager_with_the_step_schedule() -> None:
         eager.zero_grad()
         compiled_layer.zero_grad()
     assert eager.clip_fraction_r.item() + eager.clip_fraction_d.item() > 0.0
+
+
+def test_a_traced_layer_treats_r_and_d_as_constants() -> None:
+    """Under torch.jit.trace autograd differentiates the forward's tensor ops: r and d must be
+    stop-gradient there too, so the traced layer's grads equal the eager layer's (general route:
+    20000 values, limits that do not clip, where a gradient through r and d would show)."""
+    eager = _layer(rmax=3.0, dmax=5.0, schedule="none").double()
+    with torch.no_grad():
+        eager.running_mean.fill_(0.3)
+        eager.running_var.fill_(1.2)
+    layer = copy.deepcopy(eager)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, C, 500, generator=gen, dtype=torch.float64) * 2 + 0.5
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(layer, x, check_trace=False)
+    eager.load_state_dict(layer.state_dict())  # (tracing ran one training step)
+    x, dy = x.flip(0) * 0.5, torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for module in (traced, eager):
+        xi = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(module(xi), (xi, *module.parameters()), dy))
+    assert eager.clip_fraction_r.item() == 0.0 and eager.clip_fraction_d.item() == 0.0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -266,8 +266,10 @@ def _scale_and_offset(
     assert ref_var is not None and limits is not None
     rmax, dmax = limits.unbind()
     ref_invstd = torch.add(ref_var, eps).rsqrt_()
-    r_raw = torch.div(ref_invstd, invstd)  # sigma_B / sigma
-    d_raw = torch.sub(mean, ref_mean).mul_(ref_invstd)
+    # r, d are constants for the gradient (detached: where autograd differentiates this formula,
+    # under torch.jit.trace, it must not reach invstd and mean through them)
+    r_raw = torch.div(ref_invstd, invstd.detach())  # sigma_B / sigma
+    d_raw = torch.sub(mean.detach(), ref_mean).mul_(ref_invstd)
     r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
     d = torch.clamp(d_raw, dmax.neg(), dmax)
     # clamp returns its input's value exactly where it does not clip

@@ -9,7 +9,6 @@ average.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,32 +16,23 @@ from torch import Tensor, nn
 from normzoo.norms._base import (
     _RENORM_DIAGNOSTICS,
     RunningStatsMixin,
-    _batch_norm_double_backward,
-    _batch_norm_scale,
-    _graph_mode,
     _is_small,
     _normalise_with_running_stats,
     _NormBase,
-    _scale_and_offset,
-    _under_transform,
-    hand_written_backward,
     refuse_running_update_under_transform,
+)
+
+# (_batch_stats and the torch.func twin are imported here by tests: re-exported by name)
+from normzoo.norms._batch_function import _batch_norm_apply, _values_per_channel
+from normzoo.norms._batch_function import _batch_stats as _batch_stats
+from normzoo.norms._batch_function import (
+    _BatchNormFunctionForTransforms as _BatchNormFunctionForTransforms,
 )
 from normzoo.norms._ghost import check_ghost_batch_size, ghost_batch_norm
 from normzoo.norms._small import SmallBatchNorm
 from normzoo.registry import register_norm
 
 __all__ = ["RENORM_SCHEDULES", "BatchNorm", "BatchRenorm", "set_progress"]
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    """The axes a batch-statistics layer reduces over: N and every spatial dim."""
-    return [0, *range(2, x.dim())]
-
-
-def _values_per_channel(x: Tensor) -> int:
-    """m = N * prod(S), the number of values each channel's statistics are taken over."""
-    return x.numel() // x.shape[1] if x.numel() else 0
 
 
 def _check_batch(x: Tensor) -> int:
@@ -53,261 +43,6 @@ def _check_batch(x: Tensor) -> int:
             f"Expected more than 1 value per channel when training, got input size {x.size()}"
         )
     return m
-
-
-def _channel_view(t: Tensor, x: Tensor) -> Tensor:
-    """A per-channel vector (C,) shaped (C, 1, ..., 1) to broadcast against (N, C, *S)."""
-    return t.view(-1, *([1] * (x.dim() - 2)))
-
-
-def _affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """out = x * scale + shift with per-channel (C,) ``scale`` and ``shift``, written into ``out``."""
-    if x.dim() == 2 or x.stride(1) == 1:  # channels innermost in memory: addcmul vectorises
-        return torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x), out=out)
-    # NC(S) layout: addcmul with two broadcast operands takes a slow scalar loop; mul + add_ do not
-    return torch.mul(x, _channel_view(scale, x), out=out).add_(_channel_view(shift, x))
-
-
-#: One-pass sums lose about log2(1 + mean^2 / var) bits to cancellation; above this ratio in any
-#: channel the statistics are recomputed from the centred input (64: at most ~6 of 24 bits in float32).
-_CANCELLATION_LIMIT = 64.0
-
-
-def _batch_stats(x: Tensor, m: int, scratch: Tensor | None) -> tuple[Tensor, Tensor, bool]:
-    """Per-channel batch mean and biased variance of ``x`` (N, C, *S), and whether the backward pass
-    must centre ``x`` before its reductions. ``scratch`` (like x) is overwritten; None (the
-    torch.func form) takes ``torch.var_mean``.
-
-    On CPU in eager mode the fast route is two plain sums, ``sum(x)`` and ``sum(x * x)`` (torch's
-    vectorised sum is ~10x faster there than ``torch.var_mean``'s Welford loop; sum(x * x) is a
-    row-wise vector norm for contiguous (N, C, *S) input, else x * x goes into ``scratch``, the future
-    output, so no buffer is allocated for it): var = E[x^2] - E[x]^2. That
-    formula cancels when |mean| >> std, so a batch with mean^2 / var > ``_CANCELLATION_LIMIT`` in
-    any channel falls back to centred two-pass sums (the check reads one number, free on CPU).
-    Elsewhere (CUDA, ``torch.compile``, torch.func transforms) ``torch.var_mean`` is one fused, stable kernel, and the
-    backward centres x inside its fused reductions. Half-precision input is accumulated in float32.
-    (Small inputs do not come here: the modules give them to
-    :class:`~normzoo.norms._small.SmallBatchNorm`.)
-    """
-    dims = _reduce_dims(x)
-    if scratch is None or x.device.type != "cpu" or torch.compiler.is_compiling():
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        return mean, var, True
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-        scratch = torch.empty_like(x)
-    mean = x.sum(dims).div_(m)
-    if x.dim() > 2 and x.is_contiguous():  # (N*C, prod(S)) rows: a vectorised norm, no x * x pass
-        rows = torch.linalg.vector_norm(x.view(x.shape[0] * x.shape[1], -1), dim=1)
-        mean_sq_x = torch.mul(rows, rows).view(x.shape[0], -1).sum(0).div_(m)  # E[x^2]
-    else:
-        mean_sq_x = torch.mul(x, x, out=scratch).sum(dims).div_(m)
-    var = torch.addcmul(mean_sq_x, mean, mean, value=-1)
-    # var - mean^2 / L < 0  <=>  mean^2 / var > L (also catches a var < 0 from rounding)
-    if torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT).min().item() >= 0:
-        return mean, var, False
-    centred = torch.sub(x, _channel_view(mean, x), out=scratch)
-    return mean, centred.square_().sum(dims).div_(m), True
-
-
-def _batch_norm_function_double_backward(
-    ctx: Any, dy: Tensor | None, *_: Any
-) -> tuple[Tensor | None, ...]:
-    """:class:`_BatchNormFunction`'s backward under ``create_graph`` (differentiable again)."""
-    if dy is None:
-        return (None,) * 7
-    x, _, _, r, d, weight = ctx.saved_tensors
-    grads = _batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps)
-    return (*grads, None, None, None, None)
-
-
-def _batch_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    ref_mean: Tensor | None = None,
-    ref_var: Tensor | None = None,
-    limits: Tensor | None = None,
-    functional: bool = False,
-) -> tuple[tuple[Tensor, ...], Tensor, bool]:
-    """:class:`_BatchNormFunction`'s forward: its outputs, invstd and whether x was centred.
-    ``functional``: no ``out=`` and no host read (torch.func: vmap has no batching rule for
-    them, and under ``grad`` the forward runs with autograd on)."""
-    m = _values_per_channel(x)
-    y = None if functional else torch.empty_like(x)
-    mean, var, centred = _batch_stats(x, m, scratch=y)
-    invstd = torch.rsqrt(var + eps)
-    g, offset, _, _, extra = _scale_and_offset(
-        invstd, mean, weight, bias, eps, ref_mean, ref_var, limits
-    )
-    if functional:
-        y = (x - _channel_view(mean, x)) * _channel_view(g, x)
-        y = y if offset is None else y + _channel_view(offset, x)
-    elif centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
-        torch.sub(x, _channel_view(mean, x), out=y)
-        if offset is None:
-            y.mul_(_channel_view(g, x))
-        else:
-            _affine_into(y, y, g, offset)
-    else:
-        shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
-        _affine_into(y, x, g, shift)
-    assert y is not None
-    return (y, mean, var, *extra), invstd, centred
-
-
-def _save_for_batch_norm_backward(
-    ctx: Any,
-    x: Tensor,
-    weight: Tensor | None,
-    eps: float,
-    outputs: tuple[Tensor, ...],
-    invstd: Tensor,
-    centred: bool,
-) -> None:
-    """What :meth:`_BatchNormFunction.backward` reads: x, mean, invstd, r, d, gamma (g is
-    recomputed); mean, var (, r, d and the clip fractions) get no gradient."""
-    _, mean, var, *extra = outputs
-    r, d = (extra[2], extra[3]) if extra else (None, None)
-    ctx.set_materialize_grads(False)  # mean, var (, r, d) get no gradient: skip their zeros
-    ctx.centred, ctx.eps = centred, eps
-    ctx.save_for_backward(x, mean, invstd, r, d, weight)
-    ctx.mark_non_differentiable(mean, var, *extra)
-
-
-class _BatchNormFunction(torch.autograd.Function):
-    r"""Training-mode batch norm with batch statistics and a hand-derived backward.
-
-    ``apply(x, weight, bias, eps)`` returns ``(y, mean, var)``: the output and the batch mean and
-    biased variance per channel (non-differentiable, for the running statistics).
-    ``apply(x, weight, bias, eps, ref_mean, ref_var, limits)`` (Batch Renorm, ``limits`` the tensor
-    ``[rmax, dmax]``) returns ``(y, mean, var, clip_fraction_r, clip_fraction_d, r, d)``: also the
-    fractions of channels whose r resp. d was clipped, and r, d themselves (returning r and d keeps
-    torch.compile from recomputing their sqrt/rsqrt/clamp chain inside the backward's per-element
-    loop, which made it ~1.5x slower). With x_hat = (x - mean) * invstd,
-    invstd = 1 / sqrt(var + eps)::
-
-        y = gamma * x_hat + beta                                   (BatchNorm)
-        y = gamma * (x_hat * r + d) + beta                         (Batch Renorm)
-        r = clip(sqrt(var + eps) / sigma, 1/rmax, rmax),  d = clip((mean - ref_mean) / sigma, +-dmax)
-
-    with sigma = sqrt(ref_var + eps). r and d are
-    constants for the gradient (stop_gradient), so both share one backward with the effective
-    per-channel scale g = gamma * r * invstd (r = 1 for BatchNorm); sums run over N and S (m values)::
-
-        dot     = sum(dy * x_hat) = invstd * (sum(dy * x) - mean * sum(dy))
-        dbeta   = sum(dy)
-        dgamma  = r * dot + d * sum(dy)                             (dot for BatchNorm)
-        dx      = g / m * (m * dy - sum(dy) - x_hat * dot)
-                = g * dy + a * x + b,  a = -g * invstd * dot / m,  b = -g * sum(dy) / m - a * mean
-
-    The second form (one pass over x after the reductions) serves the one-pass route; where the
-    forward centred (the cancellation fallback, CUDA and ``torch.compile``) the backward centres x
-    once and computes dx = g * (dy - (sum(dy) + (x - mean) * invstd * dot) / m) in place in that
-    buffer.
-
-    Saved for backward: x and per-channel vectors (mean, invstd, gamma; r, d for Batch Renorm; the
-    backward recomputes g) -- torch's native kernel saves x and five. Memory traffic: forward two reductions and the output pass;
-    backward two reductions and the dx passes; one large buffer allocated per direction (the output
-    buffer doubles as scratch for x * x and dy * x). Under ``create_graph`` the backward
-    differentiates the same formula with autograd instead, so the grads are differentiable again
-    (gamma is saved for that).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        ref_mean: Tensor | None = None,
-        ref_var: Tensor | None = None,
-        limits: Tensor | None = None,
-    ) -> tuple[Tensor, ...]:
-        outputs, invstd, centred = _batch_norm_forward(
-            x, weight, bias, eps, ref_mean, ref_var, limits
-        )
-        _save_for_batch_norm_backward(ctx, x, weight, eps, outputs, invstd, centred)
-        return outputs
-
-    @staticmethod
-    @hand_written_backward(_batch_norm_function_double_backward)
-    def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        if dy is None:  # grads are not materialised: y did not take part in the loss
-            return (None,) * 7
-        x, mean, invstd, r, d, weight = ctx.saved_tensors
-        g = _batch_norm_scale(invstd, weight, r)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dims = _reduce_dims(x)
-        k = -1.0 / _values_per_channel(x)
-        sum_dy = dy.sum(dims)
-        dx = dweight = None
-        if ctx.centred and (need_x or need_w):
-            xc = x - _channel_view(mean, x)  # becomes dx
-            dot = torch.mul(dy, xc).sum(dims).mul_(invstd)
-            if need_w:
-                dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
-            if need_x:  # dx = g * (dy + k * (sum_dy + (x - mean) * invstd * dot)): five ops
-                t = xc.mul_(_channel_view(invstd * dot, x)).add_(_channel_view(sum_dy, x))
-                # (no out= under torch.compile: dynamo rejects a non-contiguous out; nor vmap)
-                out = None if _graph_mode() else t
-                dx = torch.add(dy, t, alpha=k, out=out).mul_(_channel_view(g, x))
-        elif need_x or need_w:
-            buf = torch.empty_like(x)  # first holds dy * x, then becomes dx
-            dot = torch.mul(dy, x, out=buf).sum(dims)
-            dot = torch.addcmul(dot, mean, sum_dy, value=-1).mul_(invstd)
-            if need_w:
-                dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
-            if need_x:
-                a = (g * invstd).mul_(dot).mul_(k)
-                b = (g * sum_dy).mul_(k).addcmul_(a, mean, value=-1)
-                dx = _affine_into(buf, x, a, b).addcmul_(dy, _channel_view(g, x))
-        return dx, dweight, sum_dy if need_b else None, None, None, None, None
-
-
-class _BatchNormFunctionForTransforms(_BatchNormFunction):
-    """:class:`_BatchNormFunction` in the ``forward`` + ``setup_context`` form that torch.func
-    transforms need (a generated vmap rule: there the forward is plain tensor ops), with invstd
-    and the centring flag as two more outputs; the backward is the same hand-derived one. Eager
-    calls keep the ctx form: torch binds a ``setup_context`` Function's signature with
-    ``inspect`` on every call (~35 us more per forward + backward, measured on the 2-core VM)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        ref_mean: Tensor | None = None,
-        ref_var: Tensor | None = None,
-        limits: Tensor | None = None,
-    ) -> tuple[Any, ...]:
-        outputs, invstd, centred = _batch_norm_forward(
-            x, weight, bias, eps, ref_mean, ref_var, limits, functional=True
-        )
-        return (*outputs, invstd, centred)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
-        x, weight, _, eps = inputs[:4]
-        *outputs, invstd, centred = output
-        _save_for_batch_norm_backward(ctx, x, weight, eps, tuple(outputs), invstd, centred)
-        ctx.mark_non_differentiable(*outputs[1:], invstd)  # (a superset of the call above's)
-
-
-def _batch_norm_apply(*args: Any) -> tuple[Tensor, ...]:
-    """``_BatchNormFunction.apply(*args)``, through its torch.func form inside a transform; its
-    forward's tensor ops alone under ``torch.jit.trace`` and the legacy ONNX exporter (a traced
-    graph of aten ops saves, loads and exports; autograd differentiates them)."""
-    if torch.jit.is_tracing():
-        return _batch_norm_forward(*args, functional=True)[0]
-    if _under_transform():
-        return _BatchNormFunctionForTransforms.apply(*args)[:-2]  # type: ignore[no-any-return]
-    return _BatchNormFunction.apply(*args)  # type: ignore[no-any-return]
 
 
 @register_norm(

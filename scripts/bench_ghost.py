@@ -1,0 +1,281 @@
+"""Ghost batches on CPU: the current code vs the composed formulas it replaced, forward + backward.
+
+``ghost_batch_norm`` (BatchNorm / Batch Renorm over ghost batches: plain BatchNorm over (ghost
+batch, channel) pairs) against a verbatim copy of the formula before it (var_mean and autograd on
+the (K, G, C, *S) views), and ``batch_moments`` (mean-only BN, BatchInstanceNorm, SwitchableNorm)
+against its var_mean form. One process, float32, one thread, the two sides interleaved (the order
+alternating), medians of ``--repeats`` timed calls; also the max absolute difference of the outputs
+and the grads (input, gamma, beta) in float32 and float64. Writes markdown to ``--out``. From the
+checkout's root (``-m``: the checkout's own normzoo, which the script checks)::
+
+    python -m scripts.bench_ghost
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from normzoo.files import write_text_atomic
+from normzoo.markdown import md_table
+from normzoo.norms._ghost import (
+    batch_moments,
+    check_ghost_values,
+    ghost_batch_norm,
+    ghost_dims,
+    pooled_ghost_stats,
+)
+from normzoo.provenance import cpu_model, git_dirty, git_revision, now_utc, source_root
+
+#: one model's layer inputs in the default study, and a stack of models trained as one (K * C)
+SHAPES = [(32, 16, 8, 8), (32, 32, 4, 4), (32, 32, 2, 2), (32, 128)]
+STACKED = [(32, 480, 8, 8), (32, 960, 4, 4), (32, 960, 2, 2), (32, 3840)]
+GHOSTS = (2, 8)
+EPS = 1e-5
+
+
+def ghost_views(x: Tensor, size: int) -> list[Tensor]:
+    """``normzoo.norms._ghost.ghost_views`` at 867afca, verbatim (it sliced x even when G divides
+    N)."""
+    n = x.shape[0]
+    full = (n // size) * size
+    views = []
+    if full:
+        views.append(x[:full].reshape(n // size, size, *x.shape[1:]))
+    if n > full:
+        views.append(x[full:].unsqueeze(0))
+    return views
+
+
+def composed_ghost_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    size: int,
+    moving: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """``ghost_batch_norm`` before the pairs path (normzoo 867afca), verbatim."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    outs, means, variances, counts, corrections = [], [], [], [], []
+    for view in ghost_views(xf, size):
+        counts.append(check_ghost_values(view, x))
+        var, mean = torch.var_mean(view, dim=ghost_dims(view), correction=0, keepdim=True)
+        z = (view - mean) * torch.rsqrt(var + eps)  # (K, G, C, *S)
+        if moving is not None:
+            r, d, clipped = _renorm_correction(mean, var, eps, moving)
+            z = z * r + d
+            corrections.append((r, d, clipped))
+        outs.append(z.reshape(-1, *x.shape[1:]))
+        means.append(mean.reshape(mean.shape[0], -1).detach())  # (K, C)
+        variances.append(var.reshape(var.shape[0], -1).detach())
+    z = torch.cat(outs) if len(outs) > 1 else outs[0]
+    view = (-1,) + (1,) * (x.dim() - 2)
+    y = z if weight is None else z * weight.view(view)
+    y = y if bias is None else y + bias.view(view)
+    mean, var = pooled_ghost_stats(means, variances, counts)
+    extra: tuple[Tensor, ...] = ()
+    if corrections:
+        c = x.shape[1]
+        r = torch.cat([t[0].reshape(-1, c) for t in corrections])  # (K_total, C)
+        d = torch.cat([t[1].reshape(-1, c) for t in corrections])
+        clip_r, clip_d = torch.cat([t[2].reshape(-1, c, 2) for t in corrections]).mean((0, 1))
+        extra = (clip_r, clip_d, r.mean(0), d.mean(0))
+    return y.to(x.dtype), mean, var, extra
+
+
+def _renorm_correction(
+    mean: Tensor, var: Tensor, eps: float, moving: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    ref_mean, ref_var, limits = moving
+    shape = (1, 1, -1) + (1,) * (mean.dim() - 3)
+    ref_invstd = torch.rsqrt(ref_var.to(mean.dtype) + eps).view(shape)
+    rmax, dmax = limits.to(mean.dtype).unbind()
+    r_raw = torch.sqrt(var.detach() + eps) * ref_invstd
+    d_raw = (mean.detach() - ref_mean.to(mean.dtype).view(shape)) * ref_invstd
+    r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
+    d = torch.clamp(d_raw, -dmax, dmax)
+    clipped = torch.stack([torch.ne(r, r_raw), torch.ne(d, d_raw)], -1).to(mean.dtype)
+    return r, d, clipped
+
+
+def var_mean_batch_moments(x: Tensor, size: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``batch_moments`` with ``torch.var_mean`` on the views (normzoo 867afca), verbatim."""
+    views = ghost_views(x, x.shape[0] if size is None else size)
+    means, variances, counts, per_sample_mean, per_sample_var = [], [], [], [], []
+    for view in views:
+        counts.append(check_ghost_values(view, x))
+        var, mean = torch.var_mean(view, dim=ghost_dims(view), correction=0, keepdim=True)
+        shape = (-1, *mean.shape[2:])  # (K, 1, C, 1..) -> one row per sample
+        per_sample_mean.append(mean.expand(-1, view.shape[1], *mean.shape[2:]).reshape(shape))
+        per_sample_var.append(var.expand(-1, view.shape[1], *var.shape[2:]).reshape(shape))
+        means.append(mean.reshape(mean.shape[0], -1).detach())
+        variances.append(var.reshape(var.shape[0], -1).detach())
+    mean_target, var_target = pooled_ghost_stats(means, variances, counts)
+    mean = torch.cat(per_sample_mean) if len(views) > 1 else per_sample_mean[0]
+    var = torch.cat(per_sample_var) if len(views) > 1 else per_sample_var[0]
+    return mean, var, mean_target, var_target
+
+
+Step = Callable[[], list[Tensor]]
+
+
+def norm_step(fn: Callable, x: Tensor, size: int, renorm: bool) -> Step:
+    """One forward + backward of ``fn`` (a ghost_batch_norm) on x; returns y and the grads."""
+    c = x.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.rand(c, generator=gen, dtype=x.dtype) + 0.5
+    bias = torch.randn(c, generator=gen, dtype=x.dtype)
+    dy = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    moving = None
+    if renorm:  # moving statistics off the batches' and limits that clip part of the pairs
+        ref_mean = torch.randn(c, generator=gen, dtype=x.dtype) * 0.2 + 1
+        ref_var = torch.rand(c, generator=gen, dtype=x.dtype) * 4 + 2
+        moving = (ref_mean, ref_var, torch.tensor([1.2, 0.3], dtype=x.dtype))
+
+    def step() -> list[Tensor]:
+        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        y = fn(*inputs, EPS, size, moving)[0]
+        y.backward(dy)
+        return [y.detach(), *(t.grad for t in inputs)]
+
+    return step
+
+
+def moments_step(fn: Callable, x: Tensor, size: int) -> Step:
+    """One forward + backward of ``fn`` (a batch_moments); the loss weighs its mean and var."""
+    gen = torch.Generator().manual_seed(2)
+    shape = (x.shape[0], x.shape[1], *[1] * (x.dim() - 2))
+    a, b = (torch.randn(shape, generator=gen, dtype=x.dtype) for _ in range(2))
+
+    def step() -> list[Tensor]:
+        inp = x.clone().requires_grad_(True)
+        mean, var, _, _ = fn(inp, size)
+        (mean * a + var * b).sum().backward()
+        return [mean.detach(), var.detach(), inp.grad]
+
+    return step
+
+
+def timed(step: Step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def compare(old: Step, new: Step, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``old`` and ``new``, interleaved (order alternating), after a warm-up."""
+    for _ in range(3):
+        old(), new()
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(repeats):
+        for side in (0, 1) if r % 2 == 0 else (1, 0):
+            times[side].append(timed((old, new)[side]))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def max_diff(old: Step, new: Step) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(old(), new(), strict=True))
+
+
+def row(
+    shape: tuple[int, ...], size: int, label: str, make: Callable, fns: tuple, repeats: int
+) -> list:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    old, new = make(fns[0], x), make(fns[1], x)
+    t_old, t_new = compare(old, new, repeats)
+    diff64 = max_diff(make(fns[0], x.double()), make(fns[1], x.double()))
+    return [
+        "x".join(map(str, shape)),
+        size,
+        label,
+        f"{t_old * 1e3:.2f}",
+        f"{t_new * 1e3:.2f}",
+        f"{t_old / t_new:.2f}x",
+        f"{max_diff(old, new):.1e}",
+        f"{diff64:.1e}",
+    ]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--repeats", type=int, default=21)
+    p.add_argument("--out", default="reports/bench/ghost_fast_path.md")
+    args = p.parse_args()
+    here = Path(__file__).resolve().parents[1]
+    if source_root() != here:
+        p.error(
+            f"normzoo is imported from {source_root()}, not {here}: run python -m scripts.bench_ghost there"
+        )
+    torch.set_num_threads(1)
+    load = os.getloadavg()[0]
+    norm_rows, moment_rows = [], []
+    for shape in SHAPES + STACKED:
+        for size in GHOSTS:
+            for label, renorm in (("BN", False), ("BRN", True)):
+                make = functools.partial(norm_step, size=size, renorm=renorm)
+                fns = (composed_ghost_batch_norm, ghost_batch_norm)
+                norm_rows.append(row(shape, size, label, make, fns, args.repeats))
+                print(*norm_rows[-1], flush=True)
+            make = functools.partial(moments_step, size=size)
+            fns = (var_mean_batch_moments, batch_moments)
+            moment_rows.append(row(shape, size, "moments", make, fns, args.repeats))
+            print(*moment_rows[-1], flush=True)
+    header = ["input", "ghost", "layer", "before ms", "now ms", "speed-up", "max diff f32",
+              "max diff f64"]  # fmt: skip
+    dirty = git_dirty()
+    text = "\n".join(
+        [
+            "# Ghost batches on CPU: forward + backward, before and now",
+            "",
+            f"`python -m scripts.bench_ghost --repeats {args.repeats}`, {now_utc()}, revision "
+            f"{git_revision(short=True)}{' (dirty: ' + ', '.join(dirty) + ')' if dirty else ''}, "
+            f"torch {torch.__version__}, {cpu_model()}, 1 thread, float32; load average "
+            f"{load:.2f} at the start (a shared 2-core VM: medians, not minima, and the ratios "
+            "move by ~10% between runs).",
+            "",
+            "One process; each row times the two sides interleaved (order alternating) and gives "
+            "the medians of the timed calls (one forward + backward each, from a clone of x with "
+            "requires_grad). The first four inputs are the default study's layer inputs of one "
+            "model (batch 32), the last four a stack of models trained as one (K * C channels). "
+            "max diff: the largest absolute difference of the outputs and the grads between the "
+            "two sides (x ~ N(1, 4)).",
+            "",
+            "## ghost_batch_norm: BatchNorm (BN) and Batch Renorm (BRN)",
+            "",
+            "Before: var_mean and autograd on the (K, G, C, *S) views (normzoo 867afca, copied into "
+            "the script with the ghost_views of then). Now: plain BatchNorm's Function over the "
+            "(ghost batch, channel) pairs (`normzoo.norms._ghost`). Grads: x, gamma, beta; Batch "
+            "Renorm with limits (1.2, 0.3) that clip part of the pairs. At ghost size 2 on "
+            "(32, 128), (32, 960, 2, 2) and (32, 3840) (2 to 8 values per pair) some pair has "
+            "mean^2 / var > 64, so the Function takes its centred fallback (one more pass each "
+            "way); the smallest inputs pay the Function's fixed per-call cost.",
+            "",
+            md_table(header, norm_rows),
+            "",
+            "## batch_moments (mean-only BN, BatchInstanceNorm, SwitchableNorm)",
+            "",
+            "Before: var_mean on the views (867afca, with its ghost_views). Now: centred two-pass "
+            "moments (`normzoo.norms._ghost.batch_moments`). "
+            "Loss: sum(mean * a + var * b) over the per-sample (N, C, 1..) moments, so the time is "
+            "the moments' alone; max diff over mean, var and the grad of x.",
+            "",
+            md_table(header, moment_rows),
+            "",
+        ]
+    )
+    write_text_atomic(Path(args.out), text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
