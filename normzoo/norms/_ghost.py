@@ -23,8 +23,8 @@ Renorm's moving statistics) repeated K times; BatchNorm's hand-derived autograd 
 (``normzoo.norms._batch_function``) normalises it in one call (autograd sums the repeated
 parameters' grads back), and a smaller last ghost batch in a second call of its own. Measured on
 CPU (``reports/bench/ghost_fast_path.md``), forward + backward against var_mean and autograd on a
-(K, G, C, *S) view: 1.7-5x faster for stacked models (K * C in the thousands), 0.8-1.5x for one
-model's small inputs (where each op costs its dispatch, and the Function has more of them).
+(K, G, C, *S) view: 1.8-5.3x faster for stacked models (K * C in the thousands), 0.9-1.6x for
+one model's small inputs (where each op costs its dispatch, and the Function has more of them).
 The autograd layers' :func:`batch_moments` take the (K, G, C, *S) view.
 """
 
