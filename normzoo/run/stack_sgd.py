@@ -31,6 +31,14 @@ class StackedSGD:
                 idx = torch.arange(slot.first, slot.first + slot.count, device=p.device)
                 self.params.append(p)
                 self.member_of.append(idx.repeat_interleave(rows_per_member))
+        self.members_per_param = [slot.count for slot in slots for _ in slot.module.parameters()]
+        self.row_member = torch.cat(
+            [
+                torch.arange(slot.first, slot.first + slot.count)
+                for slot in slots
+                for _ in slot.module.parameters()
+            ]
+        ).to(self.params[0].device if self.params else "cpu")
         self.shapes = [(-1,) + (1,) * (p.dim() - 1) for p in self.params]
         self.bufs = [torch.zeros_like(p) for p in self.params]
         self.k = k
@@ -48,9 +56,11 @@ class StackedSGD:
     def clip_(self, max_norm: float) -> None:
         """``clip_grad_norm_`` per member: coef = min(max_norm / (||g_k|| + 1e-6), 1)."""
         grads = [p.grad for p in self.params]
+        # one row norm per (param, member) and one index_add for all: 3x fewer ops than per param
+        rows = [torch.linalg.vector_norm(g.view(n, -1), dim=1) for g, n in
+                zip(grads, self.members_per_param, strict=True)]  # fmt: skip
         sq = torch.zeros(self.k, device=grads[0].device)
-        for g, idx in zip(grads, self.member_of, strict=True):
-            sq.index_add_(0, idx, g.view(g.shape[0], -1).pow(2).sum(1))
+        sq.index_add_(0, self.row_member, torch.cat(rows).square_())
         coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, self._per_param(coef))
 
