@@ -63,7 +63,12 @@ def assert_same(derived: DictConfig, fresh: DictConfig, job: list[str]) -> None:
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_job_of_a_study_derives_its_fresh_sweep_config(loader, study: str) -> None:
     cfg = master(loader, f"experiment={study}")
-    job_list = grid(cfg)
+    # every third job (all 100 of digits took 20 s of the suite): each cell of the grid but its
+    # seed is still derived at least once, most of them from a template made for an earlier job
+    full = grid(cfg)
+    job_list = full[::3]
+    cells = {tuple(o for o in job if not o.startswith("seed=")) for job in job_list}
+    assert cells == {tuple(o for o in job if not o.startswith("seed=")) for job in full}
     composer = SweepComposer(loader, cfg)
     for job in job_list:
         assert_same(composer.load_sweep_config(job), loader.load_sweep_config(cfg, job), job)
