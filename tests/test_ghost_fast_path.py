@@ -1,6 +1,6 @@
 """Ghost BatchNorm / Batch Renorm as plain BatchNorm over (ghost batch, channel) pairs
 (``normzoo.norms._ghost.ghost_batch_norm``) equals the composed formula it replaced: var_mean and
-autograd on the (K, G, C, *S) views, copied below as the reference. Outputs, the grads of the input
+autograd on the (K, G, C, *S) views (``normzoo.testing.ghost_reference``). Outputs, the grads of the input
 and the parameters, the running statistics over a few steps and Batch Renorm's diagnostics."""
 
 from __future__ import annotations
@@ -15,62 +15,10 @@ from torch import Tensor
 import normzoo
 import normzoo.norms._ghost as ghost
 import normzoo.norms.batch as batch
-from normzoo.norms._ghost import check_ghost_values, ghost_dims, ghost_views, pooled_ghost_stats
+from normzoo.testing.ghost_reference import composed_ghost_batch_norm
 
 C = 3
 STEPS = 3
-
-
-def composed_ghost_batch_norm(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    size: int,
-    moving: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
-    """The ghost-batch formula before the fast path (normzoo 867afca), verbatim."""
-    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    outs, means, variances, counts, corrections = [], [], [], [], []
-    for view in ghost_views(xf, size):
-        counts.append(check_ghost_values(view, x))
-        var, mean = torch.var_mean(view, dim=ghost_dims(view), correction=0, keepdim=True)
-        z = (view - mean) * torch.rsqrt(var + eps)  # (K, G, C, *S)
-        if moving is not None:
-            r, d, clipped = _renorm_correction(mean, var, eps, moving)
-            z = z * r + d
-            corrections.append((r, d, clipped))
-        outs.append(z.reshape(-1, *x.shape[1:]))
-        means.append(mean.reshape(mean.shape[0], -1).detach())  # (K, C)
-        variances.append(var.reshape(var.shape[0], -1).detach())
-    z = torch.cat(outs) if len(outs) > 1 else outs[0]
-    view = (-1,) + (1,) * (x.dim() - 2)
-    y = z if weight is None else z * weight.view(view)
-    y = y if bias is None else y + bias.view(view)
-    mean, var = pooled_ghost_stats(means, variances, counts)
-    extra: tuple[Tensor, ...] = ()
-    if corrections:
-        c = x.shape[1]
-        r = torch.cat([t[0].reshape(-1, c) for t in corrections])  # (K_total, C)
-        d = torch.cat([t[1].reshape(-1, c) for t in corrections])
-        clip_r, clip_d = torch.cat([t[2].reshape(-1, c, 2) for t in corrections]).mean((0, 1))
-        extra = (clip_r, clip_d, r.mean(0), d.mean(0))
-    return y.to(x.dtype), mean, var, extra
-
-
-def _renorm_correction(
-    mean: Tensor, var: Tensor, eps: float, moving: tuple[Tensor, Tensor, Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
-    ref_mean, ref_var, limits = moving
-    shape = (1, 1, -1) + (1,) * (mean.dim() - 3)
-    ref_invstd = torch.rsqrt(ref_var.to(mean.dtype) + eps).view(shape)
-    rmax, dmax = limits.to(mean.dtype).unbind()
-    r_raw = torch.sqrt(var.detach() + eps) * ref_invstd
-    d_raw = (mean.detach() - ref_mean.to(mean.dtype).view(shape)) * ref_invstd
-    r = torch.clamp(r_raw, rmax.reciprocal(), rmax)
-    d = torch.clamp(d_raw, -dmax, dmax)
-    clipped = torch.stack([torch.ne(r, r_raw), torch.ne(d, d_raw)], -1).to(mean.dtype)
-    return r, d, clipped
 
 
 #: Batch Renorm with limits that clip some (ghost batch, channel) pairs, not all
