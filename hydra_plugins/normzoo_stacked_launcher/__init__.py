@@ -10,9 +10,9 @@ dir (``hydra.sweep.dir``/``subdir``) with ``.hydra/`` (config, hydra config, ove
 ``train.log``, ``metrics.json`` and files, resume (finished members drop out of a stack), and the
 sweep callbacks (``on_job_start``/``on_job_end`` per job: ``SweepGuard``'s progress lines and
 summary). A member's progress line comes as soon as its record is written, and its seconds
-count from the previous member's end (the first member's: the stack's build and training). A stack's sweep configs are composed once
-per set of config-group choices and derived for each job (:mod:`.compose_once`), equal to what
-``load_sweep_config`` composes for it.
+count from the previous member's end (the first member's: the stack's build and training). A
+stack's sweep configs are composed once per set of config-group choices and derived for each job
+(:mod:`.compose_once`), equal to what ``load_sweep_config`` composes for it.
 """
 
 import copy
@@ -239,9 +239,8 @@ def _train_group(members: list[_Job], train_stacked, run, end) -> None:
 
     def done(i: int, result: dict[str, Any]) -> None:
         members[i].ret.return_value, members[i].ret.status = result, JobStatus.COMPLETED
-        if all(
-            j.ret.status == JobStatus.COMPLETED for j in members
-        ):  # (while the console is quiet)
+        # the last member: logged before its end restores the console, so the line stays quiet
+        if all(j.ret.status == JobStatus.COMPLETED for j in members):
             log.info("stack of %d runs done in %.1fs", len(members), time.perf_counter() - since)
         end(members[i])
 

@@ -25,20 +25,17 @@ class StackedSGD:
     def __init__(self, slots: Sequence[Slot], cfg_optim: DictConfig, k: int) -> None:
         self.params: list[Tensor] = []
         self.member_of: list[Tensor] = []  # per param: the member of each leading row
+        self.members_per_param: list[int] = []  # per param: its members (clip's row norms)
+        members: list[Tensor] = []  # per param: those members, in row order
         for slot in slots:
             for p in slot.module.parameters():
                 rows_per_member = p.shape[0] // slot.count
                 idx = torch.arange(slot.first, slot.first + slot.count, device=p.device)
                 self.params.append(p)
                 self.member_of.append(idx.repeat_interleave(rows_per_member))
-        self.members_per_param = [slot.count for slot in slots for _ in slot.module.parameters()]
-        self.row_member = torch.cat(
-            [
-                torch.arange(slot.first, slot.first + slot.count)
-                for slot in slots
-                for _ in slot.module.parameters()
-            ]
-        ).to(self.params[0].device if self.params else "cpu")
+                self.members_per_param.append(slot.count)
+                members.append(idx)
+        self.row_member = torch.cat(members)  # the member of each clip row norm, all params
         self.shapes = [(-1,) + (1,) * (p.dim() - 1) for p in self.params]
         self.bufs = [torch.zeros_like(p) for p in self.params]
         self.k = k
