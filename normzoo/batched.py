@@ -6,7 +6,7 @@ few forwards instead of N / size at small batches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,7 @@ __all__ = [
     "GROUPED_SAMPLES",
     "batch_stat_logits",
     "batched_logits",
+    "cached_test_logits",
     "ghost_sizes",
     "grouped_forward",
 ]
@@ -51,6 +52,28 @@ def batched_logits(
         out[idx[:k]] = logits
     assert out is not None
     return out
+
+
+def cached_test_logits(
+    cache: dict | None,
+    statistics: object,
+    seed: int,
+    eval_batch: int,
+    compute: Callable[[], Tensor],
+) -> Tensor:
+    """Eval-mode test logits under ``statistics`` (``"ema"``, or the PreciseBN statistics object
+    a population cache returned) in the shuffled order of ``seed`` and batches of ``eval_batch``:
+    ``compute()`` once per cache. The diagnostics and the inference panel of one trained model ask
+    for the same ones (EMA twice, AdaBN's EMA side, PreciseBN at a shared count): the same forwards
+    on the same batches, so the cached logits are bitwise what a second pass gives. A statistics
+    object is keyed by its id, which stays valid because the same cache holds that object."""
+    if cache is None:
+        return compute()
+    key = ("test_logits", statistics if isinstance(statistics, str) else id(statistics), seed,
+           eval_batch)  # fmt: skip
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 #: samples per forward when many batches go through together (rounded down to whole batches)

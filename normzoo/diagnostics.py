@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normzoo import batched
-from normzoo.batched import batch_stat_logits, batched_logits, grouped_forward
+from normzoo.batched import batch_stat_logits, batched_logits, cached_test_logits, grouped_forward
 from normzoo.layers import (
     NormLayer,
     VolatileState,
@@ -240,6 +240,8 @@ def _ema_and_batch_stats(
     order: Tensor,
     sizes: tuple[int, int],
     volatile: VolatileState,
+    seed: int,
+    cache: dict | None,
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Eval mode (EMA statistics) against batch statistics on the same shuffled test batches:
     their errors, losses and the mean KL between the two predictive distributions. ``sizes``:
@@ -247,7 +249,9 @@ def _ema_and_batch_stats(
     x, y = data.test_x, data.test_y
     result: dict[str, Any] = {}
     set_norm_mode(model, layers, norm_training=False)
-    ema_logits = batched_logits(model, x, order, sizes[0], volatile)
+    ema_logits = cached_test_logits(
+        cache, "ema", seed, sizes[0], lambda: batched_logits(model, x, order, sizes[0], volatile)
+    )
     result["test_error_ema"], result["test_loss_ema"] = error_and_loss(ema_logits, y)
     set_norm_mode(model, layers, norm_training=True)
     batch_logits = batch_stat_logits(model, layers, x, order, sizes[1], volatile)
@@ -286,7 +290,9 @@ def _precise(
     gaps = {layer.name: _gaps(layer, *pop[layer.name][:2]) for layer in running}
     with precise_statistics(model, pop, layers):
         set_norm_mode(model, layers, norm_training=False)
-        logits = batched_logits(model, data.test_x, order, eval_batch, None)
+        logits = cached_test_logits(cache, pop, seed, eval_batch,
+                                    lambda: batched_logits(model, data.test_x, order, eval_batch,
+                                                           None))  # fmt: skip
     result: dict[str, Any] = {}
     batch = min(batch_size, data.train_x.shape[0])
     result["precise_samples"] = math.ceil(precise_samples / batch) * batch
@@ -385,7 +391,8 @@ def run_diagnostics(
             ``batch_size``): ``variance_shift`` in each batch-statistics layer's row, their mean
             as ``variance_shift_mean`` (None without batch-statistics layers).
         population_cache: shared with :func:`normzoo.inference.inference_panel` of the same
-            trained model (``cache`` of :func:`normzoo.precise_bn.population_stats`).
+            trained model (``cache`` of :func:`normzoo.precise_bn.population_stats`; it also
+            keeps the eval-mode test logits both ask for, :func:`normzoo.batched.cached_test_logits`).
 
     Returns:
         A JSON-serialisable dict (floats, ints, None, a list of per-layer dicts).
@@ -402,7 +409,7 @@ def run_diagnostics(
 
     with preserved_state(model, layers) as volatile:
         result, ema_logits, batch_logits = _ema_and_batch_stats(
-            model, layers, data, order, sizes, volatile
+            model, layers, data, order, sizes, volatile, seed, population_cache
         )
         gaps: dict[str, tuple[float, float]] = {}
         precise_logits = ema_logits  # nothing to recompute: eval mode is already "precise"

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normzoo.batched import batch_stat_logits, batched_logits
+from normzoo.batched import batch_stat_logits, batched_logits, cached_test_logits
 from normzoo.diagnostics import error_and_loss
 from normzoo.layers import (
     NormLayer,
@@ -106,7 +106,9 @@ def _precise_rows(
         )
         with precise_statistics(model, pop, layers):
             set_norm_mode(model, layers, norm_training=False)
-            logits = batched_logits(model, data.test_x, order, eval_batch, None)
+            logits = cached_test_logits(cache, pop, seed, eval_batch,
+                                        lambda: batched_logits(model, data.test_x, order,
+                                                               eval_batch, None))  # fmt: skip
         used = math.ceil(count / size) * size
         rows.append(_row("precise", logits, data.test_y, requested_samples=requested, samples=used))
     return rows
@@ -121,14 +123,17 @@ def _adabn_rows(
     sizes: tuple[int, int],
     seed: int,
     suffix: str,
+    cache: dict | None = None,
 ) -> list[dict[str, Any]]:
     """``ema<suffix>`` on ``x`` and, with statistics to re-estimate, ``adabn<suffix>``: eval mode
     after :func:`~normzoo.precise_bn.adapt_bn` on ``x`` itself (batches of the training batch
     size, all of ``x`` once), with the per-sample discordance against the EMA (McNemar's counts).
-    ``sizes``: (eval-mode batch size, training batch size)."""
+    ``sizes``: (eval-mode batch size, training batch size); ``cache``: the test set's EMA logits
+    (only for ``x`` the test set itself)."""
     eval_batch, batch_size = sizes
     set_norm_mode(model, layers, norm_training=False)
-    ema = batched_logits(model, x, order, eval_batch, None)
+    ema = cached_test_logits(cache, "ema", seed, eval_batch,
+                             lambda: batched_logits(model, x, order, eval_batch, None))  # fmt: skip
     rows = [_row("ema" + suffix, ema, y)] if suffix else []
     if not any(has_population_stats(layer) for layer in layers):
         return rows
@@ -173,7 +178,8 @@ def inference_panel(
             :func:`normzoo.diagnostics.run_diagnostics`: their outputs do not depend on the batch,
             so fewer, larger batches; ignored where a layer has no running statistics.
         population_cache: shared with :func:`normzoo.diagnostics.run_diagnostics` of the same
-            trained model, so a PreciseBN count both ask for is computed once.
+            trained model, so a PreciseBN count both ask for is computed once, and the test
+            logits both take with the EMA and with it (:func:`normzoo.batched.cached_test_logits`).
 
     Returns:
         Rows ``{"statistics": "ema" | "precise" | "batch" | "adabn" | "ema_shifted" |
@@ -199,12 +205,14 @@ def inference_panel(
     sizes = (eval_batch, batch_size)
     with preserved_state(model, layers) as volatile:
         set_norm_mode(model, layers, norm_training=False)
-        rows = [_row("ema", batched_logits(model, x, order, eval_batch, volatile), y)]
+        ema = cached_test_logits(population_cache, "ema", seed, eval_batch,
+                                 lambda: batched_logits(model, x, order, eval_batch, volatile))  # fmt: skip
+        rows = [_row("ema", ema, y)]
         if any(has_population_stats(layer) for layer in layers):
             rows += _precise_rows(
                 model, layers, data, order, sizes, precise_counts, seed, population_cache
             )
-        rows += _adabn_rows(model, layers, x, y, order, sizes, seed, "")
+        rows += _adabn_rows(model, layers, x, y, order, sizes, seed, "", population_cache)
         shifted = shifted_view(x, seed)
         rows += _adabn_rows(model, layers, shifted, y, order, sizes, seed, "_shifted")
         set_norm_mode(model, layers, norm_training=True)

@@ -223,11 +223,23 @@ def test_a_shared_population_cache_changes_no_number_and_computes_a_count_once()
     cache: dict = {}
     diag = run_diagnostics(model, data, batch_size=8, precise_samples=64, seed=4,
                            population_cache=cache)  # fmt: skip
-    assert list(cache) == [(64, 8, 5)]  # (samples, batch, seed + 1)
+    assert sorted(k for k in cache if k[0] != "test_logits") == [(64, 8, 5)]  # (samples, batch, seed + 1)
     first = cache[(64, 8, 5)]
+    logits = {k for k in cache if k[0] == "test_logits"}
+    assert len(logits) == 2  # the EMA's and PreciseBN-64's test logits
+    calls = [0]  # the model's forwards
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     shared = inference_panel(
         model, data, batch_size=8, precise_counts=(16, 64), seed=4, population_cache=cache
     )
-    assert sorted(cache) == [(16, 8, 5), (64, 8, 5)] and cache[(64, 8, 5)] is first
+    with_cache, calls[0] = calls[0], 0
+    inference_panel(model, data, batch_size=8, precise_counts=(16, 64), seed=4)
+    # from the cache: three test passes (the EMA, AdaBN's EMA side, PreciseBN-64's) and the one
+    # grouped forward of PreciseBN-64's 64 training samples
+    assert calls[0] - with_cache == 3 * math.ceil(len(data.test_y) / 8) + 1
+    assert sorted(k for k in cache if k[0] != "test_logits") == [(16, 8, 5), (64, 8, 5)]
+    assert cache[(64, 8, 5)] is first
     assert shared == plain
     assert _rows(shared, "precise")[1]["test_loss"] == diag["test_loss_precise"]
+    assert _rows(shared, "ema")[0]["test_loss"] == diag["test_loss_ema"]
+
