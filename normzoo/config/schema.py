@@ -181,6 +181,9 @@ class TrainConf:
     into the run dir at the end of every epoch and continues from it when the run is started again;
     ``auto`` does so for long runs only (not on digits / digits_hard, or more than
     ``normzoo.train.AUTO_CHECKPOINT_STEPS`` optimizer steps); ``false`` never.
+    ``compile``: ``true`` trains the forward through ``torch.compile``; ``auto`` does so for runs
+    of at least ``normzoo.run.loop.AUTO_COMPILE_STEPS`` optimizer steps (where the compile time
+    pays, measured: reports/bench/compile_rule.md); ``false`` never.
     ``steps`` > 0: exactly that many optimizer steps (as many epochs as needed, the last one
     partial; ``epochs`` is then ignored); 0: ``epochs`` whole epochs.
     ``keep_predictions`` / ``keep_model``: an ok run writes ``predictions.npz`` / ``model.pt``.
@@ -193,7 +196,7 @@ class TrainConf:
     final_lr_fraction: float = 0.0
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
-    compile: bool = False
+    compile: Any = False  # false | true | auto (a bool or the string: checked by validate)
     deterministic: bool = True
     check_every: int = 0
     mkldnn: str = "auto"

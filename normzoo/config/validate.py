@@ -90,6 +90,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.check_every": (lambda v: v >= 0, ">= 0 (0 = auto)"),
     "train.mkldnn": (lambda v: v in ("auto", "on", "off"), "one of auto, on, off"),
     "train.checkpoint": (lambda v: v == "auto" or isinstance(v, bool), "one of auto, true, false"),
+    "train.compile": (lambda v: v == "auto" or isinstance(v, bool), "one of auto, true, false"),
     "diagnostics.precise_samples": (lambda v: v >= 1, ">= 1"),
     "norm.data_init_samples": (lambda v: v >= 1, ">= 1"),
     "model.widths": (lambda v: len(v) >= 1 and all(w >= 1 for w in v), "one or more widths >= 1"),

@@ -81,6 +81,22 @@ def total_steps(cfg: DictConfig, steps_per_epoch: int) -> int:
     return budget if budget > 0 else steps_per_epoch * int(cfg.train.epochs)
 
 
+#: ``train.compile=auto`` compiles the training forward of runs of at least this many optimizer
+#: steps: where torch.compile's one-off cost (a cold inductor cache) is paid back by its faster
+#: steps, measured for the study's models on the 2-core VM (reports/bench/compile_rule.md,
+#: ``python -m scripts.bench_compile``)
+AUTO_COMPILE_STEPS = 25_000
+
+
+def compiles(cfg: DictConfig, total_steps: int) -> bool:
+    """Whether a run of ``total_steps`` steps trains through ``torch.compile`` (``train.compile``:
+    true, false, or ``auto``: runs of at least :data:`AUTO_COMPILE_STEPS` steps)."""
+    setting = cfg.train.get("compile", False)
+    if setting == "auto":
+        return total_steps >= AUTO_COMPILE_STEPS
+    return bool(setting)
+
+
 def make_optimizer(cfg_optim: DictConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """SGD or AdamW over the trainable parameters, fused where torch can."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -320,7 +336,11 @@ def fit(
         method for m in model.modules() if callable(method := getattr(m, "set_progress", None))
     ]
     eval_batch_stats = batch_stats_in_eval(model, spec)  # the layers do not change in training
-    forward = torch.compile(model) if cfg.train.compile else model
+    compiled = compiles(cfg, total)
+    if cfg.train.get("compile") == "auto":
+        log.info("train.compile=auto: %d steps %s %d: %s", total, ">=" if compiled else "<",
+                 AUTO_COMPILE_STEPS, "compiled" if compiled else "eager")  # fmt: skip
+    forward = torch.compile(model) if compiled else model
     generator = torch.Generator().manual_seed(int(cfg.seed))
     on_cpu = device.type == "cpu"
     step, first_epoch = 0, 1

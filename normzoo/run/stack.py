@@ -16,7 +16,7 @@ stack's slices copied back) through the single run's own code (:func:`runner.kee
 The single-run path (:func:`normzoo.run.runner.run`) is the reference; a member equals its single
 run up to float rounding (``tests/test_stack.py`` states the tolerance). Not stacked
 (:func:`stack_refusal` says why; such a run goes through ``run``): resnet/transformer, AdamW,
-``train.compile``, norms without a known stacked form (WeightNorm and most variants). A stack
+``train.compile=true`` (and ``auto`` where it compiles), norms without a known stacked form (WeightNorm and most variants). A stack
 writes no checkpoint: a killed stack reruns its unfinished members; finished members (a
 ``metrics.json`` that ``resume`` keeps) drop out before it is built. A member's record holds
 ``trained: "stacked"`` and ``stack`` (members, the stack's training and wall seconds); its
@@ -50,7 +50,14 @@ from normzoo.provenance import now_utc
 from normzoo.registry import NormSpec, get_norm
 from normzoo.run import stack_model
 from normzoo.run.device import configure_torch, resolve_device
-from normzoo.run.loop import _use_mkldnn, batch_stats_in_eval, evaluate, lr_schedule, peak_lr
+from normzoo.run.loop import (
+    _use_mkldnn,
+    batch_stats_in_eval,
+    compiles,
+    evaluate,
+    lr_schedule,
+    peak_lr,
+)
 from normzoo.run.loop import total_steps as budget_steps
 from normzoo.run.record import base_record, write_record
 from normzoo.run.runner import keep_outputs, kept_result, run
@@ -78,7 +85,7 @@ def group_key(cfg: DictConfig, overrides: list[str] | None = None) -> str:
 
 def stack_refusal(cfg: DictConfig) -> str | None:
     """Why the run ``cfg`` cannot train in a stack (None: it can)."""
-    if cfg.train.get("compile", False):
+    if cfg.train.get("compile", False) is True:
         return "train.compile=true: a stack runs eagerly"
     return stack_model.stack_refusal(str(cfg.model.name), str(cfg.norm.name), str(cfg.optim.name))
 
@@ -198,8 +205,11 @@ def _train_group(members: list[_Member]) -> Iterator[dict[str, Any]]:
     configure_torch(cfg0, device)
     data = load_data(cfg0.data, device)
     batch_size = int(cfg0.data.batch_size)
-    if batches_per_epoch(data, batch_size, int(cfg0.data.classes_per_batch)) < 1:
+    steps_per_epoch = batches_per_epoch(data, batch_size, int(cfg0.data.classes_per_batch))
+    if steps_per_epoch < 1:
         raise _CannotStack("no training step at this batch size")
+    if compiles(cfg0, budget_steps(cfg0, steps_per_epoch)):  # (train.compile=auto, a long run)
+        raise _CannotStack("train.compile=auto compiles runs this long; a stack runs eagerly")
     try:
         for m in members:
             torch.manual_seed(int(m.cfg.seed))  # as run(): the member's init from its seed
