@@ -27,8 +27,10 @@ study: $(STAMP)
 study-v1: $(STAMP)
 	$(BIN)/normzoo-train -m experiment=digits_v1
 
+# one pytest worker per core (at most 4), a test file per worker: 6 min 42 s on the 2-core VM
+# against 9-10 min in one process; `$(BIN)/python -m pytest` alone runs it serially
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

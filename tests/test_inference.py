@@ -223,7 +223,8 @@ def test_a_shared_population_cache_changes_no_number_and_computes_a_count_once()
     cache: dict = {}
     diag = run_diagnostics(model, data, batch_size=8, precise_samples=64, seed=4,
                            population_cache=cache)  # fmt: skip
-    assert sorted(k for k in cache if k[0] != "test_logits") == [(64, 8, 5)]  # (samples, batch, seed + 1)
+    populations = sorted(k for k in cache if k[0] != "test_logits")
+    assert populations == [(64, 8, 5)]  # (samples, batch, seed + 1)
     first = cache[(64, 8, 5)]
     logits = {k for k in cache if k[0] == "test_logits"}
     assert len(logits) == 2  # the EMA's and PreciseBN-64's test logits
@@ -242,4 +243,3 @@ def test_a_shared_population_cache_changes_no_number_and_computes_a_count_once()
     assert shared == plain
     assert _rows(shared, "precise")[1]["test_loss"] == diag["test_loss_precise"]
     assert _rows(shared, "ema")[0]["test_loss"] == diag["test_loss_ema"]
-
