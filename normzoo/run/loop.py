@@ -82,10 +82,10 @@ def total_steps(cfg: DictConfig, steps_per_epoch: int) -> int:
 
 
 #: ``train.compile=auto`` compiles the training forward of runs of at least this many optimizer
-#: steps: where torch.compile's one-off cost (a cold inductor cache) is paid back by its faster
-#: steps, measured for the study's models on the 2-core VM (reports/bench/compile_rule.md,
-#: ``python -m scripts.bench_compile``)
-AUTO_COMPILE_STEPS = 25_000
+#: steps: where torch.compile's one-off cost (a cold inductor cache, 22-25 s) is paid back by its
+#: faster steps; the largest break-even of the study's models on the 2-core VM (cnn16: 16k-61k
+#: steps over two runs) rounded up (reports/bench/compile_rule.md, ``python -m scripts.bench_compile``)
+AUTO_COMPILE_STEPS = 65_000
 
 
 def compiles(cfg: DictConfig, total_steps: int) -> bool:
