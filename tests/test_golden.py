@@ -37,7 +37,7 @@ TINY = [
 #: keys of a record that differ between two runs of one config
 VOLATILE = {
     "wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "started_at", "finished_at",
-    "diagnostics_seconds", "versions", "git_rev", "git_dirty", "hostname", "command",
+    "diagnostics_seconds", "versions", "git_rev", "git_dirty", "hostname", "cpu", "command",
 }  # fmt: skip
 
 

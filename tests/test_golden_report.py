@@ -29,7 +29,7 @@ SNAPSHOTS = GOLDEN / "report"
 UPDATE = os.environ.get("NORMZOO_UPDATE_GOLDEN") == "1"
 COMMAND = "normzoo-report tests/golden/sweep"
 #: columns that depend on the machine or the checkout, not on what the loader does with the data
-VOLATILE = ("run_dir", "hostname", "started_at", "finished_at", "wall_time_s", "train_time_s",
+VOLATILE = ("run_dir", "hostname", "cpu", "started_at", "finished_at", "wall_time_s", "train_time_s",
             "eval_time_s", "steps_per_s", "diagnostics_seconds")  # fmt: skip
 CSVS = ("runs.csv", "summary.csv", "degradation.csv", "mismatch.csv", "layer_gaps.csv",
         "problems.csv")  # fmt: skip

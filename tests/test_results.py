@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from normzoo.analysis.provenance import provenance_lines
 from normzoo.results import (
     aggregate_seeds,
     expected_jobs,
@@ -341,3 +342,10 @@ def test_a_run_without_a_recorded_config_is_not_pooled_with_recorded_ones(tmp_pa
     df = load_sweep(tmp_path)
     assert sorted(df["variant"]) == ["", "config not recorded"]
     assert aggregate_seeds(df, ["test_error"])["test_error_n"].tolist() == [1, 1]
+
+
+def test_the_report_names_the_cpu_its_runs_ran_on() -> None:
+    """A record holds the CPU model (the same code rounds differently on another CPU), and the
+    report's provenance lists every one its ok runs name."""
+    df = pd.DataFrame({"status": ["ok", "ok", "failed"], "cpu": ["AMD EPYC", "Intel Xeon", "Z80"]})
+    assert "- cpu: `AMD EPYC`, `Intel Xeon`" in provenance_lines(df, None, None)

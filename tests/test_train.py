@@ -32,7 +32,7 @@ KEYS = {
     "reference", "model", "data", "batch_size", "seed", "base_lr", "lr", "epochs", "optimizer",
     "device", "threads", "config", "train_loss", "train_error", "test_loss", "test_error",
     "curves", "steps", "wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "versions",
-    "git_rev", "hostname", "command", "started_at", "finished_at", "git_dirty", "task_overrides", "rerun_command",
+    "git_rev", "hostname", "cpu", "command", "started_at", "finished_at", "git_dirty", "task_overrides", "rerun_command",
 }  # fmt: skip
 TIMING = {"wall_time_s", "train_time_s", "eval_time_s", "steps_per_s", "started_at",
           "finished_at", "diagnostics_seconds"}  # fmt: skip

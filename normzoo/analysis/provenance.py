@@ -67,7 +67,8 @@ def provenance_lines(df: pd.DataFrame, sweep_dir: Path | None, command: str | No
             else ""
         )
     )
-    for col, label in (("git_rev", "git revision"), ("device", "device"), ("hostname", "host")):
+    for col, label in (("git_rev", "git revision"), ("device", "device"), ("hostname", "host"),
+                       ("cpu", "cpu")):  # fmt: skip
         if col in ok and ok[col].notna().any():
             vals = sorted(map(str, ok[col].dropna().unique()))
             lines.append(f"- {label}: {', '.join(f'`{v}`' for v in vals[:6])}")

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from normzoo.config.flat import flatten
 from normzoo.files import write_json_atomic
-from normzoo.provenance import git_dirty, git_revision, now_utc, versions
+from normzoo.provenance import cpu_model, git_dirty, git_revision, now_utc, versions
 from normzoo.registry import NormSpec
 
 __all__ = [
@@ -59,7 +59,7 @@ RECORD_KEYS = (
     "lr_rule", "lr_scale", "epochs", "optimizer", "device", "threads", "study", "config", "train_loss", "train_error",
     "test_loss", "test_error", "val_loss", "val_error", "curves", "steps", "epochs_run",
     "samples_seen", "num_params", "wall_time_s", "train_time_s",
-    "eval_time_s", "steps_per_s", "predictions", "model_file", "versions", "git_rev", "git_dirty", "hostname", "command",
+    "eval_time_s", "steps_per_s", "predictions", "model_file", "versions", "git_rev", "git_dirty", "hostname", "cpu", "command",
     "task_overrides", "rerun_command", "started_at", "finished_at",
 )  # fmt: skip
 
@@ -123,6 +123,7 @@ def base_record(
         "git_rev": git_revision(),
         "git_dirty": git_dirty(),
         "hostname": socket.gethostname(),
+        "cpu": cpu_model(),  # the same code rounds differently on another CPU (README)
         "command": list(sys.argv),
         "task_overrides": task_overrides,
         "rerun_command": (
