@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -16,7 +17,7 @@ import normzoo
 import normzoo.train as train
 from normzoo import sweep
 from normzoo.config import CONF_DIR, ConfigError
-from normzoo.run import loop
+from normzoo.run import loop, runner
 from normzoo.sweep import callbacks
 
 TINY = [
@@ -487,3 +488,20 @@ def test_train_time_is_the_training_steps_only(hydra_conf, tmp_path, monkeypatch
     assert m["eval_time_s"] >= 2 * pause
     assert m["train_time_s"] + m["eval_time_s"] + 2 * pause <= m["wall_time_s"]
     assert m["steps_per_s"] == pytest.approx(m["steps"] / m["train_time_s"])
+
+
+def test_predictions_npz_keeps_the_classes_the_last_epoch_counted(
+    hydra_conf, tmp_path: Path, monkeypatch
+) -> None:
+    """``predictions.npz`` holds the last epoch's eval-mode classes (not predicted again): its
+    test and validation errors are the record's, exactly."""
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("predict() ran again after the last epoch's evaluation")
+
+    monkeypatch.setattr(runner, "predict", no_second_pass)
+    m = run(tmp_path, "norm=bn", "data.val_fraction=0.2")
+    assert m["status"] == "ok"
+    saved = np.load(tmp_path / "predictions.npz")
+    assert (saved["test_pred"] != saved["test_y"]).mean() == m["test_error"]
+    assert (saved["val_pred"] != saved["val_y"]).mean() == m["val_error"]

@@ -141,8 +141,10 @@ def evaluate(
     train_batch_size: int | None = None,
     *,
     batch_stats: bool | None = None,
+    predictions: list[Tensor] | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and error rate of ``model`` in eval mode (running statistics).
+    """Mean cross-entropy and error rate of ``model`` in eval mode (running statistics); each
+    batch's predicted classes appended to ``predictions`` when given (what :func:`predict` gives).
 
     Eval-mode outputs do not depend on the batch, so the samples go through in batches of
     ``batch_size``. Except when a layer normalises with batch statistics in eval mode too
@@ -158,7 +160,10 @@ def evaluate(
     wrong = torch.zeros((), device=x.device, dtype=torch.long)
     for out, yb in _eval_outputs(model, x, y, batch_size, train_batch_size, batch_stats):
         loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
-        wrong += (out.argmax(1) != yb).sum()
+        classes = out.argmax(1)
+        wrong += (classes != yb).sum()
+        if predictions is not None:
+            predictions.append(classes)
     n = max(n, 1)
     return float(loss_sum) / n, float(wrong) / n
 
@@ -234,6 +239,9 @@ class FitState:
     #: seconds in the per-epoch test evaluations
     eval_time_s: float = 0.0
     curves: list[dict[str, Any]] = field(default_factory=list)
+    #: the last evaluated epoch's eval-mode classes (``test_pred``, ``val_pred``): what its
+    #: ``test_error`` counted, kept for ``predictions.npz`` (not in the checkpoint)
+    predictions: dict[str, Tensor] = field(default_factory=dict)
 
 
 def progress_mode(cfg: DictConfig, multirun: bool = False) -> str:
@@ -410,10 +418,12 @@ def fit(
             state.train_time_s += time.perf_counter() - stepping_since
             stepping_since = None
             evaluating_since = time.perf_counter()
+            test_pred: list[Tensor] = []
             test_loss, test_error = evaluate(
                 model, data.test_x, data.test_y, int(cfg.data.eval_batch_size), batch_size,
-                batch_stats=eval_batch_stats,
+                batch_stats=eval_batch_stats, predictions=test_pred,
             )  # fmt: skip
+            state.predictions = {"test_pred": torch.cat(test_pred)} if test_pred else {}
             row = {
                 "epoch": epoch,
                 "train_loss": loss_sum / n_steps if on_cpu else float(losses.mean()),
@@ -422,10 +432,13 @@ def fit(
                 "test_error": test_error,
             }
             if has_val:  # eval mode, as the test numbers
+                val_pred: list[Tensor] = []
                 row["val_loss"], row["val_error"] = evaluate(
                     model, data.val_x, data.val_y, int(cfg.data.eval_batch_size), batch_size,
-                    batch_stats=eval_batch_stats,
+                    batch_stats=eval_batch_stats, predictions=val_pred,
                 )  # fmt: skip
+                if val_pred:
+                    state.predictions["val_pred"] = torch.cat(val_pred)
             state.eval_time_s += time.perf_counter() - evaluating_since
             row.update(lr=lrs[step - 1], **clip_fractions(model))
             state.curves.append(row)

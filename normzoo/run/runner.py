@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
 from normzoo.config.flat import plain
 from normzoo.config.identity import comparable_config
@@ -177,7 +177,7 @@ def _train(
     last = fit_state.curves[-1]
     for key in ("train_loss", "train_error", "test_loss", "test_error", "val_loss", "val_error"):
         record[key] = last.get(key)
-    keep_outputs(model, data, cfg, spec, layer_options, record, out)
+    keep_outputs(model, data, cfg, spec, layer_options, record, out, fit_state.predictions)
 
 
 def keep_outputs(
@@ -188,9 +188,12 @@ def keep_outputs(
     layer_options: dict[str, Any],
     record: dict[str, Any],
     out: Path,
+    last_epoch: dict[str, Tensor] | None = None,
 ) -> None:
     """What a trained run adds after its last epoch: the diagnostics (and the inference panel)
-    into ``record``, ``predictions.npz`` and ``model.pt`` into ``out`` (also a stacked member's)."""
+    into ``record``, ``predictions.npz`` and ``model.pt`` into ``out`` (also a stacked member's).
+    ``last_epoch``: the classes the last epoch's evaluation predicted (``test_pred``,
+    ``val_pred``), which ``predictions.npz`` keeps instead of predicting them again."""
     batch_size = int(cfg.data.batch_size)
     predictions: dict[str, Any] = {}
     panel = bool(cfg.diagnostics.get("panel", False))
@@ -223,7 +226,7 @@ def keep_outputs(
     if cfg.diagnostics.enabled or panel:
         log.info("diagnostics done in %.1fs", time.perf_counter() - t_diag)
     if cfg.train.get("keep_predictions", True):
-        _keep_predictions(model, data, cfg, spec, predictions, out)
+        _keep_predictions(model, data, cfg, spec, predictions, out, last_epoch or {})
         record["predictions"] = PREDICTIONS_FILE
     if cfg.train.get("keep_model", True):
         build = {"norm": spec.name, "layer_options": layer_options,
@@ -232,16 +235,25 @@ def keep_outputs(
         record["model_file"] = MODEL_FILE
 
 
-def _keep_predictions(model, data, cfg, spec, predictions: dict[str, Any], out: Path) -> None:
+def _keep_predictions(
+    model, data, cfg, spec, predictions: dict[str, Any], out: Path, last_epoch: dict[str, Tensor]
+) -> None:
     """``predictions.npz``: eval-mode test (and validation) classes as the run's own
-    ``test_error`` counts them, plus the diagnostics' batch / PreciseBN ones (``predictions``)."""
+    ``test_error`` counts them (the last epoch's, else predicted again in the same batches),
+    plus the diagnostics' batch / PreciseBN ones (``predictions``)."""
     batch_stats = batch_stats_in_eval(model, spec)
     sizes = (int(cfg.data.eval_batch_size), int(cfg.data.batch_size))
+
+    def classes(key: str, x: Tensor) -> Tensor:
+        if key in last_epoch:
+            return last_epoch[key]
+        return predict(model, x, *sizes, batch_stats=batch_stats)
+
     predictions["test_y"] = data.test_y
-    predictions["test_pred"] = predict(model, data.test_x, *sizes, batch_stats=batch_stats)
+    predictions["test_pred"] = classes("test_pred", data.test_x)
     if data.val_y.numel() > 0:
         predictions["val_y"] = data.val_y
-        predictions["val_pred"] = predict(model, data.val_x, *sizes, batch_stats=batch_stats)
+        predictions["val_pred"] = classes("val_pred", data.val_x)
     save_predictions(out, predictions)
 
 

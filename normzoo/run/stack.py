@@ -102,6 +102,7 @@ class _Member:
     curves: list[dict[str, Any]] = field(default_factory=list)
     diverged: tuple[int, float] | None = None  # (step, loss)
     eval_time_s: float = 0.0
+    predictions: dict[str, Tensor] = field(default_factory=dict)  # the last epoch's classes
 
 
 def train_stacked(
@@ -367,8 +368,10 @@ def _epoch_rows(
         since = time.perf_counter()
         sizes = (int(m.cfg.data.eval_batch_size), batch_size)
         batch_stats = batch_stats_in_eval(m.model)
+        test_pred: list[Tensor] = []
         test_loss, test_error = evaluate(m.model, data.test_x, data.test_y, *sizes,
-                                         batch_stats=batch_stats)  # fmt: skip
+                                         batch_stats=batch_stats, predictions=test_pred)  # fmt: skip
+        m.predictions = {"test_pred": torch.cat(test_pred)} if test_pred else {}
         row = {
             "epoch": epoch,
             "train_loss": float(loss_sum[j]) / steps,
@@ -377,8 +380,12 @@ def _epoch_rows(
             "test_error": test_error,
         }
         if data.val_y.numel() > 0:
+            val_pred: list[Tensor] = []
             row["val_loss"], row["val_error"] = evaluate(m.model, data.val_x, data.val_y, *sizes,
-                                                         batch_stats=batch_stats)  # fmt: skip
+                                                         batch_stats=batch_stats,
+                                                         predictions=val_pred)  # fmt: skip
+            if val_pred:
+                m.predictions["val_pred"] = torch.cat(val_pred)
         row["lr"] = float(lr_now[j])
         if clips is not None:
             row.update(clips[j])
@@ -412,7 +419,7 @@ def _finish_member(
         ):
             record[key] = last.get(key)
         assert m.model is not None
-        keep_outputs(m.model, data, m.cfg, m.spec, m.options, record, m.out)
+        keep_outputs(m.model, data, m.cfg, m.spec, m.options, record, m.out, m.predictions)
         record.update(status="ok", steps=steps)
     batch = record["batch_size"]
     record["epochs_run"] = len(m.curves)
