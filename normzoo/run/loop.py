@@ -38,6 +38,7 @@ __all__ = [
     "FitState",
     "batch_stats_in_eval",
     "evaluate",
+    "evaluate_splits",
     "fit",
     "lr_schedule",
     "peak_lr",
@@ -182,6 +183,34 @@ def predict(
     outs = _eval_outputs(model, x, dummy, batch_size, train_batch_size, batch_stats)
     preds = [out.argmax(1) for out, _ in outs]
     return torch.cat(preds) if preds else dummy
+
+
+def evaluate_splits(
+    model: nn.Module,
+    data: DataBundle,
+    batch_size: int,
+    train_batch_size: int,
+    *,
+    batch_stats: bool | None = None,
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """An epoch's evaluation, as every run (single or stacked member) takes it: :func:`evaluate`
+    on the test split and, where the data has one, the validation split (``test_loss``,
+    ``test_error``, ``val_loss``, ``val_error``, in that order), and the classes it predicted
+    (``test_pred``, ``val_pred``: what those errors counted, kept for ``predictions.npz``)."""
+    scores: dict[str, float] = {}
+    classes: dict[str, Tensor] = {}
+    splits = [("test", data.test_x, data.test_y)]
+    if data.val_y.numel() > 0:
+        splits.append(("val", data.val_x, data.val_y))
+    for split, x, y in splits:
+        predicted: list[Tensor] = []
+        scores[f"{split}_loss"], scores[f"{split}_error"] = evaluate(
+            model, x, y, batch_size, train_batch_size, batch_stats=batch_stats,
+            predictions=predicted,
+        )  # fmt: skip
+        if predicted:
+            classes[f"{split}_pred"] = torch.cat(predicted)
+    return scores, classes
 
 
 def _eval_outputs(
@@ -330,7 +359,6 @@ def fit(
     steps_per_epoch = batches_per_epoch(data, batch_size, grouped)
     total = total_steps(cfg, steps_per_epoch)
     epochs = math.ceil(total / steps_per_epoch)  # a step budget's last epoch is partial
-    has_val = data.val_y.numel() > 0
     warmup = round(float(cfg.train.warmup_fraction) * total)
     lrs = lr_schedule(total, peak_lr(cfg), warmup, float(cfg.train.final_lr_fraction))
     opt = make_optimizer(cfg.optim, model, lrs[0])
@@ -418,27 +446,16 @@ def fit(
             state.train_time_s += time.perf_counter() - stepping_since
             stepping_since = None
             evaluating_since = time.perf_counter()
-            test_pred: list[Tensor] = []
-            test_loss, test_error = evaluate(
-                model, data.test_x, data.test_y, int(cfg.data.eval_batch_size), batch_size,
-                batch_stats=eval_batch_stats, predictions=test_pred,
+            scores, state.predictions = evaluate_splits(
+                model, data, int(cfg.data.eval_batch_size), batch_size,
+                batch_stats=eval_batch_stats,
             )  # fmt: skip
-            state.predictions = {"test_pred": torch.cat(test_pred)} if test_pred else {}
             row = {
                 "epoch": epoch,
                 "train_loss": loss_sum / n_steps if on_cpu else float(losses.mean()),
                 "train_error": 1.0 - float(correct.sum()) / (n_steps * batch_size),
-                "test_loss": test_loss,
-                "test_error": test_error,
+                **scores,  # eval mode: test, then validation where the data has it
             }
-            if has_val:  # eval mode, as the test numbers
-                val_pred: list[Tensor] = []
-                row["val_loss"], row["val_error"] = evaluate(
-                    model, data.val_x, data.val_y, int(cfg.data.eval_batch_size), batch_size,
-                    batch_stats=eval_batch_stats, predictions=val_pred,
-                )  # fmt: skip
-                if val_pred:
-                    state.predictions["val_pred"] = torch.cat(val_pred)
             state.eval_time_s += time.perf_counter() - evaluating_since
             row.update(lr=lrs[step - 1], **clip_fractions(model))
             state.curves.append(row)

@@ -54,7 +54,7 @@ from normzoo.run.loop import (
     _use_mkldnn,
     batch_stats_in_eval,
     compiles,
-    evaluate,
+    evaluate_splits,
     lr_schedule,
     peak_lr,
 )
@@ -368,24 +368,13 @@ def _epoch_rows(
         since = time.perf_counter()
         sizes = (int(m.cfg.data.eval_batch_size), batch_size)
         batch_stats = batch_stats_in_eval(m.model)
-        test_pred: list[Tensor] = []
-        test_loss, test_error = evaluate(m.model, data.test_x, data.test_y, *sizes,
-                                         batch_stats=batch_stats, predictions=test_pred)  # fmt: skip
-        m.predictions = {"test_pred": torch.cat(test_pred)} if test_pred else {}
+        scores, m.predictions = evaluate_splits(m.model, data, *sizes, batch_stats=batch_stats)
         row = {
             "epoch": epoch,
             "train_loss": float(loss_sum[j]) / steps,
             "train_error": 1.0 - float(correct[j]) / (steps * batch_size),
-            "test_loss": test_loss,
-            "test_error": test_error,
+            **scores,
         }
-        if data.val_y.numel() > 0:
-            val_pred: list[Tensor] = []
-            row["val_loss"], row["val_error"] = evaluate(m.model, data.val_x, data.val_y, *sizes,
-                                                         batch_stats=batch_stats,
-                                                         predictions=val_pred)  # fmt: skip
-            if val_pred:
-                m.predictions["val_pred"] = torch.cat(val_pred)
         row["lr"] = float(lr_now[j])
         if clips is not None:
             row.update(clips[j])
