@@ -130,6 +130,7 @@ def _state(layer) -> list[Tensor]:
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_ghost_batches_under_torch_compile(name: str) -> None:
+    torch._dynamo.reset()  # recompile counts are per process: a pytest worker's other files add up
     eager, module = _layer(name, 5, torch.float64), _layer(name, 5, torch.float64)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     for shape in ((12, C, 3, 2), (12, C)):
