@@ -25,9 +25,11 @@ from normzoo.run.stack import train_stacked
 NORMS = ("batchnorm", "batchrenorm", "layernorm", "groupnorm", "instancenorm", "none")
 
 
-def configs(model: str, batch: int, device: str) -> list:
+def configs(model: str, batch: int, device: str, steps: int | None = None) -> list:
     base = ["experiment=digits", f"model={model}", f"data.batch_size={batch}", f"device={device}",
             "train.progress=none", "resume=false"]  # fmt: skip
+    if steps is not None:  # a shorter budget than the study's (the GPU check's time limit)
+        base.append(f"train.steps={steps}")
     norms = [n for n in NORMS if not (model == "mlp" and n == "instancenorm")]
     return [
         compose("config", overrides=[*base, f"norm={n}", f"seed={s}"])
@@ -48,11 +50,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps a run (the study's)")
     p.add_argument("--out", default="reports/bench/stacked.md")
     args = p.parse_args()
     torch.set_num_threads(1)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfgs = configs(args.model, args.batch_size, args.device)
+        cfgs = configs(args.model, args.batch_size, args.device, args.steps)
     names = [f"{c.norm.name}_{c.seed}" for c in cfgs]
     times: dict[str, list[float]] = {"single": [], "stacked": []}
     tmp = Path(tempfile.mkdtemp(prefix="normzoo-stack-speed-"))
@@ -75,7 +78,9 @@ def main() -> None:
         f"{len(cfgs)} runs ({', '.join(sorted({c.norm.name for c in cfgs}))} x seeds 0-2; the "
         f"study's config, diagnostics on), {args.device}, 1 thread, {cpu_model()}, {now_utc()}; "
         f"`python scripts/stack_speed.py --model {args.model} --batch-size {args.batch_size} "
-        f"--device {args.device} --repeats {args.repeats}`; interleaved, medians of "
+        f"--device {args.device} --repeats {args.repeats}"
+        + (f" --steps {args.steps}" if args.steps is not None else "")
+        + f"`; {cfgs[0].train.steps} steps a run; interleaved, medians of "
         f"{args.repeats}.",
         "",
         "| way | wall s (each repeat) | median s |",
