@@ -13,8 +13,8 @@ from torch.func import functional_call, grad, vmap
 import normzoo
 from normzoo.layers import replace_all_batch_norm_modules_
 from normzoo.norms import _base
+from normzoo.norms._group_norm_function import GroupNormFunctionForTransforms
 from normzoo.norms.batch import _BatchNormFunctionForTransforms
-from normzoo.norms.sample import GroupNormFunctionForTransforms
 from normzoo.norms.sync_batch import _SyncBatchNormFunction
 from normzoo.norms.weight import WeightNormFunctionForTransforms
 from normzoo.testing import conformance_of

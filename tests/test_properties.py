@@ -262,7 +262,7 @@ def _draw_case(
     has_axes = _family(name) in AXES or _family(name) in OWN_FORMULA
     if has_axes and _group_size(name, layer, tuple(shape)) < min_group:
         # widen one axis the groups span (by min_group: each group holds at least that many)
-        if rank > 2 and AXES[_family(name)] != "position":
+        if rank > 2 and _axes_of(name) != "position":
             shape[2] *= min_group
         elif _axes_of(name) == "channel":
             shape[0] *= min_group

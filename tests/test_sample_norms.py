@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import normzoo
-from normzoo.norms import sample
+from normzoo.norms import _group_norm_function as gn_function
 from normzoo.norms.sample import GroupNorm, GroupNormFunction, InstanceNorm, LayerNorm
 
 C = 6
@@ -374,7 +374,7 @@ def test_preallocated_output_path_passes_gradcheck(
     channels_last: bool,
 ) -> None:
     """Large inputs write y and dx into buffers allocated up front; force that path on small ones."""
-    monkeypatch.setattr(sample, "_PREALLOCATE_BYTES", 0)
+    monkeypatch.setattr(gn_function, "_PREALLOCATE_BYTES", 0)
     x = torch.randn(shape, dtype=torch.float64) + shift
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -395,7 +395,7 @@ def test_preallocated_output_path_with_unmergeable_spatial_dims(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """(N, C, H, W) with H, W transposed in memory: no (N, G, C/G, H*W) view; a contiguous buffer."""
-    monkeypatch.setattr(sample, "_PREALLOCATE_BYTES", 0)
+    monkeypatch.setattr(gn_function, "_PREALLOCATE_BYTES", 0)
     x = torch.randn(2, C, 3, 5, dtype=torch.float64).transpose(2, 3).requires_grad_(True)
     w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
     b = torch.randn(C, dtype=torch.float64, requires_grad=True)
@@ -462,7 +462,7 @@ def test_large_input_compiles_without_graph_break(channels_last: bool) -> None:
     x = torch.randn(2, 8, 128, 128)  # 1 MiB in float32
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    assert x.numel() * x.element_size() >= sample._PREALLOCATE_BYTES
+    assert x.numel() * x.element_size() >= gn_function._PREALLOCATE_BYTES
     dy = torch.randn_like(x)
     eager = _fwd_bwd(layer, x, dy)
     compiled = _fwd_bwd(torch.compile(layer, fullgraph=True, backend="aot_eager"), x, dy)
