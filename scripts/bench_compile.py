@@ -25,7 +25,7 @@ from pathlib import Path
 from normzoo.files import write_text_atomic
 from normzoo.markdown import md_table
 from normzoo.provenance import cpu_model, git_dirty, git_revision, now_utc
-from normzoo.run.loop import AUTO_COMPILE_STEPS
+from normzoo.run.budget import AUTO_COMPILE_STEPS
 
 #: the default study's runs (its SGD batch, ghost batch 8), short budgets that time the step
 BASE = ["experiment=digits", "norm=batchnorm", "norm.ghost_batch_size=8", "seed=0",
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "per-step gain.",
             "",
             f"`train.compile=auto` compiles runs of at least `AUTO_COMPILE_STEPS` = "
-            f"{AUTO_COMPILE_STEPS} steps (`normzoo/run/loop.py`): the largest cold break-even "
+            f"{AUTO_COMPILE_STEPS} steps (`normzoo/run/budget.py`): the largest cold break-even "
             f"here ({max(cold):.0f}) rounded up, so a run that compiles on a fresh machine is "
             "faster for it; below that the run stays eager (the default study's 600-step runs "
             "lose 20 s of compile to gain about 1 s).",

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from normzoo.config import CONF_DIR
 from normzoo.config.validate import validate
 from normzoo.errors import ConfigError
-from normzoo.run import loop, runner
-from normzoo.run.loop import AUTO_COMPILE_STEPS, compiles
+from normzoo.run import budget, loop, runner
+from normzoo.run.budget import AUTO_COMPILE_STEPS, compiles
 from normzoo.run.stack import stack_refusal, train_stacked
 
 TINY = ["data.train_subset=240", "data.test_subset=100", "data.batch_size=32", "train.epochs=2",
@@ -56,7 +56,7 @@ def test_another_value_is_refused_by_name(hydra_conf) -> None:
 def test_a_run_compiles_exactly_when_its_budget_reaches_the_threshold(
     hydra_conf, tmp_path: Path, monkeypatch, compiled, threshold, calls
 ) -> None:
-    monkeypatch.setattr(loop, "AUTO_COMPILE_STEPS", threshold)
+    monkeypatch.setattr(budget, "AUTO_COMPILE_STEPS", threshold)
     cfg = compose("config", overrides=[*TINY, "norm=batchnorm", "train.compile=auto"])
     assert runner.run(cfg, tmp_path)["status"] == "ok"
     assert len(compiled) == calls
@@ -67,7 +67,7 @@ def test_a_run_compiles_exactly_when_its_budget_reaches_the_threshold(
 def test_a_stack_that_would_compile_trains_its_members_alone(
     hydra_conf, tmp_path: Path, monkeypatch, compiled, threshold, stacked
 ) -> None:
-    monkeypatch.setattr(loop, "AUTO_COMPILE_STEPS", threshold)
+    monkeypatch.setattr(budget, "AUTO_COMPILE_STEPS", threshold)
     cfgs = [compose("config", overrides=[*TINY, "norm=batchnorm", f"seed={s}",
                                          "train.compile=auto"]) for s in (0, 1)]  # fmt: skip
     assert all(stack_refusal(c) is None for c in cfgs)  # auto alone does not refuse a stack

@@ -182,7 +182,7 @@ class TrainConf:
     ``auto`` does so for long runs only (not on digits / digits_hard, or more than
     ``normzoo.train.AUTO_CHECKPOINT_STEPS`` optimizer steps); ``false`` never.
     ``compile``: ``true`` trains the forward through ``torch.compile``; ``auto`` does so for runs
-    of at least ``normzoo.run.loop.AUTO_COMPILE_STEPS`` optimizer steps (where the compile time
+    of at least ``normzoo.run.budget.AUTO_COMPILE_STEPS`` optimizer steps (where the compile time
     pays, measured: reports/bench/compile_rule.md); ``false`` never.
     ``steps`` > 0: exactly that many optimizer steps (as many epochs as needed, the last one
     partial; ``epochs`` is then ignored); 0: ``epochs`` whole epochs.

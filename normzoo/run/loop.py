@@ -32,6 +32,8 @@ from normzoo.errors import ConfigError, Diverged
 from normzoo.layers import uses_batch_stats_in_eval
 from normzoo.norms import weight as weight_norms
 from normzoo.registry import NormSpec
+from normzoo.run import budget
+from normzoo.run.budget import compiles, lr_schedule, peak_lr, total_steps
 from normzoo.run.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -47,55 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("normzoo.train")  # the name the run's log lines always had
-
-
-def lr_schedule(
-    total_steps: int, peak: float, warmup_steps: int, final_fraction: float = 0.0
-) -> list[float]:
-    """Per-step learning rates: linear warm-up from peak/warmup to ``peak`` over ``warmup_steps``,
-    then a cosine decay to ``final_fraction * peak`` at the last step."""
-    out = []
-    floor = final_fraction * peak
-    decay = max(total_steps - warmup_steps, 1)
-    for step in range(total_steps):
-        if step < warmup_steps:
-            out.append(peak * (step + 1) / warmup_steps)
-        else:
-            t = (step - warmup_steps) / max(decay - 1, 1)
-            out.append(floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
-    return out
-
-
-def peak_lr(cfg: DictConfig) -> float:
-    """The peak learning rate: ``optim.lr_scale`` times the rule's rate. ``optim.lr_rule``:
-    ``linear`` (default) is ``base_lr * batch_size / reference_batch_size`` (``base_lr`` with
-    ``optim.scale_lr=false``), ``constant`` is ``base_lr`` at every batch size."""
-    lr = float(cfg.optim.base_lr)
-    if str(cfg.optim.get("lr_rule", "linear")) == "linear" and cfg.optim.scale_lr:
-        lr = lr * int(cfg.data.batch_size) / int(cfg.optim.reference_batch_size)
-    return lr * float(cfg.optim.get("lr_scale", 1.0))
-
-
-def total_steps(cfg: DictConfig, steps_per_epoch: int) -> int:
-    """The run's optimizer steps: ``train.steps`` when > 0, else ``train.epochs`` whole epochs."""
-    budget = int(cfg.train.get("steps", 0))
-    return budget if budget > 0 else steps_per_epoch * int(cfg.train.epochs)
-
-
-#: ``train.compile=auto`` compiles the training forward of runs of at least this many optimizer
-#: steps: where torch.compile's one-off cost (a cold inductor cache, 22-25 s) is paid back by its
-#: faster steps; the largest break-even of the study's models on the 2-core VM (cnn16: 16k-61k
-#: steps over two runs) rounded up (reports/bench/compile_rule.md, ``python -m scripts.bench_compile``)
-AUTO_COMPILE_STEPS = 65_000
-
-
-def compiles(cfg: DictConfig, total_steps: int) -> bool:
-    """Whether a run of ``total_steps`` steps trains through ``torch.compile`` (``train.compile``:
-    true, false, or ``auto``: runs of at least :data:`AUTO_COMPILE_STEPS` steps)."""
-    setting = cfg.train.get("compile", False)
-    if setting == "auto":
-        return total_steps >= AUTO_COMPILE_STEPS
-    return bool(setting)
 
 
 def make_optimizer(cfg_optim: DictConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -375,7 +328,7 @@ def fit(
     compiled = compiles(cfg, total)
     if cfg.train.get("compile") == "auto":
         log.info("train.compile=auto: %d steps %s %d: %s", total, ">=" if compiled else "<",
-                 AUTO_COMPILE_STEPS, "compiled" if compiled else "eager")  # fmt: skip
+                 budget.AUTO_COMPILE_STEPS, "compiled" if compiled else "eager")  # fmt: skip
     forward = torch.compile(model) if compiled else model
     generator = torch.Generator().manual_seed(int(cfg.seed))
     on_cpu = device.type == "cpu"

@@ -42,9 +42,10 @@ from normzoo.inference import inference_panel
 from normzoo.models import build_model, check_batch_size, count_parameters
 from normzoo.provenance import now_utc
 from normzoo.registry import NormSpec, get_norm
+from normzoo.run.budget import peak_lr, total_steps
 from normzoo.run.checkpoint import CHECKPOINT_FILE, MODEL_FILE, save_model, use_checkpoint
 from normzoo.run.device import configure_torch, resolve_device, resolved_device_type
-from normzoo.run.loop import FitState, batch_stats_in_eval, fit, peak_lr, predict, total_steps
+from normzoo.run.loop import FitState, batch_stats_in_eval, fit, predict
 from normzoo.run.predictions import PREDICTIONS_FILE, save_predictions
 from normzoo.run.record import KEEP_ON_RESUME, METRICS_FILE, base_record, read_record, write_record
 from normzoo.run.resume import KEEP_ANY_REVISION, revision_change

@@ -49,16 +49,10 @@ from normzoo.models import build_model, check_batch_size, count_parameters
 from normzoo.provenance import now_utc
 from normzoo.registry import NormSpec, get_norm
 from normzoo.run import stack_model
+from normzoo.run.budget import compiles, lr_schedule, peak_lr
+from normzoo.run.budget import total_steps as budget_steps
 from normzoo.run.device import configure_torch, resolve_device
-from normzoo.run.loop import (
-    _use_mkldnn,
-    batch_stats_in_eval,
-    compiles,
-    evaluate_splits,
-    lr_schedule,
-    peak_lr,
-)
-from normzoo.run.loop import total_steps as budget_steps
+from normzoo.run.loop import _use_mkldnn, batch_stats_in_eval, evaluate_splits
 from normzoo.run.record import base_record, write_record
 from normzoo.run.runner import keep_outputs, kept_result, run
 from normzoo.run.stack_model import Slot, build_stack, unstack_into
