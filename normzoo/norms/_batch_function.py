@@ -13,14 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normzoo.norms._base import (
-    _batch_norm_double_backward,
-    _batch_norm_scale,
-    _graph_mode,
-    _scale_and_offset,
-    _under_transform,
-    hand_written_backward,
-)
+from normzoo.norms._backward import batch_norm_double_backward, hand_written_backward
+from normzoo.norms._base import _batch_norm_scale, _graph_mode, _scale_and_offset, _under_transform
 
 __all__: list[str] = []
 
@@ -97,7 +91,7 @@ def _batch_norm_function_double_backward(
     if dy is None:
         return (None,) * 7
     x, _, _, r, d, weight = ctx.saved_tensors
-    grads = _batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps)
+    grads = batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps)
     return (*grads, None, None, None, None)
 
 

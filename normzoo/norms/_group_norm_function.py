@@ -21,13 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normzoo.norms._base import (
-    _graph_mode,
-    _group_norm_double_backward,
-    _is_small,
-    _under_transform,
-    hand_written_backward,
-)
+from normzoo.norms._backward import group_norm_double_backward, hand_written_backward
+from normzoo.norms._base import _graph_mode, _is_small, _under_transform
 from normzoo.norms._small import SmallGroupNorm
 
 __all__ = ["GroupNormFunction", "GroupNormFunctionForTransforms", "group_norm", "normalise"]
@@ -139,7 +134,7 @@ def _group_norm_function_double_backward(
     if dy is None:
         return None, None, None, None, None, None
     x, weight, _, _ = ctx.saved_tensors
-    grads = _group_norm_double_backward(ctx, dy, x, weight, ctx.num_groups, ctx.eps)
+    grads = group_norm_double_backward(ctx, dy, x, weight, ctx.num_groups, ctx.eps)
     return (*grads, None, None, None)
 
 

@@ -13,7 +13,7 @@ of the general Function, ~108 us with this one (torch's fused kernel: 57 us).
 The statistics are centred two-pass sums (stable for any mean, no host read); the backward saves
 x (and the per-channel or per-group statistics) and recomputes the centred input (BatchNorm, one
 op) or x_hat (per-sample norms, two ops) from it: x is what the double backward (``create_graph``,
-:func:`~normzoo.norms._base.hand_written_backward`) differentiates, and it is alive anyway. Constants are cached 0-dim tensors (a Python number is
+:func:`~normzoo.norms._backward.hand_written_backward`) differentiates, and it is alive anyway. Constants are cached 0-dim tensors (a Python number is
 wrapped into a new tensor on every op). The formulas, and the papers, are those of the layers'
 docstrings (:class:`~normzoo.norms.batch.BatchNorm`, :class:`~normzoo.norms.batch.BatchRenorm`,
 :class:`~normzoo.norms.sample.GroupNorm`).
@@ -27,14 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normzoo.norms._backward import (
+    batch_norm_double_backward,
+    group_norm_double_backward,
+    hand_written_backward,
+)
 from normzoo.norms._base import (
     _RENORM_DIAGNOSTICS,
-    _batch_norm_double_backward,
     _batch_norm_scale,
     _cpu_scalar,
-    _group_norm_double_backward,
     _scale_and_offset,
-    hand_written_backward,
 )
 
 __all__: list[str] = []
@@ -45,7 +47,7 @@ def _small_batch_norm_double_backward(ctx: Any, dy: Tensor | None) -> tuple[Tens
     if dy is None:
         return None, None, None, None, None, None
     x, _, _, r, d, weight = ctx.saved_tensors
-    return (*_batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps), None, None, None)
+    return (*batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps), None, None, None)
 
 
 def _small_group_norm_double_backward(ctx: Any, dy: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -53,7 +55,7 @@ def _small_group_norm_double_backward(ctx: Any, dy: Tensor | None) -> tuple[Tens
     if dy is None:
         return None, None, None, None, None
     x, weight, _, _ = ctx.saved_tensors
-    grads = _group_norm_double_backward(ctx, dy, x, weight, ctx.num_groups, ctx.eps)
+    grads = group_norm_double_backward(ctx, dy, x, weight, ctx.num_groups, ctx.eps)
     return (*grads, None, None)
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normzoo.norms._base import FxTraceable, _NormBase, hand_written_backward, vjp_by_autograd
+from normzoo.norms._backward import hand_written_backward, vjp_by_autograd
+from normzoo.norms._base import FxTraceable, _NormBase
 from normzoo.registry import register_norm
 
 __all__ = ["LayerNorm2d", "LayerNormLast", "RMSNorm", "RowNormFunction", "row_norm"]

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from normzoo.norms._base import _under_transform, hand_written_backward, vjp_by_autograd
+from normzoo.norms._backward import hand_written_backward, vjp_by_autograd
+from normzoo.norms._base import _under_transform
 from normzoo.registry import register_norm
 
 __all__ = [
