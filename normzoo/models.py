@@ -66,11 +66,21 @@ class _Norms:
         weight-kind norm (nothing goes after the layer) nor for ``none`` (the identity)."""
         return self.spec.kind != "weight" and self.spec.name != "none"
 
-    def activation(self, num_features: int, where: str, *, spatial: bool) -> nn.Module | None:
-        """The norm after layer ``where`` (None for weight-kind norms: nothing goes there)."""
+    def activation(
+        self, num_features: int, where: str, *, spatial: bool, tokens: bool = False
+    ) -> nn.Module | None:
+        """The norm after layer ``where`` (None for weight-kind norms: nothing goes there).
+        ``spatial``: a channels-first (N, C, *S) feature map, or with ``tokens`` a sequence whose
+        norm wrapper puts the features last for a last-dim layer."""
         spec = self.spec
         if spec.kind == "weight":
             return None
+        if spec.kind == "last_dim" and spatial and not tokens:
+            raise InvalidCombination(
+                f"{spec.name} normalises the last dim of its input (a transformer's features, or "
+                f"dense features), but {where} is a channels-first feature map; use layernorm2d "
+                f"for a per-pixel LayerNorm over the channels, or layernorm over (C, H, W)"
+            )
         if spec.needs_spatial and not spatial:
             raise InvalidCombination(
                 f"{spec.name} needs spatial dims (its statistics are over H x W per sample and "
@@ -221,7 +231,8 @@ def _transformer(
     d_model, tokens = int(cfg.d_model), int(input_shape[1])
 
     def make_norm(where: str) -> nn.Module:
-        norm = norms.activation(d_model, f"{where} ({tokens} tokens x {d_model})", spatial=True)
+        norm = norms.activation(d_model, f"{where} ({tokens} tokens x {d_model})", spatial=True,
+                                tokens=True)  # fmt: skip
         if norm is None:
             return nn.Identity()
         return SequenceNorm(norm, channels_first=norms.spec.kind != "last_dim")

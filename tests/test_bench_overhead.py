@@ -26,12 +26,12 @@ _TINY = {"mlp": ({"name": "mlp", "widths": [8, 8]}, (1, 4, 4)),
 
 def test_rows_against_none_on_a_tiny_shape() -> None:
     config = OverheadConfig(models=["mlp", "cnn"], batch_sizes=[4], repeats=3, warmup=1,
-                            min_time=0.0, norms=["batchnorm", "instancenorm", "weightnorm"],
-                            model_specs=_TINY)  # fmt: skip
+                            min_time=0.0, model_specs=_TINY,
+                            norms=["batchnorm", "instancenorm", "weightnorm", "layernorm_last"])  # fmt: skip
     rows = run_overhead(config, log=lambda _: None)
     got = {(r["model"], r["layer"]): r for r in rows}
     assert set(got) == {(m, n) for m in ("mlp", "cnn") for n in ("batchnorm", "instancenorm",
-                                                                 "weightnorm")}  # fmt: skip
+                                                                 "weightnorm", "layernorm_last")}  # fmt: skip
     bn = got[("mlp", "batchnorm")]
     assert bn["none_ms"] > 0 and bn["layer_ms"] > 0 and bn["error"] == ""
     assert bn["ratio_q1"] <= bn["ratio"] <= bn["ratio_q3"] and bn["threads"] == 1
@@ -45,6 +45,11 @@ def test_rows_against_none_on_a_tiny_shape() -> None:
     assert "InvalidCombination" in bad["error"] and math.isnan(bad["ratio"])
     assert got[("cnn", "instancenorm")]["error"] == ""
     assert got[("cnn", "weightnorm")]["kind"] == "weight"
+    # the shipped weightnorm.yaml's data_init is the training loop's key, not the layer's
+    assert got[("cnn", "weightnorm")]["error"] == "" and got[("cnn", "weightnorm")]["layer_ms"] > 0
+    # a last-dim layer: a row on dense features, a refusal (not a crash) on conv feature maps
+    assert got[("mlp", "layernorm_last")]["error"] == ""
+    assert "InvalidCombination" in got[("cnn", "layernorm_last")]["error"]
 
 
 def test_cli_writes_the_table(tmp_path: Path, monkeypatch) -> None:
@@ -70,6 +75,7 @@ def test_layers_get_their_shipped_options() -> None:
     assert shipped_options("groupnorm")["num_groups"] == 8  # divides the cnn's 16 channels
     assert shipped_options("native_groupnorm")["num_groups"] == 8
     assert "name" not in shipped_options("batchnorm")
+    assert shipped_options("weightnorm") == {"dim": 0}  # data_init*: run-level keys
     assert shipped_options("no_such_layer") == {}
 
 

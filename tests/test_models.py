@@ -100,6 +100,17 @@ def test_spatial_norm_on_dense_features_is_invalid(name: str) -> None:
         build_model(cfg(CNNConf, hidden=[32]), name, {}, (1, 8, 8), 10)
 
 
+@pytest.mark.parametrize("name", normzoo.list_norms(kind="last_dim"))
+def test_last_dim_norm_on_conv_feature_maps_is_invalid(name: str) -> None:
+    """A last-dim layer (layernorm_last, rmsnorm) would normalise a feature map's width: refused
+    before training, naming the layer and what to use; on dense features it applies."""
+    with pytest.raises(InvalidCombination, match="layernorm2d") as err:
+        build_model(cfg(CNNConf), name, {}, (1, 8, 8), 10)
+    assert "conv1" in str(err.value) and name in str(err.value)
+    model = build_model(cfg(MLPConf), name, {}, (1, 8, 8), 10)
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
 @pytest.mark.parametrize(
     "name", [n for n in ACTIVATION if "num_groups" in normzoo.get_norm(n).options()]
 )

@@ -28,6 +28,7 @@ from torch import nn
 from normzoo.bench.measure import ratio_spread
 from normzoo.bench.memory import saved_tensor_bytes
 from normzoo.bench.timing import Step, sync, time_interleaved
+from normzoo.config.schema import NORM_RESERVED_KEYS
 from normzoo.models import build_model, check_batch_size, count_parameters
 from normzoo.registry import get_norm, list_norms
 
@@ -96,7 +97,9 @@ def shipped_options(layer: str) -> dict[str, Any]:
         return {}
     options = OmegaConf.to_container(OmegaConf.load(path))
     assert isinstance(options, dict)
-    return {str(k): v for k, v in options.items() if k not in ("name", "defaults")}
+    # (the run-level keys, e.g. WeightNorm's data_init, are the training loop's, not the layer's)
+    return {str(k): v for k, v in options.items()
+            if k != "defaults" and k not in NORM_RESERVED_KEYS}  # fmt: skip
 
 
 @dataclass
