@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from normzoo.bench.measure import ratio_spread
 from normzoo.bench.memory import saved_tensor_bytes
 from normzoo.bench.timing import Step, sync, time_interleaved
-from normzoo.config.schema import NORM_RESERVED_KEYS
+from normzoo.config.options import norm_layer_options
 from normzoo.models import build_model, check_batch_size, count_parameters
 from normzoo.registry import get_norm, list_norms
 
@@ -95,11 +95,11 @@ def shipped_options(layer: str) -> dict[str, Any]:
     path = folder / "norm" / f"{layer}.yaml" if folder is not None else None
     if path is None or not path.is_file():
         return {}
-    options = OmegaConf.to_container(OmegaConf.load(path))
-    assert isinstance(options, dict)
-    # (the run-level keys, e.g. WeightNorm's data_init, are the training loop's, not the layer's)
-    return {str(k): v for k, v in options.items()
-            if k != "defaults" and k not in NORM_RESERVED_KEYS}  # fmt: skip
+    node = OmegaConf.load(path)
+    with open_dict(node):
+        node.pop("defaults", None)
+    # what a run's layer gets from this node (not the loop's keys, e.g. WeightNorm's data_init)
+    return norm_layer_options(OmegaConf.create({"norm": node}))
 
 
 @dataclass
