@@ -73,9 +73,9 @@ def test_groups_exist() -> None:
 @pytest.mark.parametrize("norm", normzoo.list_norms())
 def test_every_norm_composes_and_builds_a_model(hydra_conf, norm: str) -> None:
     # a last-dim layer applies to dense features (the cnn's feature maps refuse it: test_models)
-    model = ["model=mlp"] if normzoo.get_norm(norm).kind == "last_dim" else []
+    on_mlp = ["model=mlp"] if normzoo.get_norm(norm).kind == "last_dim" else []
     cfg = make(f"norm={norm}", "+norm_options.groupnorm.num_groups=8",
-               "+norm_options.native_groupnorm.num_groups=8", *model)  # fmt: skip
+               "+norm_options.native_groupnorm.num_groups=8", *on_mlp)  # fmt: skip
     validate(cfg)
     assert normzoo.get_norm(cfg.norm.name).name == norm
     model = build_model(cfg.model, cfg.norm.name, norm_layer_options(cfg), (1, 8, 8), 10)
