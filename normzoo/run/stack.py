@@ -267,18 +267,11 @@ def _fit_stack(
                 capture = _RenormCapture(renorm) if renorm and i == n_steps - 1 else None
                 xb = xs[i * batch_size : (i + 1) * batch_size].reshape(stacked_shape)
                 yb = ys[i * batch_size : (i + 1) * batch_size]
-                out = stacked(xb).view(batch_size, k, -1)  # (B, K, classes)
-                losses = F.cross_entropy(
-                    out.permute(0, 2, 1), yb, reduction="none", label_smoothing=smoothing
-                ).mean(0)  # (K,): each member's mean loss
+                out, losses = stacked_losses(stacked, xb, yb, smoothing)
                 values = losses.detach().cpu()
                 _mark_diverged(members, values, alive, step)
                 loss_sum += values.double()
-                opt.zero_grad()
-                torch.where(alive, losses, 0.0).sum().backward()
-                if clip > 0:
-                    opt.clip_(clip)
-                opt.step(lrs[step] * alive)
+                stacked_update(opt, losses, alive, clip, lrs[step])
                 correct += (out.detach().argmax(2) == yb).sum(0)
                 step += 1
             if device.type == "cuda":
@@ -293,6 +286,28 @@ def _fit_stack(
         torch.backends.mkldnn.enabled = mkldnn_before
     unstack_into([m.model for m in members], slots)
     return train_time, step
+
+
+def stacked_losses(
+    stacked: nn.Module, xb: Tensor, yb: Tensor, smoothing: float
+) -> tuple[Tensor, Tensor]:
+    """The stack's logits (B, K, classes) on ``xb`` (B, K * C, *S) and each member's mean
+    cross-entropy against ``yb`` (B, K): (K,)."""
+    out = stacked(xb).view(yb.shape[0], yb.shape[1], -1)
+    losses = F.cross_entropy(
+        out.permute(0, 2, 1), yb, reduction="none", label_smoothing=smoothing
+    ).mean(0)
+    return out, losses
+
+
+def stacked_update(opt: StackedSGD, losses: Tensor, alive: Tensor, clip: float, lr: Tensor) -> None:
+    """One SGD step of the members still ``alive`` (K,): backward of their summed losses (member
+    k's gradient in its own rows), clip per member, per-member learning rates ``lr`` (K,)."""
+    opt.zero_grad()
+    torch.where(alive, losses, 0.0).sum().backward()
+    if clip > 0:
+        opt.clip_(clip)
+    opt.step(lr * alive)
 
 
 class _RenormCapture:
