@@ -1,9 +1,11 @@
 """Where a stacked training step's time goes, and how far stacking could take the study (issue 17).
 
 For each model of the default study, the ghost sweep's members (BatchNorm and Batch Renorm at
-ghost batches 2, 4, 8, 16, 32 x ``--seeds`` seeds; with 3 seeds the members of two of its stacks)
-on random batches of the study's shape, milliseconds per SGD step (forward, cross-entropy,
-backward, per-member clip, SGD), one process, one thread, the variants interleaved, medians:
+ghost batches 2, 4, 8, 16, 32 x ``--seeds`` seeds) in ``--stacks`` stacks as the stacked launcher
+splits them (contiguous in the sweep's job order: ghost size, then norm, then seed; with 3 seeds
+and 2 stacks the study-speed run's stacks of 15), on random batches of the study's shape,
+milliseconds per SGD step of all members (forward, cross-entropy, backward, per-member clip, SGD),
+one process, one thread, the variants interleaved, medians:
 
 - ``single runs``: each member's own model and step, as ``normzoo.run.loop.fit`` takes it, summed;
 - ``stacked``: the stack as ``normzoo.run.stack`` trains it (the registry's layers, one segment per
@@ -43,28 +45,32 @@ from normzoo.registry import get_norm
 from normzoo.run.loop import make_optimizer
 from normzoo.run.stack import stacked_losses, stacked_update
 from normzoo.run.stack_model import Slot, StackedNorm, build_stack
+from normzoo.run.stack_plan import _split  # the launcher's own split of a bucket
 from normzoo.run.stack_sgd import StackedSGD
 
 MODELS = {"cnn": "cnn16", "mlp": "mlp"}
-CONFIGS = [(norm, ghost) for norm in ("batchnorm", "batchrenorm") for ghost in (2, 4, 8, 16, 32)]
+CONFIGS = [(norm, ghost) for ghost in (2, 4, 8, 16, 32) for norm in ("batchnorm", "batchrenorm")]
 VARIANTS = ("single runs", "stacked", "stacked, torch's fused BatchNorm", "stacked, no norm",
             "single runs, no norm")  # fmt: skip
 
 
-def _members(model: str, seeds: int, norm_none: bool) -> tuple[list[nn.Module], list, object]:
+def _members(
+    model: str, configs: list[tuple[str, int]], seeds: int
+) -> tuple[list[nn.Module], list, object]:
     """The members' models (each built after ``manual_seed(seed)``, as a run builds it), their
     stack segments, and one member's config."""
     models, segments, cfg0 = [], [], None
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for norm, ghost in [("none", 0)] if norm_none else CONFIGS:
+        for norm, ghost in configs:
             over = ["experiment=digits", f"model={MODELS[model]}", f"norm={norm}"]
-            over += [] if norm_none else [f"norm.ghost_batch_size={ghost}"]
+            over += [f"norm.ghost_batch_size={ghost}"] if ghost else []
             cfg = compose("config", overrides=over)
             options = norm_layer_options(cfg, explicit_norm_keys(over))
-            segments.append(
-                (get_norm(norm).name, options, seeds * (len(CONFIGS) if norm_none else 1))
-            )
-            for seed in range(seeds * (len(CONFIGS) if norm_none else 1)):
+            if segments and segments[-1][:2] == (get_norm(norm).name, options):
+                segments[-1] = (*segments[-1][:2], segments[-1][2] + seeds)
+            else:
+                segments.append((get_norm(norm).name, options, seeds))
+            for seed in range(seeds):
                 torch.manual_seed(seed)
                 models.append(build_model(cfg.model, norm, options, (1, 16, 16), 10))
             cfg0 = cfg
@@ -84,11 +90,13 @@ def _fused_batchnorm(stacked: nn.Sequential, slots: list[Slot], k: int) -> list[
     return kept
 
 
-def _steps(model: str, seeds: int, batch: int) -> dict[str, Callable[[], None]]:
-    """One SGD step of each variant, as a callable (on fixed random batches)."""
+def _stack_steps(model: str, configs: list[tuple[str, int]], seeds: int, batch: int):
+    """One SGD step of one stack of ``configs`` x ``seeds`` in each variant, as callables (on
+    fixed random batches); ``norm=none`` members for the no-norm variants."""
     fns: dict[str, Callable[[], None]] = {}
     for norm_none in (False, True):
-        models, segments, cfg = _members(model, seeds, norm_none)
+        plain = [("none", 0)] * len(configs) if norm_none else configs
+        models, segments, cfg = _members(model, plain, seeds)
         k = len(models)
         suffix = ", no norm" if norm_none else ""
         x = torch.randn(batch, k, 1, 16, 16)  # (B, K, *sample): member i's batch is x[:, i]
@@ -122,7 +130,26 @@ def _steps(model: str, seeds: int, batch: int) -> dict[str, Callable[[], None]]:
                 stacked_update(opt, losses, alive, clip, lr)
 
             fns[name] = stack
-    return {name: fns[name] for name in VARIANTS}
+    return fns
+
+
+def _steps(model: str, seeds: int, stacks: int, batch: int) -> dict[str, Callable[[], None]]:
+    """One SGD step of every member in each variant: the stacks' callables one after another."""
+    parts = [
+        _stack_steps(model, configs, seeds, batch)
+        for configs in [
+            [CONFIGS[i] for i in part] for part in _split(list(range(len(CONFIGS))), stacks)
+        ]
+    ]
+
+    def chain(name: str) -> Callable[[], None]:
+        def f() -> None:
+            for part in parts:
+                part[name]()
+
+        return f
+
+    return {name: chain(name) for name in VARIANTS}
 
 
 def median_ms(fns: dict[str, Callable[[], None]], repeats: int, steps: int) -> dict[str, float]:
@@ -163,6 +190,7 @@ def _bound(study_speed: Path, ratios: dict[str, dict[str, float]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--stacks", type=int, default=2, help="stacks a model's members are in")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20, help="steps a variant in each round")
@@ -174,16 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     started = now_utc()
     rows, ratios = [], {}
     for model in args.models:
-        got = median_ms(_steps(model, args.seeds, args.batch), args.repeats, args.steps)
+        got = median_ms(
+            _steps(model, args.seeds, args.stacks, args.batch), args.repeats, args.steps
+        )
         ratios[model] = {v: got[v] / got["stacked"] for v in VARIANTS}
-        k = args.seeds * len(CONFIGS)
-        rows.append(f"| {model} | {k} | " + " | ".join(f"{got[v]:.1f}" for v in VARIANTS) + " |")
+        sizes = [args.seeds * len(c) for c in _split(CONFIGS, args.stacks)]
+        rows.append(f"| {model} | {' + '.join(map(str, sizes))} | "
+                    + " | ".join(f"{got[v]:.1f}" for v in VARIANTS) + " |")  # fmt: skip
     lines = [
         "# A stacked step and its floor (`python -m scripts.stack_floor`)", "",
         f"{started}, revision {git_revision(short=True) or 'unknown'}, {cpu_model()}, torch "
         f"{torch.__version__}, 1 thread; batch {args.batch}, medians of {args.repeats} rounds of "
-        f"{args.steps} steps a variant, interleaved. Milliseconds per step of all K members.", "",
-        "| model | K | " + " | ".join(VARIANTS) + " |",
+        f"{args.steps} steps a variant, interleaved. Milliseconds per step of all members.", "",
+        "| model | members (stacks) | " + " | ".join(VARIANTS) + " |",
         "|---|---|" + "---|" * len(VARIANTS),
         *rows,
     ]  # fmt: skip

@@ -27,7 +27,7 @@ def test_stack_floor_writes_every_variant_and_the_bound(tmp_path: Path) -> None:
     for variant in ("single runs", "stacked", "torch's fused BatchNorm", "no norm"):
         assert variant in header
     row = next(line for line in lines if line.startswith("| mlp |")).split("|")
-    assert row[2].strip() == "10"  # BN and BRN x 5 ghost sizes x 1 seed
+    assert row[2].strip() == "5 + 5"  # BN and BRN x 5 ghost sizes x 1 seed, in 2 stacks
     assert all(float(cell) > 0 for cell in row[3:-1])
     # as measured: 40 core-s unstacked vs 20 stacked; free training steps leave the 10 outside
     assert "| stacked | 40 | 20 | 2.00x |" in lines
