@@ -14,12 +14,12 @@ from normzoo.plotting import new_figure, save_figure
 
 __all__ = ["FLOOR_NOTE", "write_report"]
 
-#: the floor as issue 17 measured it (the earlier fixed-epoch study; not re-measured here)
+#: where this grid's floor is measured (scripts/stack_floor.py reads this report's CSV)
 FLOOR_NOTE = (
-    "Floor estimate (issue 17, measured for the earlier fixed-epoch study, 514 core-s at 1.14 "
-    "runs/s): the convolutions and matmuls alone with torch's kernels were about 60 core-s, the "
-    "whole study with the elementwise work and diagnostics about 40-60 s wall on 2 cores "
-    "(5-7 runs/s). Not re-measured for this grid."
+    "Floor, measured for this grid: [stack_floor.md](stack_floor.md) (`python -m "
+    "scripts.stack_floor --study-speed study_speed_stacked.csv`) times a stacked step against the "
+    "same stack with torch's fused BatchNorm and with no normalisation at all, and states this "
+    "table's run time at each speed."
 )
 
 
