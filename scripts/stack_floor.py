@@ -217,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         "| model | members (stacks) | " + " | ".join(VARIANTS) + " |",
         "|---|---|" + "---|" * len(VARIANTS),
         *rows,
+        "",
+        *[f"{m}: a stack trains its members {r['single runs']:.2f}x as fast as single runs; the "
+          f"normalisation layers take {1 - r['stacked, no norm']:.0%} of its step (torch's fused "
+          f"BatchNorm in their place: {1 - r['stacked, no norm'] / r[VARIANTS[2]]:.0%} of that "
+          "step)." for m, r in ratios.items()],
     ]  # fmt: skip
     if args.study_speed is not None:
         lines += _bound(args.study_speed, ratios)
