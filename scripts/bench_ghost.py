@@ -1,9 +1,10 @@
-"""Ghost batches on CPU: the current code vs the composed formulas it replaced, forward + backward.
+"""Ghost batches on CPU: the current code vs the routes it replaced, forward + backward.
 
-``ghost_batch_norm`` (BatchNorm / Batch Renorm over ghost batches: plain BatchNorm over (ghost
-batch, channel) pairs) against the formula before it (``normzoo.testing.ghost_reference``: var_mean and autograd on
-the (K, G, C, *S) views), and ``batch_moments`` (mean-only BN, BatchInstanceNorm, SwitchableNorm)
-against its var_mean form. One process, float32, one thread, the two sides interleaved (the order
+``ghost_batch_norm`` (BatchNorm / Batch Renorm over ghost batches: BatchNorm's Function on the
+(K, G, C, R) view) against the route before it (the same Function over (ghost batch, channel)
+pairs, a rearranged copy: ``ghost_batch_norm(..., _pairs_only=True)``), and ``batch_moments``
+(mean-only BN, BatchInstanceNorm, SwitchableNorm) against its var_mean form
+(``normzoo.testing.ghost_reference``). One process, float32, one thread, the two sides interleaved (the order
 alternating), medians of ``--repeats`` timed calls; also the max absolute difference of the outputs
 and the grads (input, gamma, beta) in float32 and float64. Writes markdown to ``--out``. From the
 checkout's root (``-m``: the checkout's own normzoo, which the script checks)::
@@ -28,7 +29,7 @@ from normzoo.files import write_text_atomic
 from normzoo.markdown import md_table
 from normzoo.norms._ghost import batch_moments, ghost_batch_norm
 from normzoo.provenance import cpu_model, git_dirty, git_revision, now_utc, source_root
-from normzoo.testing.ghost_reference import composed_ghost_batch_norm, var_mean_batch_moments
+from normzoo.testing.ghost_reference import var_mean_batch_moments
 
 #: one model's layer inputs in the default study, and a stack of models trained as one (K * C)
 SHAPES = [(32, 16, 8, 8), (32, 32, 4, 4), (32, 32, 2, 2), (32, 128)]
@@ -134,7 +135,7 @@ def main() -> int:
         for size in GHOSTS:
             for label, renorm in (("BN", False), ("BRN", True)):
                 make = functools.partial(norm_step, size=size, renorm=renorm)
-                fns = (composed_ghost_batch_norm, ghost_batch_norm)
+                fns = (functools.partial(ghost_batch_norm, _pairs_only=True), ghost_batch_norm)
                 norm_rows.append(row(shape, size, label, make, fns, args.repeats))
                 print(*norm_rows[-1], flush=True)
             make = functools.partial(moments_step, size=size)
@@ -163,10 +164,13 @@ def main() -> int:
             "",
             "## ghost_batch_norm: BatchNorm (BN) and Batch Renorm (BRN)",
             "",
-            "Before: var_mean and autograd on the (K, G, C, *S) views (normzoo 867afca, copied into "
-            "the script with the ghost_views of then). Now: plain BatchNorm's Function over the "
-            "(ghost batch, channel) pairs (`normzoo.norms._ghost`). Grads: x, gamma, beta; Batch "
-            "Renorm with limits (1.2, 0.3) that clip part of the pairs. At ghost size 2 on "
+            "Before: BatchNorm's Function over the (ghost batch, channel) pairs, a rearranged copy "
+            "(G, K * C, *S) of x with gamma, beta and the moving statistics repeated K times "
+            "(normzoo b5c7d5c; `ghost_batch_norm(..., _pairs_only=True)`, the route channels-last "
+            "input still takes). Now: the same Function on the (K, G, C, R) view of x, the "
+            "vectors (C,) broadcast (`normzoo.norms._ghost`). (The pairs route against the "
+            "composed var_mean and autograd before it: this file at b5c7d5c.) Grads: x, gamma, "
+            "beta; Batch Renorm with limits (1.2, 0.3) that clip part of the pairs. At ghost size 2 on "
             "(32, 128), (32, 960, 2, 2) and (32, 3840) (2 to 8 values per pair) some pair has "
             "mean^2 / var > 64, so the Function takes its centred fallback (one more pass each "
             "way); the smallest inputs pay the Function's fixed per-call cost.",

@@ -1,7 +1,9 @@
-"""Ghost BatchNorm / Batch Renorm as plain BatchNorm over (ghost batch, channel) pairs
-(``normzoo.norms._ghost.ghost_batch_norm``) equals the composed formula it replaced: var_mean and
-autograd on the (K, G, C, *S) views (``normzoo.testing.ghost_reference``). Outputs, the grads of the input
-and the parameters, the running statistics over a few steps and Batch Renorm's diagnostics."""
+"""Ghost BatchNorm / Batch Renorm through the BatchNorm Function (``normzoo.norms._ghost.
+ghost_batch_norm``: on the (K, G, C, R) view itself for contiguous input, over (ghost batch,
+channel) pairs for channels-last input and a remainder) equals the composed formula it replaced:
+var_mean and autograd on the (K, G, C, *S) views (``normzoo.testing.ghost_reference``). Outputs,
+the grads of the input and the parameters, the running statistics over a few steps and Batch
+Renorm's diagnostics."""
 
 from __future__ import annotations
 
@@ -59,11 +61,13 @@ def _steps(layer: torch.nn.Module, shape: tuple[int, ...], layout: str | None, d
 
 
 def _both(monkeypatch, name: str, size: int, shape, layout, dtype) -> tuple[list, list, list]:
-    calls: list[int] = []
+    calls: list[tuple[str, int]] = []  # (route, (ghost batch, channel) pairs) per Function call
     real = ghost._batch_norm_apply
 
     def counted(*args):
-        calls.append(args[0].shape[1])
+        view = len(args) > 7 and args[7]
+        x = args[0]
+        calls.append(("view", x.shape[0] * x.shape[2]) if view else ("pairs", x.shape[1]))
         return real(*args)
 
     monkeypatch.setattr(ghost, "_batch_norm_apply", counted)
@@ -76,14 +80,17 @@ def _both(monkeypatch, name: str, size: int, shape, layout, dtype) -> tuple[list
 @pytest.mark.parametrize("layout", list(SHAPES))
 @pytest.mark.parametrize("size", [4, 5], ids=["no-remainder", "remainder"])
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_pairs_path_equals_the_composed_formula_float64(
+def test_ghost_path_equals_the_composed_formula_float64(
     monkeypatch, name: str, size: int, layout: str
 ) -> None:
     """N = 12: ghost size 4 is three full ghost batches (one call of the BatchNorm Function on
-    3 * C pairs), 5 is two and a remainder of 2 (a second call on C channels)."""
+    3 * C pairs: on the view, or on a copy as pairs for channels-last input), 5 is two and a
+    remainder of 2 (a second call on C channels, whose pairs are a view)."""
     shape, memory = SHAPES[layout]
     fast, old, calls = _both(monkeypatch, name, size, shape, memory, torch.float64)
-    assert calls == [3 * C] * STEPS if size == 4 else [2 * C, C] * STEPS
+    full = "pairs" if memory == "cl" else "view"
+    expected = [(full, 3 * C)] if size == 4 else [(full, 2 * C), ("pairs", C)]
+    assert calls == expected * STEPS
     for step_fast, step_old in zip(fast, old, strict=True):
         for a, b in zip(step_fast, step_old, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -94,7 +101,7 @@ def test_pairs_path_equals_the_composed_formula_float64(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_pairs_path_equals_the_composed_formula_in_low_precision(
+def test_ghost_path_equals_the_composed_formula_in_low_precision(
     monkeypatch, name: str, dtype: torch.dtype
 ) -> None:
     """float32 to float32 rounding; half input is computed in float32, as before (its output
@@ -217,3 +224,32 @@ def test_ghost_batches_under_torch_fx() -> None:
     torch.testing.assert_close(traced(x), eager(x), rtol=0, atol=0)
     layer = traced.get_submodule("0")
     torch.testing.assert_close(layer.running_var, eager[0].running_var, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("renorm", [False, True], ids=["bn", "brn"])
+@pytest.mark.parametrize("shape", [(12, C), (12, C, 3, 2)], ids=["2d", "4d"])
+def test_view_route_equals_the_pairs_route(shape, renorm: bool, dtype: torch.dtype) -> None:
+    """The (K, G, C, R) view and the rearranged (ghost batch, channel) pairs it replaced give the
+    same outputs, statistics, Batch Renorm extras and grads (gamma's and beta's summed over the
+    ghost batches on the view, through the repeat on the pairs), to rounding."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+    weight, bias = torch.rand(C, dtype=dtype) + 0.5, torch.randn(C, dtype=dtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    moving = None
+    if renorm:  # limits that clip some pairs
+        moving = (torch.tensor([0.5, -0.5, 1.0], dtype=dtype),
+                  torch.tensor([0.3, 2.0, 1.0], dtype=dtype), torch.tensor([1.5, 0.5], dtype=dtype))  # fmt: skip
+    results = []
+    for pairs_only in (False, True):
+        inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        y, mean, var, extra = ghost.ghost_batch_norm(
+            *inputs, 1e-5, 4, moving, _pairs_only=pairs_only
+        )
+        y.backward(dy)
+        results.append([y.detach(), mean, var, *extra, *(t.grad for t in inputs)])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(*results, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -87,14 +87,17 @@ def batch_norm_double_backward(
     r: Tensor | None,
     d: Tensor | None,
     eps: float,
+    grouped: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dgamma, dbeta) of training-mode BatchNorm / Batch Renorm, differentiable again: the
     forward y = gamma * ((x - mean) / sqrt(var + eps) * r + d) + beta (batch mean and biased
     variance over N and the spatial dims; r, d constants, absent for BatchNorm) recomputed with
-    autograd ops (in float32 for half-precision input). ``ctx.needs_input_grad`` picks the grads."""
+    autograd ops (in float32 for half-precision input). ``ctx.needs_input_grad`` picks the grads.
+    ``grouped``: x is a (K, G, C, R) view of K ghost batches, statistics over G and R, r and d
+    (K, C), gamma (C,)."""
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dims = [0, *range(2, x.dim())]
-    view = (-1,) + (1,) * (x.dim() - 2)
+    dims = [1, 3] if grouped else [0, *range(2, x.dim())]
+    view = (-1, 1, x.shape[2], 1) if grouped else (-1,) + (1,) * (x.dim() - 2)
 
     def forward() -> Tensor:
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -108,7 +111,8 @@ def batch_norm_double_backward(
 
     wanted = [x if need_x else None, weight if need_w else None]
     dx, dweight = vjp_by_autograd(forward, wanted, dy)
-    return dx, dweight, dy.sum(dims) if need_b else None
+    dbias = (dy.sum(dims).sum(0) if grouped else dy.sum(dims)) if need_b else None
+    return dx, dweight, dbias
 
 
 def group_norm_double_backward(

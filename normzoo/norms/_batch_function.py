@@ -19,27 +19,49 @@ from normzoo.norms._base import _batch_norm_scale, _graph_mode, _scale_and_offse
 __all__: list[str] = []
 
 
-def _reduce_dims(x: Tensor) -> list[int]:
-    """The axes a batch-statistics layer reduces over: N and every spatial dim."""
-    return [0, *range(2, x.dim())]
+def _reduce_dims(x: Tensor, grouped: bool = False) -> list[int]:
+    """The axes a batch-statistics layer reduces over: N and every spatial dim; for a
+    ``grouped`` (K, G, C, R) view of K ghost batches, G and R (statistics per (K, C))."""
+    return [1, 3] if grouped else [0, *range(2, x.dim())]
 
 
-def _values_per_channel(x: Tensor) -> int:
-    """m = N * prod(S), the number of values each channel's statistics are taken over."""
+def _values_per_channel(x: Tensor, grouped: bool = False) -> int:
+    """m = N * prod(S) (``grouped``: G * R), the values each channel's statistics are over."""
+    if grouped:
+        return x.shape[1] * x.shape[3]
     return x.numel() // x.shape[1] if x.numel() else 0
 
 
-def _channel_view(t: Tensor, x: Tensor) -> Tensor:
-    """A per-channel vector (C,) shaped (C, 1, ..., 1) to broadcast against (N, C, *S)."""
+def _channel_view(t: Tensor, x: Tensor, grouped: bool = False) -> Tensor:
+    """A per-channel vector (C,) shaped (C, 1, ..., 1) to broadcast against (N, C, *S); for a
+    ``grouped`` (K, G, C, R) view a (K, C) statistic shaped (K, 1, C, 1), a parameter (C,)
+    (1, 1, C, 1)."""
+    if grouped:
+        return t.view(-1, 1, x.shape[2], 1)
     return t.view(-1, *([1] * (x.dim() - 2)))
 
 
-def _affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+def _summed_over_ghosts(t: Tensor, grouped: bool) -> Tensor:
+    """A parameter's grad (C,) from its (K, C) per-(ghost batch, channel) terms (``grouped``)."""
+    return t.sum(0) if grouped else t
+
+
+def _channels_inner(x: Tensor, grouped: bool) -> bool:
+    """Whether the channels are innermost in memory (then addcmul's broadcast vectorises)."""
+    if grouped:
+        return x.shape[3] == 1 or x.stride(2) == 1
+    return x.dim() == 2 or x.stride(1) == 1
+
+
+def _affine_into(
+    out: Tensor, x: Tensor, scale: Tensor, shift: Tensor, grouped: bool = False
+) -> Tensor:
     """out = x * scale + shift with per-channel (C,) ``scale`` and ``shift``, written into ``out``."""
-    if x.dim() == 2 or x.stride(1) == 1:  # channels innermost in memory: addcmul vectorises
-        return torch.addcmul(_channel_view(shift, x), x, _channel_view(scale, x), out=out)
+    s, b = _channel_view(scale, x, grouped), _channel_view(shift, x, grouped)
+    if _channels_inner(x, grouped):  # channels innermost in memory: addcmul vectorises
+        return torch.addcmul(b, x, s, out=out)
     # NC(S) layout: addcmul with two broadcast operands takes a slow scalar loop; mul + add_ do not
-    return torch.mul(x, _channel_view(scale, x), out=out).add_(_channel_view(shift, x))
+    return torch.mul(x, s, out=out).add_(b)
 
 
 #: One-pass sums lose about log2(1 + mean^2 / var) bits to cancellation; above this ratio in any
@@ -47,10 +69,13 @@ def _affine_into(out: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor
 _CANCELLATION_LIMIT = 64.0
 
 
-def _batch_stats(x: Tensor, m: int, scratch: Tensor | None) -> tuple[Tensor, Tensor, bool]:
+def _batch_stats(
+    x: Tensor, m: int, scratch: Tensor | None, grouped: bool = False
+) -> tuple[Tensor, Tensor, bool]:
     """Per-channel batch mean and biased variance of ``x`` (N, C, *S), and whether the backward pass
     must centre ``x`` before its reductions. ``scratch`` (like x) is overwritten; None (the
-    torch.func form) takes ``torch.var_mean``.
+    torch.func form) takes ``torch.var_mean``. ``grouped``: x is a (K, G, C, R) view of K ghost
+    batches and the statistics are per (ghost batch, channel), (K, C) (:func:`_reduce_dims`).
 
     On CPU in eager mode the fast route is two plain sums, ``sum(x)`` and ``sum(x * x)`` (torch's
     vectorised sum is ~10x faster there than ``torch.var_mean``'s Welford loop; sum(x * x) is a
@@ -63,7 +88,7 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor | None) -> tuple[Tensor, Ten
     (Small inputs do not come here: the modules give them to
     :class:`~normzoo.norms._small.SmallBatchNorm`.)
     """
-    dims = _reduce_dims(x)
+    dims = _reduce_dims(x, grouped)
     if scratch is None or x.device.type != "cpu" or torch.compiler.is_compiling():
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         return mean, var, True
@@ -71,16 +96,18 @@ def _batch_stats(x: Tensor, m: int, scratch: Tensor | None) -> tuple[Tensor, Ten
         x = x.float()
         scratch = torch.empty_like(x)
     mean = x.sum(dims).div_(m)
-    if x.dim() > 2 and x.is_contiguous():  # (N*C, prod(S)) rows: a vectorised norm, no x * x pass
-        rows = torch.linalg.vector_norm(x.view(x.shape[0] * x.shape[1], -1), dim=1)
-        mean_sq_x = torch.mul(rows, rows).view(x.shape[0], -1).sum(0).div_(m)  # E[x^2]
+    if x.is_contiguous() and (x.shape[3] > 1 if grouped else x.dim() > 2):
+        # rows of the spatial values: a vectorised norm, no x * x pass
+        rows = torch.linalg.vector_norm(x.view(-1, m // x.shape[1 if grouped else 0]), dim=1)
+        sq = torch.mul(rows, rows).view(x.shape[:3] if grouped else x.shape[:2])
+        mean_sq_x = sq.sum(1 if grouped else 0).div_(m)  # E[x^2]
     else:
         mean_sq_x = torch.mul(x, x, out=scratch).sum(dims).div_(m)
     var = torch.addcmul(mean_sq_x, mean, mean, value=-1)
     # var - mean^2 / L < 0  <=>  mean^2 / var > L (also catches a var < 0 from rounding)
     if torch.addcmul(var, mean, mean, value=-1.0 / _CANCELLATION_LIMIT).min().item() >= 0:
         return mean, var, False
-    centred = torch.sub(x, _channel_view(mean, x), out=scratch)
+    centred = torch.sub(x, _channel_view(mean, x, grouped), out=scratch)
     return mean, centred.square_().sum(dims).div_(m), True
 
 
@@ -89,10 +116,10 @@ def _batch_norm_function_double_backward(
 ) -> tuple[Tensor | None, ...]:
     """:class:`_BatchNormFunction`'s backward under ``create_graph`` (differentiable again)."""
     if dy is None:
-        return (None,) * 7
+        return (None,) * 8
     x, _, _, r, d, weight = ctx.saved_tensors
-    grads = batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps)
-    return (*grads, None, None, None, None)
+    grads = batch_norm_double_backward(ctx, dy, x, weight, r, d, ctx.eps, ctx.grouped)
+    return (*grads, None, None, None, None, None)
 
 
 def _batch_norm_forward(
@@ -103,30 +130,31 @@ def _batch_norm_forward(
     ref_mean: Tensor | None = None,
     ref_var: Tensor | None = None,
     limits: Tensor | None = None,
+    grouped: bool = False,
     functional: bool = False,
 ) -> tuple[tuple[Tensor, ...], Tensor, bool]:
     """:class:`_BatchNormFunction`'s forward: its outputs, invstd and whether x was centred.
     ``functional``: no ``out=`` and no host read (torch.func: vmap has no batching rule for
     them, and under ``grad`` the forward runs with autograd on)."""
-    m = _values_per_channel(x)
+    m = _values_per_channel(x, grouped)
     y = None if functional else torch.empty_like(x)
-    mean, var, centred = _batch_stats(x, m, scratch=y)
+    mean, var, centred = _batch_stats(x, m, y, grouped)
     invstd = torch.rsqrt(var + eps)
     g, offset, _, _, extra = _scale_and_offset(
         invstd, mean, weight, bias, eps, ref_mean, ref_var, limits
     )
     if functional:
-        y = (x - _channel_view(mean, x)) * _channel_view(g, x)
-        y = y if offset is None else y + _channel_view(offset, x)
+        y = (x - _channel_view(mean, x, grouped)) * _channel_view(g, x, grouped)
+        y = y if offset is None else y + _channel_view(offset, x, grouped)
     elif centred:  # |mean| >> std: x * g + (offset - mean * g) would cancel; centre first
-        torch.sub(x, _channel_view(mean, x), out=y)
+        torch.sub(x, _channel_view(mean, x, grouped), out=y)
         if offset is None:
-            y.mul_(_channel_view(g, x))
+            y.mul_(_channel_view(g, x, grouped))
         else:
-            _affine_into(y, y, g, offset)
+            _affine_into(y, y, g, offset, grouped)
     else:
         shift = -mean * g if offset is None else torch.addcmul(offset, mean, g, value=-1)
-        _affine_into(y, x, g, shift)
+        _affine_into(y, x, g, shift, grouped)
     assert y is not None
     return (y, mean, var, *extra), invstd, centred
 
@@ -139,13 +167,14 @@ def _save_for_batch_norm_backward(
     outputs: tuple[Tensor, ...],
     invstd: Tensor,
     centred: bool,
+    grouped: bool,
 ) -> None:
     """What :meth:`_BatchNormFunction.backward` reads: x, mean, invstd, r, d, gamma (g is
     recomputed); mean, var (, r, d and the clip fractions) get no gradient."""
     _, mean, var, *extra = outputs
     r, d = (extra[2], extra[3]) if extra else (None, None)
     ctx.set_materialize_grads(False)  # mean, var (, r, d) get no gradient: skip their zeros
-    ctx.centred, ctx.eps = centred, eps
+    ctx.centred, ctx.eps, ctx.grouped = centred, eps, grouped
     ctx.save_for_backward(x, mean, invstd, r, d, weight)
     ctx.mark_non_differentiable(mean, var, *extra)
 
@@ -159,7 +188,10 @@ class _BatchNormFunction(torch.autograd.Function):
     ``[rmax, dmax]``) returns ``(y, mean, var, clip_fraction_r, clip_fraction_d, r, d)``: also the
     fractions of channels whose r resp. d was clipped, and r, d themselves (returning r and d keeps
     torch.compile from recomputing their sqrt/rsqrt/clamp chain inside the backward's per-element
-    loop, which made it ~1.5x slower). With x_hat = (x - mean) * invstd,
+    loop, which made it ~1.5x slower). An eighth argument ``grouped=True`` takes x as a (K, G, C,
+    R) view of K ghost batches of G samples (``normzoo.norms._ghost``): the same formulas per
+    (ghost batch, channel) pair, whose statistics (and r, d) are (K, C) while gamma, beta and
+    the moving statistics stay (C,) (their grads sum over the ghost batches). With x_hat = (x - mean) * invstd,
     invstd = 1 / sqrt(var + eps)::
 
         y = gamma * x_hat + beta                                   (BatchNorm)
@@ -199,46 +231,53 @@ class _BatchNormFunction(torch.autograd.Function):
         ref_mean: Tensor | None = None,
         ref_var: Tensor | None = None,
         limits: Tensor | None = None,
+        grouped: bool = False,
     ) -> tuple[Tensor, ...]:
         outputs, invstd, centred = _batch_norm_forward(
-            x, weight, bias, eps, ref_mean, ref_var, limits
+            x, weight, bias, eps, ref_mean, ref_var, limits, grouped
         )
-        _save_for_batch_norm_backward(ctx, x, weight, eps, outputs, invstd, centred)
+        _save_for_batch_norm_backward(ctx, x, weight, eps, outputs, invstd, centred, grouped)
         return outputs
 
     @staticmethod
     @hand_written_backward(_batch_norm_function_double_backward)
     def backward(ctx: Any, dy: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         if dy is None:  # grads are not materialised: y did not take part in the loss
-            return (None,) * 7
+            return (None,) * 8
         x, mean, invstd, r, d, weight = ctx.saved_tensors
+        grouped = ctx.grouped
         g = _batch_norm_scale(invstd, weight, r)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dims = _reduce_dims(x)
-        k = -1.0 / _values_per_channel(x)
+        dims = _reduce_dims(x, grouped)
+        k = -1.0 / _values_per_channel(x, grouped)
         sum_dy = dy.sum(dims)
         dx = dweight = None
         if ctx.centred and (need_x or need_w):
-            xc = x - _channel_view(mean, x)  # becomes dx
+            xc = x - _channel_view(mean, x, grouped)  # becomes dx
             dot = torch.mul(dy, xc).sum(dims).mul_(invstd)
             if need_w:
                 dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
+                dweight = _summed_over_ghosts(dweight, grouped)
             if need_x:  # dx = g * (dy + k * (sum_dy + (x - mean) * invstd * dot)): five ops
-                t = xc.mul_(_channel_view(invstd * dot, x)).add_(_channel_view(sum_dy, x))
+                t = xc.mul_(_channel_view(invstd * dot, x, grouped))
+                t = t.add_(_channel_view(sum_dy, x, grouped))
                 # (no out= under torch.compile: dynamo rejects a non-contiguous out; nor vmap)
                 out = None if _graph_mode() else t
-                dx = torch.add(dy, t, alpha=k, out=out).mul_(_channel_view(g, x))
+                dx = torch.add(dy, t, alpha=k, out=out).mul_(_channel_view(g, x, grouped))
         elif need_x or need_w:
             buf = torch.empty_like(x)  # first holds dy * x, then becomes dx
             dot = torch.mul(dy, x, out=buf).sum(dims)
             dot = torch.addcmul(dot, mean, sum_dy, value=-1).mul_(invstd)
             if need_w:
                 dweight = dot if r is None else torch.addcmul(r * dot, d, sum_dy)
+                dweight = _summed_over_ghosts(dweight, grouped)
             if need_x:
                 a = (g * invstd).mul_(dot).mul_(k)
                 b = (g * sum_dy).mul_(k).addcmul_(a, mean, value=-1)
-                dx = _affine_into(buf, x, a, b).addcmul_(dy, _channel_view(g, x))
-        return dx, dweight, sum_dy if need_b else None, None, None, None, None
+                dx = _affine_into(buf, x, a, b, grouped)
+                dx = dx.addcmul_(dy, _channel_view(g, x, grouped))
+        dbias = _summed_over_ghosts(sum_dy, grouped) if need_b else None
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 class _BatchNormFunctionForTransforms(_BatchNormFunction):
@@ -259,17 +298,19 @@ class _BatchNormFunctionForTransforms(_BatchNormFunction):
         ref_mean: Tensor | None = None,
         ref_var: Tensor | None = None,
         limits: Tensor | None = None,
+        grouped: bool = False,
     ) -> tuple[Any, ...]:
         outputs, invstd, centred = _batch_norm_forward(
-            x, weight, bias, eps, ref_mean, ref_var, limits, functional=True
+            x, weight, bias, eps, ref_mean, ref_var, limits, grouped, functional=True
         )
         return (*outputs, invstd, centred)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         x, weight, _, eps = inputs[:4]
+        grouped = bool(inputs[7]) if len(inputs) > 7 else False
         *outputs, invstd, centred = output
-        _save_for_batch_norm_backward(ctx, x, weight, eps, tuple(outputs), invstd, centred)
+        _save_for_batch_norm_backward(ctx, x, weight, eps, tuple(outputs), invstd, centred, grouped)
         ctx.mark_non_differentiable(*outputs[1:], invstd)  # (a superset of the call above's)
 
 

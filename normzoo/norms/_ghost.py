@@ -16,15 +16,18 @@ the target is the expectation of the statistics a ghost batch normalises with (t
 variance, as BatchNorm stores). Hoffer et al. fold the ghost batches into the EMA sequentially; with
 momentum ``m`` that is close to one update with ``1 - (1 - m)^K``, i.e. a K-times faster EMA.
 
-Ghost BatchNorm / Batch Renorm (:func:`ghost_batch_norm`) is plain BatchNorm on a rearranged
-input: the K full ghost batches of G samples of x (N, C, *S) are the G samples of an input
-(G, K * C, *S) whose channel k * C + c is channel c of ghost batch k, with gamma, beta (and Batch
-Renorm's moving statistics) repeated K times; BatchNorm's hand-derived autograd Function
-(``normzoo.norms._batch_function``) normalises it in one call (autograd sums the repeated
-parameters' grads back), and a smaller last ghost batch in a second call of its own. Measured on
-CPU (``reports/bench/ghost_fast_path.md``), forward + backward against var_mean and autograd on a
-(K, G, C, *S) view: 1.8-5.3x faster for stacked models (K * C in the thousands), 0.9-1.6x for
-one model's small inputs (where each op costs its dispatch, and the Function has more of them).
+Ghost BatchNorm / Batch Renorm (:func:`ghost_batch_norm`) is plain BatchNorm per (ghost batch,
+channel) pair, by BatchNorm's hand-derived autograd Function (``normzoo.norms._batch_function``)
+in one call for the K full ghost batches of G samples: on the (K, G, C, R) view of a contiguous
+x (N, C, *S) itself (R = prod(S); statistics over G and R, (K, C) of them; gamma, beta and Batch
+Renorm's moving statistics (C,) broadcast), no copy of x, y or the grads. A channels-last input
+is first rearranged (a copy) into (G, K * C, *S), channel k * C + c being channel c of ghost
+batch k, with the per-channel vectors repeated K times (autograd sums their grads back); a
+smaller last ghost batch gets a second call of its own. Measured on CPU
+(``reports/bench/ghost_fast_path.md``, ``python -m scripts.bench_ghost``): the view route is
+1.2-1.5x faster forward + backward than the rearranged one it replaced at the default study's
+shapes, one model's and a stack's; that one was 1.8-5.3x faster for stacked models than the
+composed var_mean and autograd on the views before it.
 The autograd layers' :func:`batch_moments` take the (K, G, C, *S) view.
 """
 
@@ -101,6 +104,8 @@ def ghost_batch_norm(
     eps: float,
     size: int,
     moving: tuple[Tensor, Tensor, Tensor] | None = None,
+    *,
+    _pairs_only: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
     r"""BatchNorm (``moving`` None) or Batch Renorm over ghost batches of ``size`` samples.
 
@@ -116,21 +121,31 @@ def ghost_batch_norm(
     clip_fraction_d, r, d) over all (ghost batch, channel) pairs, r and d averaged over the ghost
     batches (BatchNorm: ``extra`` = ()). Half-precision input is computed in float32.
 
-    Computed as plain BatchNorm over (ghost batch, channel) pairs (module docstring): one call
-    of the BatchNorm Function for the full ghost batches, one for a smaller last one.
+    Computed by the BatchNorm Function (module docstring): one call for the full ghost batches
+    (on their (K, G, C, R) view; over (ghost batch, channel) pairs for channels-last input, and
+    everywhere with ``_pairs_only``, the route before the view's, kept for its benchmark), one
+    for a smaller last one.
     """
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     dtype, last = xf.dtype, _channels_innermost(xf)
     outs, means, variances, counts, extras = [], [], [], [], []
     for view in ghost_views(xf, size):  # the full ghost batches (K, G, C, *S), the remainder
         counts.append(check_ghost_values(view, x))
-        k = view.shape[0]
-        args = [_repeat(weight, k, dtype), _repeat(bias, k, dtype), eps]
+        k, g, c, *s = view.shape
+        grouped = k > 1 and not last and not _pairs_only  # the view itself (no copy), gamma (C,)
+        repeats = 1 if grouped else k
+        args = [_repeat(weight, repeats, dtype), _repeat(bias, repeats, dtype), eps]
         if moving is not None:
             ref_mean, ref_var, limits = moving
-            args += [_repeat(ref_mean, k, dtype), _repeat(ref_var, k, dtype), limits.to(dtype)]
-        y, mean, var, *extra = _batch_norm_apply(_to_pairs(view, last), *args)
-        outs.append(_from_pairs(y, k, last))
+            args += [_repeat(ref_mean, repeats, dtype), _repeat(ref_var, repeats, dtype),
+                     limits.to(dtype)]  # fmt: skip
+        if grouped:
+            args += [None] * (6 - len(args))  # (no moving statistics: BatchNorm)
+            y, mean, var, *extra = _batch_norm_apply(view.reshape(k, g, c, -1), *args, True)
+            outs.append(y.reshape(k * g, c, *s))
+        else:
+            y, mean, var, *extra = _batch_norm_apply(_to_pairs(view, last), *args)
+            outs.append(_from_pairs(y, k, last))
         means.append(mean.detach().view(k, -1))  # (K, C)
         variances.append(var.detach().view(k, -1))
         extras.append(extra)
