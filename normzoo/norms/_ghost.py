@@ -25,8 +25,8 @@ is first rearranged (a copy) into (G, K * C, *S), channel k * C + c being channe
 batch k, with the per-channel vectors repeated K times (autograd sums their grads back); a
 smaller last ghost batch gets a second call of its own. Measured on CPU
 (``reports/bench/ghost_fast_path.md``, ``python -m scripts.bench_ghost``): the view route is
-1.2-1.5x faster forward + backward than the rearranged one it replaced at the default study's
-shapes, one model's and a stack's; that one was 1.8-5.3x faster for stacked models than the
+1.2-1.3x faster forward + backward than the rearranged one it replaced at one model's shapes in
+the default study, 1.1-1.6x at a stack's; that one was 1.8-5.3x faster for stacked models than the
 composed var_mean and autograd on the views before it.
 The autograd layers' :func:`batch_moments` take the (K, G, C, *S) view.
 """
