@@ -4,10 +4,11 @@
 (K, G, C, R) view) against the route before it (the same Function over (ghost batch, channel)
 pairs, a rearranged copy: ``ghost_batch_norm(..., _pairs_only=True)``), and ``batch_moments``
 (mean-only BN, BatchInstanceNorm, SwitchableNorm) against its var_mean form
-(``normzoo.testing.ghost_reference``). One process, float32, one thread, the two sides interleaved (the order
-alternating), medians of ``--repeats`` timed calls; also the max absolute difference of the outputs
-and the grads (input, gamma, beta) in float32 and float64. Writes markdown to ``--out``. From the
-checkout's root (``-m``: the checkout's own normzoo, which the script checks)::
+(``normzoo.testing.ghost_reference``). One process, float32, one thread, the two sides
+interleaved (the order alternating), medians of ``--repeats`` timed calls; also the max
+absolute difference of the outputs and the grads (input, gamma, beta) in float32 and float64.
+Writes markdown to ``--out``. From the checkout's root (``-m``: the checkout's own normzoo,
+which the script checks)::
 
     python -m scripts.bench_ghost
 """
@@ -170,7 +171,8 @@ def main() -> int:
             "input still takes). Now: the same Function on the (K, G, C, R) view of x, the "
             "vectors (C,) broadcast (`normzoo.norms._ghost`). (The pairs route against the "
             "composed var_mean and autograd before it: this file at b5c7d5c.) Grads: x, gamma, "
-            "beta; Batch Renorm with limits (1.2, 0.3) that clip part of the pairs. At ghost size 2 on "
+            "beta; Batch Renorm with limits (1.2, 0.3) that clip part of the pairs. At ghost "
+            "size 2 on "
             "(32, 128), (32, 960, 2, 2) and (32, 3840) (2 to 8 values per pair) some pair has "
             "mean^2 / var > 64, so the Function takes its centred fallback (one more pass each "
             "way); the smallest inputs pay the Function's fixed per-call cost.",

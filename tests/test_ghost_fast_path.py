@@ -239,8 +239,9 @@ def test_view_route_equals_the_pairs_route(shape, renorm: bool, dtype: torch.dty
     dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     moving = None
     if renorm:  # limits that clip some pairs
-        moving = (torch.tensor([0.5, -0.5, 1.0], dtype=dtype),
-                  torch.tensor([0.3, 2.0, 1.0], dtype=dtype), torch.tensor([1.5, 0.5], dtype=dtype))  # fmt: skip
+        moving = tuple(
+            torch.tensor(v, dtype=dtype) for v in ([0.5, -0.5, 1.0], [0.3, 2.0, 1.0], [1.5, 0.5])
+        )
     results = []
     for pairs_only in (False, True):
         inputs = [t.clone().requires_grad_(True) for t in (x, weight, bias)]

@@ -98,7 +98,9 @@ def _batch_stats(
     mean = x.sum(dims).div_(m)
     if x.is_contiguous() and (x.shape[3] > 1 if grouped else x.dim() > 2):
         # rows of the spatial values: a vectorised norm, no x * x pass
-        rows = torch.linalg.vector_norm(x.view(-1, m // x.shape[1 if grouped else 0]), dim=1)
+        rows = torch.linalg.vector_norm(
+            x.view(-1, x.shape[3] if grouped else m // x.shape[0]), dim=1
+        )
         sq = torch.mul(rows, rows).view(x.shape[:3] if grouped else x.shape[:2])
         mean_sq_x = sq.sum(1 if grouped else 0).div_(m)  # E[x^2]
     else:
@@ -191,8 +193,8 @@ class _BatchNormFunction(torch.autograd.Function):
     loop, which made it ~1.5x slower). An eighth argument ``grouped=True`` takes x as a (K, G, C,
     R) view of K ghost batches of G samples (``normzoo.norms._ghost``): the same formulas per
     (ghost batch, channel) pair, whose statistics (and r, d) are (K, C) while gamma, beta and
-    the moving statistics stay (C,) (their grads sum over the ghost batches). With x_hat = (x - mean) * invstd,
-    invstd = 1 / sqrt(var + eps)::
+    the moving statistics stay (C,) (their grads sum over the ghost batches). With
+    x_hat = (x - mean) * invstd, invstd = 1 / sqrt(var + eps)::
 
         y = gamma * x_hat + beta                                   (BatchNorm)
         y = gamma * (x_hat * r + d) + beta                         (Batch Renorm)

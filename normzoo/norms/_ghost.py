@@ -135,17 +135,15 @@ def ghost_batch_norm(
         grouped = k > 1 and not last and not _pairs_only  # the view itself (no copy), gamma (C,)
         repeats = 1 if grouped else k
         args = [_repeat(weight, repeats, dtype), _repeat(bias, repeats, dtype), eps]
-        if moving is not None:
+        if moving is None:
+            args += [None, None, None]
+        else:
             ref_mean, ref_var, limits = moving
             args += [_repeat(ref_mean, repeats, dtype), _repeat(ref_var, repeats, dtype),
                      limits.to(dtype)]  # fmt: skip
-        if grouped:
-            args += [None] * (6 - len(args))  # (no moving statistics: BatchNorm)
-            y, mean, var, *extra = _batch_norm_apply(view.reshape(k, g, c, -1), *args, True)
-            outs.append(y.reshape(k * g, c, *s))
-        else:
-            y, mean, var, *extra = _batch_norm_apply(_to_pairs(view, last), *args)
-            outs.append(_from_pairs(y, k, last))
+        inp = view.reshape(k, g, c, -1) if grouped else _to_pairs(view, last)
+        y, mean, var, *extra = _batch_norm_apply(inp, *args, grouped)
+        outs.append(y.reshape(k * g, c, *s) if grouped else _from_pairs(y, k, last))
         means.append(mean.detach().view(k, -1))  # (K, C)
         variances.append(var.detach().view(k, -1))
         extras.append(extra)
